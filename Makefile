@@ -1,0 +1,31 @@
+# The one entry point for humans and CI. `make test` and `make run` bootstrap .venv first.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed-stamp
+SEEDS   ?= 1 2 3
+RUN_OUT ?= .fleet/runs/validate-smoke
+
+.PHONY: test run bench lint clean
+
+# torch goes in first and pinned: an unpinned resolve pulls a newer CUDA build (several GB).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+run: $(STAMP)
+	$(PY) -m bem validate --profile smoke --seeds $(SEEDS) --out $(RUN_OUT)
+
+bench: $(STAMP)
+	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,1 @@
+"""schemas: filled by a later issue (see DESIGN.md section 2)."""

@@ -1,0 +1,1 @@
+"""stats: filled by a later issue (see DESIGN.md section 2)."""

@@ -1,0 +1,1 @@
+"""web: filled by a later issue (see DESIGN.md section 2)."""

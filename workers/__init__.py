@@ -1,0 +1,1 @@
+"""workers: filled by a later issue (see DESIGN.md section 2)."""
