@@ -1,0 +1,386 @@
+"""The validation experiment (BEM_SPEC §5): can a controller route between two frozen skill LoRAs?
+
+Recipe, one seed:
+1. Train one static peft LoRA per task (r 8, α 16, W_O and W_down), and one multi-task LoRA of equal
+   adapter budget (r 16) on both tasks.
+2. Load all three into one BEM per site as column blocks [json | summary | multitask]; a code is
+   then a weight per block, so every arm is just a different code and all arms run in one mixed batch.
+3. Freeze everything but a simple controller in interpolation mode: c = softmax(controller(prompt
+   features)) over the two skill blocks, trained with the LM loss on the mixed set, no task labels.
+4. Decode the test set greedily under every arm, score per example, and summarise.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from bem.attach import Attachment, attach_bems, role_sites
+from bem.chunked import read_hidden
+from bem.controllers import SimpleController, masked_mean
+from bem.generate import greedy_generate
+from bem.metrics import score_example
+from bem.models import load_model
+from bem.reporter import Reporter, ScoreRow, check_cancelled
+from bem.tasks import TASKS, Example, make_dataset
+from bem.train import LMBatch, encode, lm_loss, minibatches
+
+ARMS = ("bem", "random", "fixed_json", "fixed_sum", "equal", "multitask", "oracle", "base")
+LORA_RANK, LORA_ALPHA = 8, 16.0
+# Column blocks of the composed BEM: one per skill LoRA, then the multi-task LoRA (equal budget: 2 x r).
+BLOCKS = {"json": LORA_RANK, "summary": LORA_RANK, "multitask": 2 * LORA_RANK}
+# The data seed is fixed so that test example_ids pair across training seeds (seeds are replicates).
+DATA_SEED = 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    sizes: dict[str, int]
+    lora_steps: int  # per skill LoRA; the multi-task LoRA gets twice as many
+    controller_steps: int
+    batch_size: int
+    lora_lr: float
+    controller_lr: float
+    eval_batch: int
+
+
+PROFILES = {
+    "smoke": Profile(
+        sizes={"train": 200, "val": 50, "test": 100},
+        lora_steps=150,
+        controller_steps=40,
+        batch_size=16,
+        lora_lr=3e-3,
+        controller_lr=1e-3,
+        eval_batch=200,
+    ),
+    "full": Profile(
+        sizes={"train": 2000, "val": 200, "test": 500},
+        lora_steps=1500,
+        controller_steps=300,
+        batch_size=16,
+        lora_lr=2e-3,
+        controller_lr=1e-3,
+        eval_batch=250,
+    ),
+}
+
+
+def block_code(weights: Tensor) -> Tensor:
+    """[B, 3] weights over (json, summary, multitask) → the per-site code [B, 32], one weight per block."""
+    widths = torch.tensor(list(BLOCKS.values()), device=weights.device)
+    return weights.repeat_interleave(widths, dim=-1)
+
+
+def train_lora(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    *,
+    rank: int,
+    steps: int,
+    profile: Profile,
+    generator: torch.Generator,
+    reporter: Reporter,
+    name: str,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Train a static peft LoRA on a copy of the base; return {site: (lora_A, scaled lora_B)}."""
+    sites = [n for n, _ in role_sites(model)]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=LORA_ALPHA * rank / LORA_RANK,  # keeps α/r = 2 at every rank
+        target_modules=sites,
+        lora_dropout=0.1,
+        fan_in_fan_out=model.config.model_type == "gpt2",
+    )
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.train()
+    data = encode(tokenizer, examples)
+    device = next(model.parameters()).device
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=profile.lora_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
+    for step, idx in enumerate(minibatches(len(examples), profile.batch_size, steps, generator)):
+        batch = _take(data, idx).to(device)
+        loss = lm_loss(
+            peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 10 == 0 or step == steps - 1:
+            reporter.metric(f"{name}/loss", loss.item(), step)
+            reporter.progress(f"train {name}", step + 1, steps)
+            check_cancelled(reporter)
+    inner = peft_model.base_model.model
+    out = {}
+    for site in sites:
+        lora = inner.get_submodule(site)
+        out[site] = (
+            lora.lora_A["default"].weight.detach().clone(),
+            lora.scaling["default"] * lora.lora_B["default"].weight.detach().clone(),
+        )
+    return out
+
+
+def compose(model: nn.Module, loras: dict[str, dict[str, tuple[Tensor, Tensor]]]) -> Attachment:
+    """One BEM per site whose column blocks are the trained LoRAs: U = [s·B_i], Vᵀ = [A_i], scaling 1."""
+    att = attach_bems(model, rank_schedule=[sum(BLOCKS.values())], max_overhead=1.0)
+    with torch.no_grad():
+        for name, site in att.sites.items():
+            start = 0
+            for block, width in BLOCKS.items():
+                a, b = loras[block][name]
+                site.V[start : start + width] = a
+                site.U[:, start : start + width] = b
+                start += width
+            site.scaling = 1.0
+            site.U.requires_grad_(False)
+            site.V.requires_grad_(False)
+    return att
+
+
+def prompt_features(model: nn.Module, att: Attachment, data: LMBatch, layer: int, batch: int = 128) -> Tensor:
+    """Mean hidden state over prompt tokens at `layer`, from one no-grad, adapter-off pass."""
+    feats = []
+    for lo in range(0, data.input_ids.shape[0], batch):
+        part = _take(data, torch.arange(lo, min(lo + batch, data.input_ids.shape[0])))
+        hidden = read_hidden(model, att, part.input_ids, part.attention_mask, layer)
+        feats.append(masked_mean(hidden, part.prompt_mask))
+    return torch.cat(feats)
+
+
+def train_controller(
+    model: nn.Module,
+    att: Attachment,
+    data: LMBatch,
+    feats: Tensor,
+    *,
+    profile: Profile,
+    generator: torch.Generator,
+    reporter: Reporter,
+) -> SimpleController:
+    """Only the controller learns, from the LM loss on the mixed set; it never sees a task label."""
+    device = feats.device
+    ctrl = SimpleController(feats.shape[-1], len(TASKS), interpolation=True).to(device)
+    reporter.metric("adapter_overhead", att.check_budget(ctrl, max_overhead=1.0))
+    opt = torch.optim.AdamW(ctrl.parameters(), lr=profile.controller_lr)
+    model.train()
+    steps = profile.controller_steps
+    for step, idx in enumerate(minibatches(len(feats), profile.batch_size, steps, generator)):
+        batch = _take(data, idx).to(device)
+        weights = ctrl(feats[idx]).code
+        code = block_code(torch.cat([weights, torch.zeros_like(weights[:, :1])], dim=-1))
+        with att.codes(code):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss = lm_loss(logits, batch.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            reporter.metric("controller/loss", loss.item(), step)
+            reporter.progress("train controller", step + 1, steps)
+            check_cancelled(reporter)
+    model.eval()
+    return ctrl.eval()
+
+
+def arm_weights(arm: str, bem_weights: Tensor, task_index: Tensor, generator: torch.Generator) -> Tensor:
+    """[N, 3] block weights (json, summary, multitask) that define each arm."""
+    n = len(task_index)
+    one_hot = torch.nn.functional.one_hot
+    fixed = {
+        "fixed_json": [1.0, 0.0, 0.0],
+        "fixed_sum": [0.0, 1.0, 0.0],
+        "equal": [0.5, 0.5, 0.0],
+        "multitask": [0.0, 0.0, 1.0],
+        "base": [0.0, 0.0, 0.0],
+    }
+    if arm in fixed:
+        return torch.tensor(fixed[arm]).expand(n, 3)
+    if arm == "bem":
+        return torch.cat([bem_weights.cpu(), torch.zeros(n, 1)], dim=-1)
+    if arm == "oracle":
+        return one_hot(task_index, 3).float()
+    if arm == "random":
+        return one_hot(torch.randint(0, 2, (n,), generator=generator), 3).float()
+    raise ValueError(f"unknown arm {arm!r}; arms are {ARMS}")
+
+
+def percentile_interval(
+    d: np.ndarray, level: float = 0.95, n_boot: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Plain percentile bootstrap of mean(d); the stats engine replaces it with paired BCa."""
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def run_validation(
+    base_path: str | Path,
+    *,
+    profile: str | Profile,
+    seed: int,
+    out_dir: str | Path,
+    reporter: Reporter,
+    device: torch.device | str = "cpu",
+    read_layer: int | None = None,
+) -> dict:
+    """Run one seed end to end; write summary.json and scores.parquet into out_dir; return the summary."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 2)
+        clock = now
+
+    torch.manual_seed(seed)  # dropout masks; every other draw uses an explicit generator
+    gen = torch.Generator().manual_seed(seed)
+    model, tokenizer = load_model(base_path, device=device)
+    model.requires_grad_(False)
+    layer = read_layer if read_layer is not None else model.config.num_hidden_layers // 2
+    data = make_dataset(DATA_SEED, prof.sizes)
+    train, test = data["train"], data["test"]
+    lap("setup")
+
+    loras = {
+        task: train_lora(
+            model,
+            tokenizer,
+            [e for e in train if e.task == task],
+            rank=LORA_RANK,
+            steps=prof.lora_steps,
+            profile=prof,
+            generator=gen,
+            reporter=reporter,
+            name=f"lora_{task}",
+        )
+        for task in TASKS
+    }
+    loras["multitask"] = train_lora(
+        model,
+        tokenizer,
+        train,
+        rank=2 * LORA_RANK,
+        steps=2 * prof.lora_steps,
+        profile=prof,
+        generator=gen,
+        reporter=reporter,
+        name="lora_multitask",
+    )
+    lap("train_loras")
+
+    att = compose(model, loras)
+    train_batch = encode(tokenizer, train)
+    ctrl = train_controller(
+        model,
+        att,
+        train_batch,
+        prompt_features(model, att, train_batch.to(device), layer),
+        profile=prof,
+        generator=gen,
+        reporter=reporter,
+    )
+    lap("train_controller")
+
+    test_batch = encode(tokenizer, test).to(device)
+    task_index = torch.tensor([TASKS.index(e.task) for e in test])
+    with torch.no_grad():
+        bem_weights = ctrl(prompt_features(model, att, test_batch, layer)).code
+    routing_accuracy = (bem_weights.argmax(-1).cpu() == task_index).float().mean().item()
+    reporter.metric("routing_accuracy", routing_accuracy)
+
+    weights = torch.cat([arm_weights(arm, bem_weights, task_index, gen) for arm in ARMS])
+    max_new = max(len(e.target.encode()) for e in test) + 4
+    predictions = greedy_generate(
+        model,
+        tokenizer,
+        [e.prompt for _ in ARMS for e in test],
+        max_new_tokens=max_new,
+        attachment=att,
+        codes=block_code(weights),
+        batch_size=prof.eval_batch,
+    )
+    lap("evaluate")
+
+    rows: list[ScoreRow] = []
+    per_arm: dict[str, dict[str, float]] = {}
+    for a, arm in enumerate(ARMS):
+        scores = [score_example(ex, predictions[a * len(test) + i]) for i, ex in enumerate(test)]
+        rows += [
+            ScoreRow(ex.example_id, arm, seed, m, v)
+            for ex, s in zip(test, scores, strict=True)
+            for m, v in s.items()
+        ]
+        per_arm[arm] = {"score": float(np.mean([s["score"] for s in scores]))}
+        for task in TASKS:
+            per_arm[arm][task] = float(
+                np.mean([s["score"] for ex, s in zip(test, scores, strict=True) if ex.task == task])
+            )
+    reporter.scores(rows)
+    samples = {arm: predictions[a * len(test) : a * len(test) + 2] for a, arm in enumerate(ARMS)}
+
+    write_scores(rows, out / "scores.parquet")
+    reporter.artifact(out / "scores.parquet", "scores")
+    diff = paired_diff(rows, "bem", "equal")
+    low, high = percentile_interval(diff, seed=seed)
+    summary = {
+        "profile": profile if isinstance(profile, str) else "custom",
+        "seed": seed,
+        "routing_accuracy": routing_accuracy,
+        "arms": per_arm,
+        "bem_minus_equal": {"estimate": float(diff.mean()), "low": low, "high": high, "n": len(diff)},
+        "timings_s": timings,
+        "config": {**asdict(prof), "read_layer": layer, "data_seed": DATA_SEED, "base": str(base_path)},
+        "samples": {"prompts": [e.prompt for e in test[:2]], **samples},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    reporter.artifact(out / "summary.json", "summary")
+    return summary
+
+
+def write_scores(rows: list[ScoreRow], path: Path) -> None:
+    table = pa.Table.from_pylist([asdict(r) for r in rows])
+    pq.write_table(table, path)
+
+
+def paired_diff(rows: list[ScoreRow], variant: str, baseline: str, metric: str = "score") -> np.ndarray:
+    """Per-example variant − baseline on `metric`, each arm first averaged over the seeds both have."""
+    table: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        if r.metric == metric and r.arm in (variant, baseline):
+            table.setdefault((r.example_id, r.arm), {})[r.seed] = r.value
+    ids = sorted({eid for eid, _ in table})
+    diffs = []
+    for eid in ids:
+        v, b = table.get((eid, variant), {}), table.get((eid, baseline), {})
+        seeds = v.keys() & b.keys()
+        if seeds:
+            diffs.append(np.mean([v[s] for s in seeds]) - np.mean([b[s] for s in seeds]))
+    return np.asarray(diffs, dtype=np.float64)
+
+
+def _take(data: LMBatch, idx: Tensor) -> LMBatch:
+    """Rows `idx`, trimmed to their longest row so short batches do not pay for padding."""
+    width = int(data.attention_mask[idx].sum(dim=1).max())
+    return LMBatch(
+        *(t[idx, :width] for t in (data.input_ids, data.attention_mask, data.labels, data.prompt_mask))
+    )

@@ -1,0 +1,76 @@
+"""How a long-running library job talks to whoever runs it: a notebook, the CLI, or a fleet worker.
+
+The library never knows which; it calls a `Reporter`. The fleet's worker implements one that streams
+events over NATS; `MemoryReporter` keeps everything in lists for library use and tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """One per-example score: the unit the stats engine pairs arms on (by example_id)."""
+
+    example_id: str
+    arm: str
+    seed: int
+    metric: str
+    value: float
+
+
+class Cancelled(Exception):
+    """Raised inside a job at its next check once the reporter says it was cancelled."""
+
+
+class Reporter(Protocol):
+    def metric(self, name: str, value: float, step: int | None = None) -> None: ...
+    def progress(self, stage: str, done: int, total: int) -> None: ...
+    def scores(self, rows: Sequence[ScoreRow]) -> None: ...
+    def artifact(self, path: Path, kind: str) -> None: ...
+    def cancelled(self) -> bool: ...
+
+
+def check_cancelled(reporter: Reporter) -> None:
+    if reporter.cancelled():
+        raise Cancelled("job cancelled by its reporter")
+
+
+@dataclass
+class MemoryReporter:
+    """Keeps everything it is told; `cancel()` makes the job stop at its next check."""
+
+    metrics: list[tuple[str, float, int | None]] = field(default_factory=list)
+    progress_log: list[tuple[str, int, int]] = field(default_factory=list)
+    rows: list[ScoreRow] = field(default_factory=list)
+    artifacts: list[tuple[Path, str]] = field(default_factory=list)
+    _cancelled: bool = False
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        self.metrics.append((name, value, step))
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        self.progress_log.append((stage, done, total))
+
+    def scores(self, rows: Sequence[ScoreRow]) -> None:
+        self.rows.extend(rows)
+
+    def artifact(self, path: Path, kind: str) -> None:
+        self.artifacts.append((path, kind))
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def last(self, name: str) -> float:
+        """The latest value of metric `name`."""
+        for metric, value, _ in reversed(self.metrics):
+            if metric == name:
+                return value
+        raise KeyError(name)

@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from bem.attach import Attachment
+from bem.models import build_tiny_llama, tiny_gpt2, tiny_llama_config
+
+
+@pytest.fixture
+def llama() -> torch.nn.Module:
+    return build_tiny_llama(tiny_llama_config(), seed=0)
+
+
+@pytest.fixture
+def gpt2() -> torch.nn.Module:
+    return tiny_gpt2(seed=0)
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(3, 259, (3, 20), generator=torch.Generator().manual_seed(1))
+
+
+def randomize(attachment: Attachment, scale: float = 0.3) -> None:
+    """U starts at zero, which would hide every code effect: give the bases real values."""
+    with torch.no_grad():
+        for site in attachment.sites.values():
+            site.U.normal_(0, scale)
+            site.V.normal_(0, scale)
