@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 run: $(STAMP)
-	$(PY) -m bem validate --profile smoke --seeds $(SEEDS) --out $(RUN_OUT)
+	$(PY) -m bem validate --profile smoke --seed $(SEEDS) --out $(RUN_OUT)
 
 bench: $(STAMP)
 	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -15,15 +15,7 @@ from transformers import DynamicCache
 
 from bem.attach import Attachment
 from bem.controllers import CodeStats, HierarchicalController
-
-
-def n_chunks(length: int, chunk_size: int) -> int:
-    return -(-length // chunk_size)
-
-
-def expand_chunk_codes(chunk_codes: Tensor, length: int, chunk_size: int) -> Tensor:
-    """[B, K, R] chunk codes → [B, T, R] token codes, constant inside each chunk window."""
-    return chunk_codes.repeat_interleave(chunk_size, dim=1)[:, :length]
+from bem.routing import expand_to_tokens, num_chunks
 
 
 @torch.no_grad()
@@ -43,7 +35,7 @@ class ChunkedOutput:
     stats: list[CodeStats]
 
     def token_codes(self, chunk_size: int) -> Tensor:
-        return expand_chunk_codes(self.chunk_codes, self.logits.shape[1], chunk_size)
+        return expand_to_tokens(self.chunk_codes, self.logits.shape[1], chunk_size)
 
 
 def chunked_forward(
@@ -69,7 +61,7 @@ def chunked_forward(
     cache = DynamicCache(config=getattr(model, "config", None))
     logits, codes = [], []
     length = input_ids.shape[1]
-    for k in range(n_chunks(length, chunk_size)):
+    for k in range(num_chunks(length, chunk_size)):
         lo, hi = k * chunk_size, min((k + 1) * chunk_size, length)
         codes.append(state.code)
         with attachment.codes(state.code):

@@ -119,8 +119,20 @@ class SimpleController(nn.Module):
         self.net = nn.Sequential(nn.LayerNorm(d_model), _mlp([d_model, h, h // 2, code_dim], dropout))
         _init_last(self.net[-1][-1], orthonormal)
         self.post = None if interpolation else CodePostprocess(d_model)
+        # Frozen feature standardisation (identity until fitted). Pooled hidden states share a large
+        # common direction (cosine ~.99 between tasks on the demo base) that LayerNorm keeps, so
+        # without centring the controller needs several times more steps to separate contexts.
+        self.register_buffer("feature_mean", torch.zeros(d_model))
+        self.register_buffer("feature_std", torch.ones(d_model))
+
+    @torch.no_grad()
+    def fit_features(self, features: Tensor) -> None:
+        """Freeze standardisation statistics from a warm-up set of features (never per batch)."""
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(features.std(dim=0).clamp_min(1e-5))
 
     def forward(self, features: Tensor) -> ControllerOutput:
+        features = (features - self.feature_mean) / self.feature_std
         code = self.net(features)
         if self.interpolation:
             code = code.softmax(dim=-1)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from bem import governance
+
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an nn.Linear or a GPT-2 Conv1D, whose weight is stored transposed (d_in×d_out)."""
@@ -91,6 +93,13 @@ class BEMLinear(nn.Module):
             # Fix column signs so repeated QR is idempotent rather than flipping columns.
             q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
             p.copy_((q if p is self.U else q.T).to(p.dtype))
+
+    @torch.no_grad()
+    def orthogonalize_blocks(self, blocks: governance.Blocks) -> None:
+        """Several BEMs share this site in column blocks: keep U_i ⟂ U_j and V_i ⟂ V_j (i ≠ j), in
+        priority order, so each BEM's ΔW lives in its own subspace (BEM_SPEC §4)."""
+        self.U.copy_(governance.orthogonalize_blocks(self.U, blocks))
+        self.V.copy_(governance.orthogonalize_blocks(self.V.T, blocks).T)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scaling={self.scaling:g}"

@@ -50,8 +50,8 @@ from rich.table import Table  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from bem.attach import Attachment, attach_bems, role_sites  # noqa: E402
-from bem.chunked import expand_chunk_codes, n_chunks  # noqa: E402
 from bem.models import build_tiny_llama, pick_device, tiny_llama_config  # noqa: E402
+from bem.routing import expand_to_tokens, num_chunks  # noqa: E402
 
 TARGET = 1.1  # BEM added time / LoRA added time, per-chunk codes, equal rank
 RANK, ALPHA, CHUNK = 8, 16.0, 128
@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     input_ids = torch.randint(3, config.vocab_size, (size.batch, size.seq_len), generator=gen).to(device)
-    k = n_chunks(size.seq_len, CHUNK)
+    k = num_chunks(size.seq_len, CHUNK)
     chunk_codes = torch.randn(size.batch, k, RANK, generator=gen).to(device=device, dtype=dtype)
-    token_codes = expand_chunk_codes(chunk_codes, size.seq_len, CHUNK)
+    token_codes = expand_to_tokens(chunk_codes, size.seq_len, CHUNK)
     row_codes = torch.randn(size.batch, RANK, generator=gen).to(device=device, dtype=dtype)
 
     lora = build_lora(base, targets, seed=args.seed + 2)

@@ -22,13 +22,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from bem.attach import Attachment, attach_bems, role_sites
 from bem.chunked import read_hidden
 from bem.controllers import SimpleController, masked_mean
+from bem.export import save_bem
 from bem.generate import greedy_generate
 from bem.metrics import score_example
 from bem.models import load_model
@@ -58,12 +59,12 @@ class Profile:
 PROFILES = {
     "smoke": Profile(
         sizes={"train": 200, "val": 50, "test": 100},
-        lora_steps=150,
-        controller_steps=40,
+        lora_steps=70,
+        controller_steps=20,
         batch_size=16,
-        lora_lr=3e-3,
+        lora_lr=1e-2,
         controller_lr=1e-3,
-        eval_batch=200,
+        eval_batch=64,
     ),
     "full": Profile(
         sizes={"train": 2000, "val": 200, "test": 500},
@@ -72,7 +73,7 @@ PROFILES = {
         batch_size=16,
         lora_lr=2e-3,
         controller_lr=1e-3,
-        eval_batch=250,
+        eval_batch=64,
     ),
 }
 
@@ -94,8 +95,8 @@ def train_lora(
     generator: torch.Generator,
     reporter: Reporter,
     name: str,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Train a static peft LoRA on a copy of the base; return {site: (lora_A, scaled lora_B)}."""
+) -> PeftModel:
+    """Train a static peft LoRA (α/r = 2, W_O and W_down, dropout .1) on a copy of the base."""
     sites = [n for n, _ in role_sites(model)]
     config = LoraConfig(
         r=rank,
@@ -111,7 +112,8 @@ def train_lora(
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=profile.lora_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
-    for step, idx in enumerate(minibatches(len(examples), profile.batch_size, steps, generator)):
+    lengths = data.attention_mask.sum(dim=1)
+    for step, idx in enumerate(minibatches(lengths, profile.batch_size, steps, generator)):
         batch = _take(data, idx).to(device)
         loss = lm_loss(
             peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels
@@ -124,9 +126,14 @@ def train_lora(
             reporter.metric(f"{name}/loss", loss.item(), step)
             reporter.progress(f"train {name}", step + 1, steps)
             check_cancelled(reporter)
+    return peft_model.eval()
+
+
+def lora_factors(peft_model: PeftModel) -> dict[str, tuple[Tensor, Tensor]]:
+    """{site: (lora_A, scaling·lora_B)}: the LoRA's ΔW = scaling·B·A, ready to become a BEM block."""
     inner = peft_model.base_model.model
     out = {}
-    for site in sites:
+    for site in peft_model.peft_config["default"].target_modules:
         lora = inner.get_submodule(site)
         out[site] = (
             lora.lora_A["default"].weight.detach().clone(),
@@ -175,11 +182,13 @@ def train_controller(
     """Only the controller learns, from the LM loss on the mixed set; it never sees a task label."""
     device = feats.device
     ctrl = SimpleController(feats.shape[-1], len(TASKS), interpolation=True).to(device)
+    ctrl.fit_features(feats)
     reporter.metric("adapter_overhead", att.check_budget(ctrl, max_overhead=1.0))
     opt = torch.optim.AdamW(ctrl.parameters(), lr=profile.controller_lr)
     model.train()
     steps = profile.controller_steps
-    for step, idx in enumerate(minibatches(len(feats), profile.batch_size, steps, generator)):
+    lengths = data.attention_mask.sum(dim=1)
+    for step, idx in enumerate(minibatches(lengths, profile.batch_size, steps, generator)):
         batch = _take(data, idx).to(device)
         weights = ctrl(feats[idx]).code
         code = block_code(torch.cat([weights, torch.zeros_like(weights[:, :1])], dim=-1))
@@ -217,6 +226,44 @@ def arm_weights(arm: str, bem_weights: Tensor, task_index: Tensor, generator: to
     if arm == "random":
         return one_hot(torch.randint(0, 2, (n,), generator=generator), 3).float()
     raise ValueError(f"unknown arm {arm!r}; arms are {ARMS}")
+
+
+def decode_arms(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    att: Attachment,
+    test: list[Example],
+    codes: Tensor,
+    train: list[Example],
+    batch_size: int,
+) -> list[str]:
+    """Greedy outputs for every (arm, example) row; row r is example r % len(test) under codes[r].
+
+    Greedy decoding is deterministic, so rows with the same example and the same code (oracle and
+    fixed_json on a JSON example, say) are decoded once. Each task decodes under its own length cap,
+    set from training targets, never test ones.
+    """
+    predictions = [""] * len(codes)
+    for task in TASKS:
+        cap = max(len(e.target.encode()) for e in train if e.task == task) + 8
+        unique: dict[tuple[int, bytes], list[int]] = {}
+        for r in range(len(codes)):
+            if test[r % len(test)].task == task:
+                unique.setdefault((r % len(test), codes[r].cpu().numpy().tobytes()), []).append(r)
+        firsts = [rows[0] for rows in unique.values()]
+        outputs = greedy_generate(
+            model,
+            tokenizer,
+            [test[r % len(test)].prompt for r in firsts],
+            max_new_tokens=cap,
+            attachment=att,
+            codes=codes[firsts],
+            batch_size=batch_size,
+        )
+        for rows, text in zip(unique.values(), outputs, strict=True):
+            for r in rows:
+                predictions[r] = text
+    return predictions
 
 
 def percentile_interval(
@@ -261,31 +308,20 @@ def run_validation(
     train, test = data["train"], data["test"]
     lap("setup")
 
-    loras = {
-        task: train_lora(
-            model,
-            tokenizer,
-            [e for e in train if e.task == task],
-            rank=LORA_RANK,
-            steps=prof.lora_steps,
-            profile=prof,
-            generator=gen,
-            reporter=reporter,
-            name=f"lora_{task}",
-        )
-        for task in TASKS
-    }
-    loras["multitask"] = train_lora(
-        model,
-        tokenizer,
-        train,
-        rank=2 * LORA_RANK,
-        steps=2 * prof.lora_steps,
-        profile=prof,
-        generator=gen,
-        reporter=reporter,
-        name="lora_multitask",
-    )
+    loras = {}
+    for name, examples, rank, steps in (
+        ("json", [e for e in train if e.task == "json"], LORA_RANK, prof.lora_steps),
+        ("summary", [e for e in train if e.task == "summary"], LORA_RANK, prof.lora_steps),
+        ("multitask", train, 2 * LORA_RANK, 2 * prof.lora_steps),
+    ):
+        peft_model = train_lora(
+            model, tokenizer, examples, rank=rank, steps=steps, profile=prof, generator=gen,
+            reporter=reporter, name=f"lora_{name}",
+        )  # fmt: skip
+        peft_model.save_pretrained(out / f"lora_{name}")
+        reporter.artifact(out / f"lora_{name}", "peft_lora")
+        loras[name] = lora_factors(peft_model)
+        del peft_model
     lap("train_loras")
 
     att = compose(model, loras)
@@ -299,6 +335,8 @@ def run_validation(
         generator=gen,
         reporter=reporter,
     )
+    save_bem(att, out / "bem", {"controller": ctrl})
+    reporter.artifact(out / "bem", "bem_checkpoint")
     lap("train_controller")
 
     test_batch = encode(tokenizer, test).to(device)
@@ -308,17 +346,8 @@ def run_validation(
     routing_accuracy = (bem_weights.argmax(-1).cpu() == task_index).float().mean().item()
     reporter.metric("routing_accuracy", routing_accuracy)
 
-    weights = torch.cat([arm_weights(arm, bem_weights, task_index, gen) for arm in ARMS])
-    max_new = max(len(e.target.encode()) for e in test) + 4
-    predictions = greedy_generate(
-        model,
-        tokenizer,
-        [e.prompt for _ in ARMS for e in test],
-        max_new_tokens=max_new,
-        attachment=att,
-        codes=block_code(weights),
-        batch_size=prof.eval_batch,
-    )
+    codes = block_code(torch.cat([arm_weights(arm, bem_weights, task_index, gen) for arm in ARMS]))
+    predictions = decode_arms(model, tokenizer, att, test, codes, train, prof.eval_batch)
     lap("evaluate")
 
     rows: list[ScoreRow] = []

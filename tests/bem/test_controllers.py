@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from bem.attach import attach_bems
-from bem.chunked import chunked_forward, expand_chunk_codes
+from bem.chunked import chunked_forward
 from bem.controllers import CODE_MAX_NORM, HierarchicalController, SimpleController, TokenController
+from bem.routing import expand_to_tokens
 from tests.bem.conftest import randomize
 
 CHUNK = 8
@@ -110,6 +111,23 @@ def test_token_controller_is_marked_cache_unsafe() -> None:
 
 def test_expand_chunk_codes_handles_partial_last_chunk() -> None:
     codes = torch.arange(6.0).reshape(1, 3, 2)
-    tokens = expand_chunk_codes(codes, 5, 2)
+    tokens = expand_to_tokens(codes, 5, 2)
     assert tokens.shape == (1, 5, 2)
     assert torch.equal(tokens[0, 4], codes[0, 2])
+
+
+def test_fitted_feature_standardisation_is_frozen_and_applied() -> None:
+    ctrl = SimpleController(8, 3).eval()
+    feats = torch.randn(50, 8) * 4 + 10
+    before = ctrl(feats).code
+    ctrl.fit_features(feats)
+    torch.testing.assert_close(ctrl.feature_mean, feats.mean(0))
+    after = ctrl(feats).code
+    assert not torch.allclose(before, after)
+    # Statistics are buffers: frozen (no grad) and carried by state_dict into checkpoints.
+    assert {"feature_mean", "feature_std"} <= set(ctrl.state_dict())
+    assert all(not n.startswith("feature_") for n, _ in ctrl.named_parameters())
+    # Equivalent to standardising by hand and using an unfitted controller with the same weights.
+    plain = SimpleController(8, 3).eval()
+    plain.load_state_dict({**ctrl.state_dict(), "feature_mean": torch.zeros(8), "feature_std": torch.ones(8)})
+    torch.testing.assert_close(plain((feats - feats.mean(0)) / feats.std(0)).code, after)

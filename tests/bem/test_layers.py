@@ -85,3 +85,25 @@ def test_two_dimensional_inputs_take_one_code_per_row() -> None:
         [x[i] @ (base.weight + layer.delta_weight(codes[i])).T + base.bias for i in range(4)]
     )
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_after_projection_blocks_are_orthogonal_and_the_trust_region_holds(llama) -> None:
+    """Three BEMs share each site in 4-column blocks; governance acts on the real attached layers."""
+    from bem.governance import Blocks, default_tau, max_cross_block, sigma_clamp, trust_region
+
+    att = attach_bems(llama, rank_schedule=[12], orthonormal=True, max_overhead=10.0)
+    randomize(att)  # knocks the bases off orthonormality and makes the blocks overlap
+    blocks = Blocks.from_widths([4, 4, 4])
+    tau = default_tau(2)
+    for site in att.sites.values():
+        assert max_cross_block(site.U, blocks) > 1e-3
+        site.orthogonalize_blocks(blocks)
+        assert max_cross_block(site.U, blocks) <= 1e-6
+        assert max_cross_block(site.V.T, blocks) <= 1e-6
+        code = torch.randn(12) * 10
+        code = trust_region(sigma_clamp(code, 2.0, site.scaling), tau, site.scaling)
+        dense = site.delta_weight(code).double()
+        assert torch.linalg.matrix_norm(dense) <= tau + 1e-5
+        assert torch.linalg.svdvals(dense)[0] <= 2.0 + 1e-5
+        # The trust region was active: the unprojected code would have broken it.
+        assert torch.linalg.matrix_norm(site.delta_weight(torch.randn(12) * 10).double()) > tau

@@ -192,3 +192,22 @@ def test_pick_device_cuda_without_cuda_raises() -> None:
     assert pick_device() == torch.device("cpu")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         pick_device("cuda")
+
+
+def test_repeat_spans_copies_an_earlier_span_into_some_windows() -> None:
+    from bem.models import repeat_spans
+
+    batch = torch.arange(64 * 192).reshape(64, 192) % 251 + 3  # no accidental repeats inside a row
+    out = repeat_spans(batch, torch.Generator().manual_seed(0), share=0.5)
+    assert torch.equal(batch, torch.arange(64 * 192).reshape(64, 192) % 251 + 3)  # input untouched
+    changed = (out != batch).any(dim=1)
+    assert 16 <= int(changed.sum()) <= 48  # about half the windows
+    for row in torch.nonzero(changed).flatten().tolist():
+        diff = torch.nonzero(out[row] != batch[row]).flatten()
+        dst, n = int(diff[0]), int(diff[-1] - diff[0] + 1)
+        assert n >= 16
+        # The overwritten stretch equals some earlier, untouched span of the same row.
+        src = [
+            s for s in range(0, dst - n + 1) if torch.equal(batch[row, s : s + n], out[row, dst : dst + n])
+        ]
+        assert src, f"row {row}: copied stretch not found earlier in the window"
