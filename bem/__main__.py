@@ -133,9 +133,8 @@ def print_summary(console: Console, summary: dict, out: Path) -> None:
     console.print(f"routing accuracy (held-out prompts): {acc:.3f}  target >= {ROUTING_TARGET}  {mark}")
     d = summary["bem_minus_equal"]
     verdict = "[green]CI above 0[/]" if d["low"] > 0 else "[yellow]CI includes 0[/]"
-    console.print(
-        f"bem - equal: {d['estimate']:+.3f}  95% CI [{d['low']:+.3f}, {d['high']:+.3f}]  n={d['n']}  {verdict}"
-    )
+    ci = f"[{d['low']:+.3f}, {d['high']:+.3f}]"
+    console.print(f"bem - equal: {d['estimate']:+.3f}  95% CI {ci}  n={d['n']}  {verdict}")
     console.print(f"wrote {out}/summary.json and {out}/scores.parquet in {summary['wall_seconds']} s")
 
 

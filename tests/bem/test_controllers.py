@@ -131,3 +131,22 @@ def test_fitted_feature_standardisation_is_frozen_and_applied() -> None:
     plain = SimpleController(8, 3).eval()
     plain.load_state_dict({**ctrl.state_dict(), "feature_mean": torch.zeros(8), "feature_std": torch.ones(8)})
     torch.testing.assert_close(plain((feats - feats.mean(0)) / feats.std(0)).code, after)
+
+
+def test_gradients_reach_the_router_through_the_model(setup, ids) -> None:
+    """Straight-through chunk gates pick a BEM block per chunk; an LM-style loss on the logits trains
+    the router MLP even though the forward value of each gate is exactly one-hot."""
+    from bem.routing import ChunkStickyRouter
+
+    model, att, _ = setup
+    experts, width = 2, att.total_rank // 2
+    router = ChunkStickyRouter(64, experts, chunk_size=CHUNK, hysteresis=0.0).train()
+    hidden = model.model.embed_tokens(ids)
+    out = router(hidden)
+    assert torch.equal(out.gates.detach().sum(-1), torch.ones(out.gates.shape[:2]))
+    code = out.token_gates(ids.shape[1]).repeat_interleave(width, dim=-1)
+    with att.codes(code):
+        logits = model(ids).logits
+    logits.logsumexp(-1).mean().backward()
+    grads = [p.grad for p in router.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
