@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bem.experiments.validation import paired_diff, percentile_interval, run_validation, write_scores
 from bem.models import demo_base, pick_device
 from bem.reporter import MemoryReporter, ScoreRow
 
@@ -59,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validate(args: argparse.Namespace) -> int:
-    from bem.experiments.validation import paired_diff, percentile_interval, run_validation, write_scores
-
     console = Console()
     device = pick_device(args.device)
     started = time.perf_counter()
@@ -85,7 +84,7 @@ def validate(args: argparse.Namespace) -> int:
         )
         rows.extend(reporter.rows)
 
-    summary = aggregate(summaries, rows, paired_diff, percentile_interval)
+    summary = aggregate(summaries, rows)
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     write_scores(rows, args.out / "scores.parquet")
@@ -94,7 +93,7 @@ def validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def aggregate(summaries: list[dict], rows: list[ScoreRow], paired_diff, percentile_interval) -> dict:  # type: ignore[no-untyped-def]
+def aggregate(summaries: list[dict], rows: list[ScoreRow]) -> dict:
     """Means over seeds per arm; bem − equal on per-example scores averaged over seeds first."""
     arms = summaries[0]["arms"]
     diff = paired_diff(rows, "bem", "equal")

@@ -242,6 +242,6 @@ def attach_bems(
         raise ValueError(f"rank overrides name modules that are not attached sites: {unknown}")
     if not sites:
         raise ValueError(f"no BEM sites attached to the {family_name} model (roles {list(roles)})")
-    attachment = Attachment(model, family_name, dict.fromkeys(wanted), sites)
+    attachment = Attachment(model, family_name, list(dict.fromkeys(wanted)), sites)
     attachment.check_budget(max_overhead=max_overhead)
     return attachment

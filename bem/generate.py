@@ -29,7 +29,8 @@ def greedy_generate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
+    # Left padding keeps every prompt's last token at the end, where decoding continues.
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[str] = []
     for lo in range(0, len(prompts), batch_size):
         batch = tokenizer(
@@ -45,6 +46,7 @@ def greedy_generate(
         new = generated[:, batch["input_ids"].shape[1] :]
         out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     model.train(was_training)
+    tokenizer.padding_side = side
     return out
 
 
