@@ -26,6 +26,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy bem
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -186,6 +187,11 @@ def _resolve_roles(family: Family, requested: Sequence[str]) -> list[str]:
     return roles
 
 
+def _layer_list(model: nn.Module, family: Family) -> nn.ModuleList:
+    """The model's decoder layers (get_submodule is typed as returning a plain Module)."""
+    return cast(nn.ModuleList, model.get_submodule(family.layers))
+
+
 def role_sites(model: nn.Module, roles: Sequence[str] = ROLES) -> list[tuple[str, int]]:
     """(full module name, layer index) of every site playing one of `roles`, type-checked.
 
@@ -194,7 +200,7 @@ def role_sites(model: nn.Module, roles: Sequence[str] = ROLES) -> list[tuple[str
     family_name, family = family_of(model)
     wanted = _resolve_roles(family, roles)
     found = []
-    for i, layer in enumerate(model.get_submodule(family.layers)):
+    for i, layer in enumerate(_layer_list(model, family)):
         for role in wanted:
             path, expected = family.roles[role]
             module = layer.get_submodule(path)
@@ -225,7 +231,7 @@ def attach_bems(
     """
     family_name, family = family_of(model)
     wanted = _resolve_roles(family, roles)
-    n_layers = len(model.get_submodule(family.layers))
+    n_layers = len(_layer_list(model, family))
     ranks = dict(ranks or {})
     model.requires_grad_(False)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +45,11 @@ def _mlp(widths: list[int], dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _init_last(layer: nn.Linear, orthonormal: bool) -> None:
-    """Orthonormal bases give ΔW = 0 only through a zero code, so the last layer starts at zero;
-    otherwise U = 0 already does that and a small Xavier init lets gradients reach U at once."""
+def _init_last(mlp: nn.Sequential, orthonormal: bool) -> None:
+    """Init the last layer of an `_mlp`: orthonormal bases give ΔW = 0 only through a zero code, so
+    it starts at zero; otherwise U = 0 already does that and a small Xavier init lets gradients reach U
+    at once."""
+    layer = cast(nn.Linear, mlp[-1])  # _mlp always ends with an nn.Linear
     if orthonormal:
         nn.init.zeros_(layer.weight)
     else:
@@ -104,6 +107,9 @@ class SimpleController(nn.Module):
     experiment), with no clamp or gate since the weights already sum to one.
     """
 
+    feature_mean: Tensor  # buffers, registered in __init__
+    feature_std: Tensor
+
     def __init__(
         self,
         d_model: int,
@@ -116,8 +122,9 @@ class SimpleController(nn.Module):
         super().__init__()
         h = hidden or min(4 * d_model, 1024)
         self.interpolation = interpolation
-        self.net = nn.Sequential(nn.LayerNorm(d_model), _mlp([d_model, h, h // 2, code_dim], dropout))
-        _init_last(self.net[-1][-1], orthonormal)
+        mlp = _mlp([d_model, h, h // 2, code_dim], dropout)
+        self.net = nn.Sequential(nn.LayerNorm(d_model), mlp)
+        _init_last(mlp, orthonormal)
         self.post = None if interpolation else CodePostprocess(d_model)
         # Frozen feature standardisation (identity until fitted). Pooled hidden states share a large
         # common direction (cosine ~.99 between tasks on the demo base) that LayerNorm keeps, so
@@ -194,8 +201,8 @@ class HierarchicalController(nn.Module):
         self.side = nn.Linear(side_dim, d) if side_dim else None
         self.chunk_norm = nn.LayerNorm(2 * d)
         self.chunk_mlp = _mlp([2 * d, 4 * d, 2 * d, code_dim])
-        _init_last(self.prefix_mlp[-1], orthonormal)
-        _init_last(self.chunk_mlp[-1], orthonormal)
+        _init_last(self.prefix_mlp, orthonormal)
+        _init_last(self.chunk_mlp, orthonormal)
         self.post = CodePostprocess(d)
 
     def start(self, prefix_hidden: Tensor, prefix_mask: Tensor | None = None) -> ChunkState:
@@ -243,7 +250,7 @@ class TokenController(nn.Module):
         h = hidden or 2 * d_model
         self.norm = nn.LayerNorm(2 * d_model)
         self.net = _mlp([2 * d_model, h, code_dim])
-        _init_last(self.net[-1], orthonormal=False)
+        _init_last(self.net, orthonormal=False)
 
     def forward(self, hidden: Tensor, prefix_summary: Tensor) -> Tensor:
         ctx = prefix_summary[:, None, :].expand_as(hidden)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -42,6 +44,13 @@ def site_codes(attachment: Attachment, code: Tensor) -> dict[str, Tensor]:
         attachment.set_codes(None)
 
 
+def peft_lora_site(peft_model: PeftModel, site: str) -> tuple[LoraLayer, nn.Linear, nn.Linear]:
+    """The peft LoRA layer at `site` with its "default" lora_A and lora_B linears, typed: peft's
+    `base_model.model` and its ModuleDict entries are all plain Modules to a type checker."""
+    lora = cast(LoraLayer, cast(nn.Module, peft_model.base_model.model).get_submodule(site))
+    return lora, cast(nn.Linear, lora.lora_A["default"]), cast(nn.Linear, lora.lora_B["default"])
+
+
 @torch.no_grad()
 def export_peft(attachment: Attachment, code: Tensor, out_dir: str | Path) -> Path:
     """Write a peft LoRA folder equivalent to the BEM model under the fixed `code`."""
@@ -60,10 +69,10 @@ def export_peft(attachment: Attachment, code: Tensor, out_dir: str | Path) -> Pa
     )
     peft_model = get_peft_model(clean_base(attachment), config)
     for name, site in attachment.sites.items():
-        lora = peft_model.base_model.model.get_submodule(name)
-        lora.lora_A["default"].weight.copy_(site.V)
-        lora.lora_B["default"].weight.copy_(site.scaling * site.U * codes[name].to(site.U.dtype))
-    peft_model.save_pretrained(out)
+        _, lora_a, lora_b = peft_lora_site(peft_model, name)
+        lora_a.weight.copy_(site.V)
+        lora_b.weight.copy_(site.scaling * site.U * codes[name].to(site.U.dtype))
+    peft_model.save_pretrained(str(out))
     return out
 
 

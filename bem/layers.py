@@ -13,6 +13,8 @@ needs no gather and no per-adapter loop (BEM_SPEC §4).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,7 +56,7 @@ class BEMLinear(nn.Module):
         self.d_in, self.d_out, self.rank = d_in, d_out, rank
         self.scaling = alpha / rank
         self.orthonormal = orthonormal
-        weight = base.weight
+        weight = cast(Tensor, base.weight)  # nn.Linear or Conv1D, checked by linear_dims
         dev, dt = weight.device, weight.dtype
         if orthonormal:
             # Orthonormal bases: ΔW = 0 at start comes from the controller's zero-init last layer instead.

@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -24,12 +25,12 @@ import pyarrow.parquet as pq
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 
 from bem.attach import Attachment, attach_bems, role_sites
 from bem.chunked import read_hidden
 from bem.controllers import SimpleController, masked_mean
-from bem.export import save_bem
+from bem.export import peft_lora_site, save_bem
 from bem.generate import greedy_generate
 from bem.metrics import score_example
 from bem.models import load_model
@@ -100,10 +101,11 @@ def train_lora(
     sites = [n for n, _ in role_sites(model)]
     config = LoraConfig(
         r=rank,
-        lora_alpha=LORA_ALPHA * rank / LORA_RANK,  # keeps α/r = 2 at every rank
+        # keeps α/r = 2 at every rank; peft annotates lora_alpha as int but only divides by it
+        lora_alpha=LORA_ALPHA * rank / LORA_RANK,  # type: ignore[arg-type]
         target_modules=sites,
         lora_dropout=0.1,
-        fan_in_fan_out=model.config.model_type == "gpt2",
+        fan_in_fan_out=cast(PreTrainedConfig, model.config).model_type == "gpt2",
     )
     peft_model = get_peft_model(copy.deepcopy(model), config)
     peft_model.train()
@@ -131,13 +133,13 @@ def train_lora(
 
 def lora_factors(peft_model: PeftModel) -> dict[str, tuple[Tensor, Tensor]]:
     """{site: (lora_A, scaling·lora_B)}: the LoRA's ΔW = scaling·B·A, ready to become a BEM block."""
-    inner = peft_model.base_model.model
+    config = cast(LoraConfig, peft_model.peft_config["default"])
     out = {}
-    for site in peft_model.peft_config["default"].target_modules:
-        lora = inner.get_submodule(site)
+    for site in cast("set[str]", config.target_modules):  # LoraConfig.__post_init__ makes the list a set
+        lora, lora_a, lora_b = peft_lora_site(peft_model, site)
         out[site] = (
-            lora.lora_A["default"].weight.detach().clone(),
-            lora.scaling["default"] * lora.lora_B["default"].weight.detach().clone(),
+            lora_a.weight.detach().clone(),
+            lora.scaling["default"] * lora_b.weight.detach().clone(),
         )
     return out
 
@@ -318,7 +320,7 @@ def run_validation(
             model, tokenizer, examples, rank=rank, steps=steps, profile=prof, generator=gen,
             reporter=reporter, name=f"lora_{name}",
         )  # fmt: skip
-        peft_model.save_pretrained(out / f"lora_{name}")
+        peft_model.save_pretrained(str(out / f"lora_{name}"))
         reporter.artifact(out / f"lora_{name}", "peft_lora")
         loras[name] = lora_factors(peft_model)
         del peft_model
@@ -365,7 +367,9 @@ def run_validation(
                 np.mean([s["score"] for ex, s in zip(test, scores, strict=True) if ex.task == task])
             )
     reporter.scores(rows)
-    samples = {arm: predictions[a * len(test) : a * len(test) + 2] for a, arm in enumerate(ARMS)}
+    # One example of each task (the test split lists all JSON examples, then all summaries).
+    shown = [0, len(test) - 1]
+    samples = {arm: [predictions[a * len(test) + i] for i in shown] for a, arm in enumerate(ARMS)}
 
     write_scores(rows, out / "scores.parquet")
     reporter.artifact(out / "scores.parquet", "scores")
@@ -379,7 +383,7 @@ def run_validation(
         "bem_minus_equal": {"estimate": float(diff.mean()), "low": low, "high": high, "n": len(diff)},
         "timings_s": timings,
         "config": {**asdict(prof), "read_layer": layer, "data_seed": DATA_SEED, "base": str(base_path)},
-        "samples": {"prompts": [e.prompt for e in test[:2]], **samples},
+        "samples": {"prompts": [test[i].prompt for i in shown], **samples},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     reporter.artifact(out / "summary.json", "summary")
