@@ -67,10 +67,3 @@ class MemoryReporter:
 
     def cancel(self) -> None:
         self._cancelled = True
-
-    def last(self, name: str) -> float:
-        """The latest value of metric `name`."""
-        for metric, value, _ in reversed(self.metrics):
-            if metric == name:
-                return value
-        raise KeyError(name)

@@ -72,12 +72,8 @@ def test_arm_scores_agree_where_arms_share_a_code(run) -> None:
         if arm == "random":
             assert value in (score[("fixed_json", eid)], score[("fixed_sum", eid)])
     mean = {arm: np.mean([v for (a, _), v in score.items() if a == arm]) for arm in val.ARMS}
-    assert summary_mean_matches(run, mean)
-
-
-def summary_mean_matches(run, mean) -> bool:
     summary, _, _ = run
-    return all(abs(summary["arms"][arm]["score"] - mean[arm]) < 1e-9 for arm in val.ARMS)
+    assert all(abs(summary["arms"][arm]["score"] - mean[arm]) < 1e-9 for arm in val.ARMS)
 
 
 def test_composed_block_reproduces_the_trained_peft_lora(base_dir) -> None:
