@@ -26,7 +26,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy bem
+	$(PY) -m mypy bem stats
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

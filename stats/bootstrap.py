@@ -21,10 +21,9 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from stats import corpus
-from stats.resample import index_blocks, lattice_scale, to_lattice, totals
+from stats.resample import Seed, all_index_blocks, lattice_scale, to_lattice, totals
 
 Statistic = Callable[..., np.ndarray]
-Seed = int | np.random.SeedSequence | None
 LOW_N = 20
 DEGENERATE = "all paired deltas equal"
 
@@ -167,9 +166,11 @@ def one_sided_p(keys: np.ndarray, null_key: float, z0: float, a: float) -> float
     return float(ndtr(w / (1 + a * w) - z0))
 
 
-def _linear_draws(m: np.ndarray, g: Callable[[np.ndarray], np.ndarray], n_resamples: int, rng) -> _Draws:
+def _linear_draws(
+    m: np.ndarray, g: Callable[[np.ndarray], np.ndarray], n_resamples: int, seed: Seed
+) -> _Draws:
     """θ = g(Σ rows of M), a corpus metric; integer statistics keep the totals exact."""
-    est, dist = float(g(m.sum(axis=0))), _checked(g(totals(m, n_resamples, rng)))
+    est, dist = float(g(m.sum(axis=0))), _checked(g(totals(m, n_resamples, seed)))
     return _Draws(est, dist, est, dist, float)
 
 
@@ -199,10 +200,10 @@ def _lattice_or_self(d: np.ndarray) -> tuple[np.ndarray, int | None]:
     return (d, None) if scale is None else (to_lattice(d, scale), scale)
 
 
-def _callable_draws(arrays: list[np.ndarray], f: Statistic, n_resamples: int, rng) -> _Draws:
+def _callable_draws(arrays: list[np.ndarray], f: Statistic, n_resamples: int, seed: Seed) -> _Draws:
     n = len(arrays[0])
     dist = np.empty(n_resamples)
-    for lo, idx in index_blocks(rng, n, n_resamples):
+    for lo, idx in all_index_blocks(seed, n, n_resamples):  # a user's callable may not be thread-safe
         dist[lo : lo + len(idx)] = f(*(a[idx] for a in arrays), axis=-1)
     est = float(f(*arrays, axis=-1))
     return _Draws(est, _checked(dist), est, dist, float)
@@ -274,20 +275,19 @@ def bca(
             f"NODATA: the bootstrap needs at least 2 examples, got {n} ({n_dropped} dropped for NaN)"
         )
 
-    rng = np.random.default_rng(seed)
     if statistic == "mean":
         d = arrays[0] if len(arrays) == 1 else arrays[0] - arrays[1]
         m, scale = _lattice_or_self(d)
-        draws = _mean_draws(d, totals(m[:, None], n_resamples, rng)[:, 0], scale)
+        draws = _mean_draws(d, totals(m[:, None], n_resamples, seed)[:, 0], scale)
         a = mean_acceleration(d)
     elif statistic == "ratio":
         m, g = _ratio_parts(arrays, metric)
-        draws = _linear_draws(m, g, n_resamples, rng)
+        draws = _linear_draws(m, g, n_resamples, seed)
         jack = g(m.sum(axis=0) - m)  # θ_(i) = f(total − row_i): O(n·k)
         a = _acceleration(jack.mean() - jack)
     else:
         assert callable(statistic)
-        draws = _callable_draws(arrays, statistic, n_resamples, rng)
+        draws = _callable_draws(arrays, statistic, n_resamples, seed)
         jack = _callable_jackknife(arrays, statistic)
         a = _acceleration(jack.mean() - jack)
     return _finish(
@@ -342,7 +342,7 @@ def bca_family(
     if n < 2:
         raise NoData(f"NODATA: the bootstrap needs at least 2 examples, got {n}")
     m, scale = _lattice_or_self(d)
-    t_star = totals(m, n_resamples, np.random.default_rng(seed))
+    t_star = totals(m, n_resamples, seed)
     return [
         _finish(
             _mean_draws(d[:, j], t_star[:, j], scale),

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from stats.bootstrap import DEGENERATE, LOW_N, BootstrapResult, NoData, Seed
-from stats.resample import index_blocks
+from stats.bootstrap import DEGENERATE, LOW_N, BootstrapResult, NoData
+from stats.resample import Seed, all_index_blocks
 
 
 def percentile_result(
@@ -61,7 +61,7 @@ def percentile_interval(
     if n < 2:
         raise NoData(f"NODATA: the bootstrap needs at least 2 examples, got {n}")
     dist = np.empty(n_resamples)
-    for lo, idx in index_blocks(np.random.default_rng(seed), n, n_resamples):
+    for lo, idx in all_index_blocks(seed, n, n_resamples):
         dist[lo : lo + len(idx)] = statistic(*(a[idx] for a in arrays), axis=-1)
     return percentile_result(
         float(statistic(*arrays, axis=-1)),

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stats.bootstrap import BootstrapResult, NoData, Seed
+from stats.bootstrap import BootstrapResult, NoData
 from stats.quantile import percentile_result
-from stats.resample import counts_from_indices, index_blocks, tiles
+from stats.resample import Seed, Stream, TileCounter, index_blocks, map_streams, tiles
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,21 @@ def multi_bootstrap(
     s, n = d.shape
     if n < 2:
         raise NoData(f"NODATA: the multi-bootstrap needs at least 2 examples, got {n}")
-    rng = np.random.default_rng(seed)
-    # Seed counts first, then example blocks: the stream does not depend on the block size.
-    seed_counts = rng.multinomial(s, np.full(s, 1 / s), size=n_resamples).astype(np.float64)
-    dist = np.empty(n_resamples)
-    for lo, idx in index_blocks(rng, n, n_resamples):
-        for t, tile in tiles(lo, idx):
-            hi = t + len(tile)
-            dist[t:hi] = np.einsum("bn,bn->b", seed_counts[t:hi] @ d, counts_from_indices(tile, n)) / (s * n)
+
+    def one(stream: Stream) -> np.ndarray:
+        # Per stream: its seed counts first, then its example blocks, all from the stream's generator.
+        rows = stream.hi - stream.lo
+        rng = stream.rng()
+        seed_counts = rng.multinomial(s, np.full(s, 1 / s), size=rows).astype(np.float64)
+        out = np.empty(rows)
+        counter = TileCounter(n)
+        for lo, idx in index_blocks(stream, n, rng):
+            for t, tile in tiles(lo - stream.lo, idx):
+                grid = seed_counts[t : t + len(tile)] @ d
+                out[t : t + len(tile)] = np.einsum("bn,bn->b", grid, counter(tile)) / (s * n)
+        return out
+
+    dist = np.concatenate(map_streams(one, seed, n_resamples))
     return percentile_result(
         float(d.mean()), dist, level=level, n=n, n_dropped=0, n_resamples=n_resamples, seed=seed
     )

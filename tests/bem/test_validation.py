@@ -153,3 +153,15 @@ def test_cli_runs_seeds_and_aggregates(base_dir, tmp_path, monkeypatch, capsys) 
     assert d["low"] <= d["estimate"] <= d["high"]
     printed = capsys.readouterr().out
     assert "routing accuracy" in printed and "bem - equal" in printed
+
+
+def test_stats_reads_the_scores_and_pairs_them_like_paired_diff(run) -> None:
+    """The fleet judges the validation run with `stats`: same table, same seed-averaged deltas."""
+    from stats.table import pair, read_scores
+
+    _, reporter, out = run
+    paired = pair(read_scores(out / "scores.parquet"), "score", "equal", "bem")
+    np.testing.assert_allclose(
+        np.sort(paired.deltas), np.sort(val.paired_diff(reporter.rows, "bem", "equal"))
+    )
+    assert paired.n_unpaired == 0 and paired.n_nan == 0

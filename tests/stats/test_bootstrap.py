@@ -256,17 +256,39 @@ def test_deterministic_for_a_seed_and_independent_of_the_block_size(monkeypatch)
         assert (a.low, a.high, a.z0) == (b.low, b.high, b.z0)
 
 
+def test_results_do_not_depend_on_the_thread_count(monkeypatch) -> None:
+    """Streams of resamples have their own child seeds, so one worker or many draw the same θ*."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    d, fam = rng.random(500), rng.random((500, 3))
+    n_resamples = 3 * resample.STREAM_ROWS + 17  # several streams and a ragged last one
+    before = [bca((d,), seed=2, n_resamples=n_resamples), *bca_family(fam, seed=2, n_resamples=n_resamples)]
+    one_worker = ThreadPoolExecutor(max_workers=1)
+    monkeypatch.setattr(resample, "_pool", lambda: one_worker)
+    after = [bca((d,), seed=2, n_resamples=n_resamples), *bca_family(fam, seed=2, n_resamples=n_resamples)]
+    for a, b in zip(before, after, strict=True):
+        assert np.array_equal(a.bootstrap_distribution, b.bootstrap_distribution)
+    # A SeedSequence given as the seed is read, never consumed: the same object draws the same twice.
+    seq = np.random.SeedSequence(7)
+    assert bca((d,), seed=seq, n_resamples=2000).low == bca((d,), seed=seq, n_resamples=2000).low
+
+
 def test_lattice_ties_are_counted_exactly() -> None:
-    """Seed-averaged EM sits on a 1/(5n) lattice; float sums of 0.2s would miss ties with θ̂."""
-    d = np.random.default_rng(0).integers(-5, 6, 200) / 5  # deltas of 5-seed averages
-    assert resample.lattice_scale(d) == 5
+    """3-seed averages of EM deltas sit on a 1/(3n) lattice; float sums of thirds miscount ties with θ̂."""
+    n = 200
+    d = np.random.default_rng(0).integers(-3, 4, n) / 3
+    assert resample.lattice_scale(d) == 3
     res = bca((d,), n_resamples=B, seed=3)
-    num = np.rint(res.bootstrap_distribution * 200 * 5)  # exact integer numerators
-    hat = np.rint(d * 5).sum()
-    ties = np.count_nonzero(num == hat)
-    assert ties > 0  # the case the convention is about
-    expected = ndtri((np.count_nonzero(num < hat) + np.count_nonzero(num <= hat)) / (2 * B))
-    assert res.z0 == pytest.approx(expected, abs=1e-15)
+    num = np.rint(res.bootstrap_distribution * n * 3)  # exact integer numerators
+    hat = np.rint(d * 3).sum()
+    assert np.count_nonzero(num == hat) > 0  # the case the convention is about
+    exact = ndtri((np.count_nonzero(num < hat) + np.count_nonzero(num <= hat)) / (2 * B))
+    assert res.z0 == pytest.approx(exact, abs=1e-15)
+    # The naive float comparison (θ* = Σd/n against np.mean(d)) on the same draws gets another z0.
+    floats = resample.totals(d[:, None], B, 3)[:, 0] / n
+    naive = ndtri((np.count_nonzero(floats < d.mean()) + np.count_nonzero(floats <= d.mean())) / (2 * B))
+    assert naive != pytest.approx(exact, abs=1e-6)
 
 
 def test_discrete_data_use_exact_multinomial_draws() -> None:

@@ -33,6 +33,11 @@ def test_benjamini_hochberg_1995_worked_example() -> None:
     res = fdr(p, q=0.05)
     assert res.rejected == (True,) * 4 + (False,) * 11
     assert res.fcr_level == pytest.approx(1 - 4 * 0.05 / 15)
+    # BY is BH at q / c(m), c(15) = Σ 1/i: it rejects 3 here, and its intervals use that smaller q.
+    by = fdr(p, q=0.05, method="by")
+    c15 = sum(1 / i for i in range(1, 16))
+    assert by.rejected == (True,) * 3 + (False,) * 12
+    assert by.fcr_level == pytest.approx(1 - 3 * 0.05 / c15 / 15)
 
 
 @settings(max_examples=60, deadline=None)

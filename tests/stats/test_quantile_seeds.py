@@ -6,7 +6,7 @@ import scipy.stats
 
 from stats.bootstrap import NoData, bca
 from stats.quantile import percentile_interval, quantile_ratio
-from stats.resample import counts_from_indices, index_blocks
+from stats.resample import index_blocks, streams
 from stats.seeds import multi_bootstrap, sign_consistency
 
 
@@ -62,23 +62,28 @@ def test_percentile_median_covers_the_truth_at_about_the_nominal_rate() -> None:
 
 
 def _brute_force_multi(d, n_resamples, seed):
-    """The same random stream, spelled out one replicate at a time."""
+    """The same random streams, spelled out one replicate at a time."""
     s, n = d.shape
-    rng = np.random.default_rng(seed)
-    seed_counts = rng.multinomial(s, np.full(s, 1 / s), size=n_resamples)
     out = []
-    for lo, idx in index_blocks(rng, n, n_resamples):
-        counts = counts_from_indices(idx, n)
-        for b in range(len(idx)):
-            grid = [d[si, i] * seed_counts[lo + b, si] * counts[b, i] for si in range(s) for i in range(n)]
-            out.append(sum(grid) / (s * n))
+    for stream in streams(seed, n_resamples):
+        rng = stream.rng()
+        seed_counts = rng.multinomial(s, np.full(s, 1 / s), size=stream.hi - stream.lo)
+        for lo, idx in index_blocks(stream, n, rng):
+            for b in range(len(idx)):
+                drawn_examples = np.bincount(idx[b], minlength=n)
+                grid = [
+                    d[si, i] * seed_counts[lo - stream.lo + b, si] * drawn_examples[i]
+                    for si in range(s)
+                    for i in range(n)
+                ]
+                out.append(sum(grid) / (s * n))
     return np.array(out)
 
 
 def test_multi_bootstrap_is_the_mean_over_drawn_seeds_and_examples() -> None:
     d = np.random.default_rng(2).normal(0.1, 1, (3, 12))
-    res = multi_bootstrap(d, n_resamples=40, seed=4)
-    assert np.allclose(res.bootstrap_distribution, _brute_force_multi(d, 40, 4), rtol=1e-12)
+    res = multi_bootstrap(d, n_resamples=1500, seed=4)  # more than one stream
+    assert np.allclose(res.bootstrap_distribution, _brute_force_multi(d, 1500, 4), rtol=1e-12)
     assert res.estimate == pytest.approx(d.mean()) and res.method == "percentile"
 
 
