@@ -99,6 +99,10 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(8, len(os.sched_getaffinity(0))), thread_name_prefix="stats")
 
 
+# A forked child (a worker's task process) inherits the pool but not its threads: start afresh there.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def map_streams(fn: Callable[[Stream], T], seed: Seed, n_resamples: int) -> list[T]:
     """fn over every stream, in parallel, results in stream order."""
     parts = streams(seed, n_resamples)

@@ -209,6 +209,16 @@ def test_degenerate_data_gives_a_point_interval_never_nan() -> None:
     assert fam[0].degenerate and not fam[1].degenerate
 
 
+def test_degenerate_data_where_scipy_gives_nan() -> None:
+    """scipy answers all-equal deltas with NaN and a DegenerateDataWarning; we special-case it (§3)."""
+    d = np.full(40, 0.25)
+    with pytest.warns(scipy.stats.DegenerateDataWarning), np.errstate(invalid="ignore"):
+        ref = scipy.stats.bootstrap((d,), np.mean, method="BCa", n_resamples=1000, rng=0).confidence_interval
+    assert np.isnan(ref.low) and np.isnan(ref.high)
+    res = bca((d,), n_resamples=1000, seed=0, null=0.0)
+    assert res.degenerate and (res.low, res.high) == (0.25, 0.25) and res.p_value is None
+
+
 def test_nan_examples_are_dropped_and_counted() -> None:
     d = np.random.default_rng(2).normal(size=50)
     with_nan = d.copy()
@@ -272,6 +282,17 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch) -> None:
     # A SeedSequence given as the seed is read, never consumed: the same object draws the same twice.
     seq = np.random.SeedSequence(7)
     assert bca((d,), seed=seq, n_resamples=2000).low == bca((d,), seed=seq, n_resamples=2000).low
+
+
+def test_a_forked_child_can_bootstrap_after_the_parent_did() -> None:
+    """Worker task processes are forked; an inherited pool without its threads would hang forever."""
+    import multiprocessing
+
+    d = np.random.default_rng(0).random(300)
+    parent = bca((d,), seed=1, n_resamples=3000)  # starts the parent's thread pool
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(bca, ((d,),), {"seed": 1, "n_resamples": 3000}).get(timeout=60)
+    assert (child.low, child.high) == (parent.low, parent.high)
 
 
 def test_lattice_ties_are_counted_exactly() -> None:
