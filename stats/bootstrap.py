@@ -64,8 +64,13 @@ class _Draws:
     keys: np.ndarray
     key_of: Callable[[float], float]  # maps a null value θ0 onto the key scale
 
+    @classmethod
+    def plain(cls, estimate: float, dist: np.ndarray) -> _Draws:
+        """Off a lattice, θ is its own key."""
+        return cls(estimate, dist, estimate, dist, float)
 
-def _drop_nan(arrays: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
+
+def drop_nan(arrays: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
     """Drop whole examples (pairs) where any array has a NaN; count them (STATS_SPEC §1)."""
     bad = np.zeros(len(arrays[0]), dtype=bool)
     for a in arrays:
@@ -170,8 +175,7 @@ def _linear_draws(
     m: np.ndarray, g: Callable[[np.ndarray], np.ndarray], n_resamples: int, seed: Seed
 ) -> _Draws:
     """θ = g(Σ rows of M), a corpus metric; integer statistics keep the totals exact."""
-    est, dist = float(g(m.sum(axis=0))), _checked(g(totals(m, n_resamples, seed)))
-    return _Draws(est, dist, est, dist, float)
+    return _Draws.plain(float(g(m.sum(axis=0))), _checked(g(totals(m, n_resamples, seed))))
 
 
 def _checked(dist: np.ndarray) -> np.ndarray:
@@ -189,8 +193,7 @@ def _mean_draws(d: np.ndarray, t: np.ndarray, scale: int | None) -> _Draws:
     """
     n = len(d)
     if scale is None:
-        est, dist = float(np.mean(d)), t / n
-        return _Draws(est, dist, est, dist, float)
+        return _Draws.plain(float(np.mean(d)), t / n)
     t_hat, div = float(to_lattice(d, scale).sum()), n * scale
     return _Draws(t_hat / div, t / div, t_hat, t, lambda v: v * div)
 
@@ -200,13 +203,17 @@ def _lattice_or_self(d: np.ndarray) -> tuple[np.ndarray, int | None]:
     return (d, None) if scale is None else (to_lattice(d, scale), scale)
 
 
-def _callable_draws(arrays: list[np.ndarray], f: Statistic, n_resamples: int, seed: Seed) -> _Draws:
-    n = len(arrays[0])
+def resampled(arrays: list[np.ndarray], f: Statistic, n_resamples: int, seed: Seed) -> np.ndarray:
+    """θ*_b = f of each resample of whole examples (pairs share indices), on this thread: a user's
+    callable may not be thread-safe."""
     dist = np.empty(n_resamples)
-    for lo, idx in all_index_blocks(seed, n, n_resamples):  # a user's callable may not be thread-safe
+    for lo, idx in all_index_blocks(seed, len(arrays[0]), n_resamples):
         dist[lo : lo + len(idx)] = f(*(a[idx] for a in arrays), axis=-1)
-    est = float(f(*arrays, axis=-1))
-    return _Draws(est, _checked(dist), est, dist, float)
+    return dist
+
+
+def _callable_draws(arrays: list[np.ndarray], f: Statistic, n_resamples: int, seed: Seed) -> _Draws:
+    return _Draws.plain(float(f(*arrays, axis=-1)), _checked(resampled(arrays, f, n_resamples, seed)))
 
 
 def _callable_jackknife(arrays: list[np.ndarray], f: Statistic) -> np.ndarray:
@@ -268,7 +275,7 @@ def bca(
         raise ValueError(f"unknown statistic {statistic!r}; use 'mean', 'ratio' or a vectorised callable")
     if statistic == "mean" and len(arrays) > 2:
         raise ValueError(f"'mean' takes one array or a (variant, baseline) pair, got {len(arrays)} arrays")
-    arrays, n_dropped = _drop_nan(arrays)
+    arrays, n_dropped = drop_nan(arrays)
     n = len(arrays[0])
     if n < 2:
         raise NoData(

@@ -182,7 +182,7 @@ def _judge_claims(spec: GateSpec, scores: pd.DataFrame, seed: np.random.SeedSequ
     def run(n_resamples: int, child: np.random.SeedSequence) -> tuple[list[BootstrapResult], FamilyResult]:
         results = _family_draws(paired, n_resamples, spec.level, child)
         # A degenerate claim gives no evidence, but it was declared: it stays in m with p = 1.
-        return results, fdr([1.0 if r.degenerate else r.p_value for r in results], spec.q, spec.fdr)  # type: ignore[misc]
+        return results, fdr([1.0 if r.p_value is None else r.p_value for r in results], spec.q, spec.fdr)
 
     results, family = run(spec.n_resamples, first)
     close = _close(results, family)
@@ -265,17 +265,22 @@ def _data_notes(p: Paired, res: BootstrapResult, seed: np.random.SeedSequence, s
 # -- guards ------------------------------------------------------------------------------------
 
 
-def _guard_interval(guard: Guard, scores: pd.DataFrame, spec: GateSpec, seed: np.random.SeedSequence):
-    common = dict(n_resamples=spec.n_resamples, level=spec.level, seed=seed)
+def _guard_interval(
+    guard: Guard, scores: pd.DataFrame, spec: GateSpec, seed: np.random.SeedSequence
+) -> BootstrapResult:
+    b, level = spec.n_resamples, spec.level
     if guard.statistic == "level":
         values, _ = arm_scores(scores, guard.metric, guard.variant)
-        return bca((values,), "mean", **common)  # type: ignore[arg-type]
+        return bca((values,), "mean", n_resamples=b, level=level, seed=seed)
     p = pair(scores, guard.metric, guard.baseline, guard.variant)
     if guard.statistic == "delta":
-        return bca((p.variant_scores, p.baseline_scores), "mean", paired=True, **common)  # type: ignore[arg-type]
+        return bca((p.variant_scores, p.baseline_scores), paired=True, n_resamples=b, level=level, seed=seed)
     if guard.statistic == "ratio":  # Σv/Σb = mean(v)/mean(b), with the O(n) ratio-of-sums jackknife
-        return bca((np.column_stack([p.variant_scores, p.baseline_scores]),), "ratio", **common)  # type: ignore[arg-type]
-    return quantile_ratio(p.baseline_scores, p.variant_scores, q=guard.q, **common)  # type: ignore[arg-type]
+        sums = np.column_stack([p.variant_scores, p.baseline_scores])
+        return bca((sums,), "ratio", n_resamples=b, level=level, seed=seed)
+    return quantile_ratio(
+        p.baseline_scores, p.variant_scores, q=guard.q, n_resamples=b, level=level, seed=seed
+    )
 
 
 def _region(guard: Guard) -> str:
@@ -285,7 +290,11 @@ def _region(guard: Guard) -> str:
 
 
 def _judge_guard(
-    guard: Guard, scores: pd.DataFrame, values: Mapping[str, float], spec: GateSpec, seed
+    guard: Guard,
+    scores: pd.DataFrame,
+    values: Mapping[str, float],
+    spec: GateSpec,
+    seed: np.random.SeedSequence,
 ) -> Decision:
     comparison = f"{guard.variant} vs {guard.baseline}" if guard.baseline else guard.variant
     base = Decision(guard.name, "guard", guard.metric, comparison, "nodata", "", family=None)
@@ -315,13 +324,13 @@ def _judge_guard(
     except NoData as exc:
         return replace(base, reason=str(exc))
     label = f"{res.method} {res.level:.0%} two-sided" + (" (degenerate: one point)" if res.degenerate else "")
-    fields = dict(estimate=res.estimate, low=res.low, high=res.high, interval=label, n=res.n)
+    judged = replace(base, estimate=res.estimate, low=res.low, high=res.high, interval=label, n=res.n)
     failures = [f"lower bound {res.low:.4g} < {guard.low:g}"] if below(res.low) else []
     failures += [f"upper bound {res.high:.4g} > {guard.high:g}"] if above(res.high) else []
     if failures:
-        return replace(base, outcome="fail", reason="; ".join(failures), **fields)  # type: ignore[arg-type]
+        return replace(judged, outcome="fail", reason="; ".join(failures))
     where = f"[{res.low:.4g}, {res.high:.4g}] inside {_region(guard)}"
-    return replace(base, outcome="pass", reason=where, **fields)  # type: ignore[arg-type]
+    return replace(judged, outcome="pass", reason=where)
 
 
 # -- verdict -----------------------------------------------------------------------------------
@@ -331,7 +340,6 @@ def _primary_holds(spec: GateSpec, claims: list[Decision]) -> tuple[bool | None,
     """True, False (fails decisively) or None (undecided), with why."""
     if not claims:
         return True, "no primary claims"
-    outcomes = [d.outcome for d in claims]
     passed = [d.gate for d in claims if d.outcome == "pass"]
     failed = [d.gate for d in claims if d.outcome == "fail"]
     open_ = [d.gate for d in claims if d.outcome not in ("pass", "fail")]
@@ -340,7 +348,7 @@ def _primary_holds(spec: GateSpec, claims: list[Decision]) -> tuple[bool | None,
             return False, f"primary claim(s) {failed} failed"
         if open_:
             return None, f"primary claim(s) {open_} undecided"
-        return True, f"all {len(outcomes)} primary claims pass"
+        return True, f"all {len(claims)} primary claims pass"
     if passed:
         return True, f"primary claim(s) {passed} pass"
     if open_:

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from stats.bootstrap import DEGENERATE, LOW_N, BootstrapResult, NoData
-from stats.resample import Seed, all_index_blocks
+from stats.bootstrap import DEGENERATE, LOW_N, BootstrapResult, NoData, drop_nan, resampled
+from stats.resample import Seed
 
 
 def percentile_result(
@@ -55,20 +55,16 @@ def percentile_interval(
     arrays = [np.asarray(a, dtype=np.float64) for a in data]
     if len({len(a) for a in arrays}) != 1:
         raise ValueError(f"paired arrays differ in length: {[len(a) for a in arrays]}")
-    bad = np.logical_or.reduce([np.isnan(a) for a in arrays])
-    arrays = [a[~bad] for a in arrays]
+    arrays, n_dropped = drop_nan(arrays)
     n = len(arrays[0])
     if n < 2:
         raise NoData(f"NODATA: the bootstrap needs at least 2 examples, got {n}")
-    dist = np.empty(n_resamples)
-    for lo, idx in all_index_blocks(seed, n, n_resamples):
-        dist[lo : lo + len(idx)] = statistic(*(a[idx] for a in arrays), axis=-1)
     return percentile_result(
         float(statistic(*arrays, axis=-1)),
-        dist,
+        resampled(arrays, statistic, n_resamples, seed),
         level=level,
         n=n,
-        n_dropped=int(bad.sum()),
+        n_dropped=n_dropped,
         n_resamples=n_resamples,
         seed=seed,
     )
