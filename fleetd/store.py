@@ -1,0 +1,367 @@
+"""The DuckDB store: numbered migrations, batched idempotent writes, and read-only SQL (DESIGN.md section 6).
+
+fleetd is the only writer (NATS_NOTES section 6). Every method here is synchronous and runs on the
+coordinator's single writer thread; readers take their own cursor. Idempotency: a bus message is
+written at most once, keyed by `(task_id, attempt, seq)` in `events`, and its rows (metrics, scores,
+logs, artifacts) are inserted in the same transaction, so a redelivered batch changes nothing.
+
+Times are unix seconds (DOUBLE) everywhere: cheap to write, and `to_timestamp(col)` reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import msgspec
+import pyarrow as pa
+
+from schemas.messages import Artifact, Event, Log, Metrics, Scores
+
+MIGRATIONS: list[str] = [
+    # 1: the first schema
+    """
+    CREATE TABLE missions (
+        mission_id VARCHAR PRIMARY KEY, name VARCHAR, profile VARCHAR, state VARCHAR, verdict VARCHAR,
+        reason VARCHAR, spec JSON, overrides JSON, submitted_at DOUBLE, finished_at DOUBLE);
+    CREATE TABLE tasks (
+        task_id VARCHAR PRIMARY KEY, mission_id VARCHAR, name VARCHAR, stage VARCHAR, kind VARCHAR,
+        arm VARCHAR, seed INTEGER, params JSON, deps VARCHAR[], vram_gb DOUBLE, gpu_class VARCHAR,
+        timeout_s DOUBLE, max_attempts INTEGER, max_infra_attempts INTEGER,
+        state VARCHAR, pending_reason VARCHAR, attempt INTEGER, task_failures INTEGER,
+        infra_failures INTEGER, worker VARCHAR, error VARCHAR, result JSON, excluded_workers JSON,
+        created_at DOUBLE, assigned_at DOUBLE, started_at DOUBLE, finished_at DOUBLE);
+    CREATE TABLE task_attempts (
+        task_id VARCHAR, attempt INTEGER, worker VARCHAR, state VARCHAR, reason VARCHAR, error VARCHAR,
+        assigned_at DOUBLE, started_at DOUBLE, finished_at DOUBLE, PRIMARY KEY (task_id, attempt));
+    CREATE TABLE events (
+        task_id VARCHAR, attempt INTEGER, seq INTEGER, mission_id VARCHAR, kind VARCHAR, worker VARCHAR,
+        ts DOUBLE, recorded_at DOUBLE, body JSON, PRIMARY KEY (task_id, attempt, seq));
+    CREATE TABLE metrics (
+        task_id VARCHAR, attempt INTEGER, name VARCHAR, step BIGINT, value DOUBLE, time DOUBLE);
+    CREATE TABLE example_scores (
+        mission_id VARCHAR, task_id VARCHAR, attempt INTEGER, arm VARCHAR, seed INTEGER,
+        example_id VARCHAR, metric VARCHAR, value DOUBLE);
+    CREATE TABLE logs (task_id VARCHAR, attempt INTEGER, seq INTEGER, line_no INTEGER, line VARCHAR);
+    CREATE TABLE artifacts (
+        task_id VARCHAR, attempt INTEGER, path VARCHAR, kind VARCHAR, sha256 VARCHAR, bytes BIGINT);
+    CREATE TABLE decisions (
+        mission_id VARCHAR, gate VARCHAR, kind VARCHAR, metric VARCHAR, comparison VARCHAR, outcome VARCHAR,
+        passed BOOLEAN, estimate DOUBLE, ci_low DOUBLE, ci_high DOUBLE, level DOUBLE, p DOUBLE,
+        p_adj DOUBLE, family VARCHAR, n INTEGER, seeds_positive VARCHAR, reason VARCHAR, decided_at DOUBLE);
+    CREATE TABLE workers (
+        worker VARCHAR PRIMARY KEY, host VARCHAR, gpu_uuid VARCHAR, gpu_name VARCHAR, total_bytes BIGINT,
+        first_seen DOUBLE, last_seen DOUBLE);
+    CREATE TABLE dead_letters (
+        subject VARCHAR, reason VARCHAR, body VARCHAR, recorded_at DOUBLE);
+    """,
+]
+
+TABLES = (
+    "missions", "tasks", "task_attempts", "events", "metrics", "example_scores", "logs", "artifacts",
+    "decisions", "workers", "dead_letters",
+)  # fmt: skip
+READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+class SqlRefused(ValueError):
+    """A query `fleetctl sql` will not run: a write, several statements, or a syntax error."""
+
+
+@dataclass
+class Written:
+    """What one `record` call inserted: the events that were new (lifecycle ones drive the scheduler)."""
+
+    new: list[Event] = field(default_factory=list)
+    duplicates: int = 0
+    points: int = 0
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.con = duckdb.connect(str(path))
+        self.migrate()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def migrate(self) -> None:
+        con = self.con
+        con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+        row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+        current = (row[0] if row else None) or 0
+        for number, sql in enumerate(MIGRATIONS[current:], start=current + 1):
+            con.execute("BEGIN")
+            con.execute(sql)
+            con.execute("INSERT INTO schema_version VALUES (?)", [number])
+            con.execute("COMMIT")
+
+    # ---- writes (writer thread only) -------------------------------------------------------------------
+
+    def insert_mission(self, mission: dict[str, Any], tasks: Sequence[dict[str, Any]]) -> None:
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            _insert(con, "missions", [mission])
+            _insert(con, "tasks", tasks)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def apply(
+        self,
+        events: Sequence[Event] = (),
+        task_updates: Iterable[tuple[str, dict[str, Any]]] = (),
+        attempt_rows: Iterable[dict[str, Any]] = (),
+        mission_updates: Iterable[tuple[str, dict[str, Any]]] = (),
+        current_attempt: dict[str, int] | None = None,
+        decisions: tuple[str, Sequence[dict[str, Any]]] | None = None,
+    ) -> Written:
+        """One transaction: new events and their rows, task and mission updates, decisions.
+
+        Scores of an attempt that is no longer the task's current one are not copied into
+        example_scores (the event itself is kept), so each result row exists exactly once.
+        """
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            written = self._record(events, current_attempt or {}) if events else Written()
+            for task_id, fields in task_updates:
+                _update(con, "tasks", "task_id", task_id, fields)
+            for row in attempt_rows:
+                _upsert_attempt(con, row)
+            for mission_id, fields in mission_updates:
+                _update(con, "missions", "mission_id", mission_id, fields)
+            if decisions is not None:
+                mission_id, rows = decisions
+                con.execute("DELETE FROM decisions WHERE mission_id = ?", [mission_id])
+                _insert(con, "decisions", rows)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return written
+
+    def _record(self, events: Sequence[Event], current_attempt: dict[str, int]) -> Written:
+        con = self.con
+        now = time.time()
+        seen: set[tuple[str, int, int]] = set()
+        unique: list[Event] = []
+        for ev in events:
+            key = (ev.task_id, ev.attempt, ev.seq)
+            if key not in seen:
+                seen.add(key)
+                unique.append(ev)
+        heavy = (Metrics, Scores)  # their rows live in their own tables; the event row keeps no body
+        table = pa.table(
+            {
+                "task_id": [e.task_id for e in unique],
+                "attempt": pa.array([e.attempt for e in unique], pa.int32()),
+                "seq": pa.array([e.seq for e in unique], pa.int32()),
+                "mission_id": [e.mission_id for e in unique],
+                "kind": [type(e).__struct_config__.tag for e in unique],
+                "worker": [e.worker for e in unique],
+                "ts": [e.ts for e in unique],
+                "recorded_at": [now] * len(unique),
+                "body": [None if isinstance(e, heavy) else msgspec.json.encode(e).decode() for e in unique],
+            }
+        )
+        con.register("_batch", table)
+        try:
+            inserted = con.execute(
+                "INSERT INTO events SELECT * FROM _batch ON CONFLICT DO NOTHING RETURNING task_id, attempt, seq"
+            ).fetchall()
+        finally:
+            con.unregister("_batch")
+        fresh = {(t, a, s) for t, a, s in inserted}
+        new = [e for e in unique if (e.task_id, e.attempt, e.seq) in fresh]
+        written = Written(new=new, duplicates=len(events) - len(new))
+        metrics = [e for e in new if isinstance(e, Metrics)]
+        if metrics:
+            written.points = self._insert_metrics(metrics)
+        for ev in new:
+            if isinstance(ev, Scores) and current_attempt.get(ev.task_id, ev.attempt) == ev.attempt:
+                n = len(ev.value)
+                cols = {
+                    "mission_id": [ev.mission_id] * n, "task_id": [ev.task_id] * n,
+                    "attempt": pa.array([ev.attempt] * n, pa.int32()), "arm": ev.arm,
+                    "seed": pa.array(ev.seed, pa.int32()), "example_id": ev.example_id,
+                    "metric": ev.metric, "value": pa.array(ev.value, pa.float64()),
+                }  # fmt: skip
+                _insert_arrow(con, "example_scores", pa.table(cols))
+            elif isinstance(ev, Log) and ev.lines:
+                con.executemany(
+                    "INSERT INTO logs VALUES (?, ?, ?, ?, ?)",
+                    [(ev.task_id, ev.attempt, ev.seq, i, line) for i, line in enumerate(ev.lines)],
+                )
+            elif isinstance(ev, Artifact):
+                con.execute(
+                    "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?)",
+                    [ev.task_id, ev.attempt, ev.path, ev.artifact_kind, ev.sha256, ev.bytes],
+                )
+        return written
+
+    def _insert_metrics(self, events: Sequence[Metrics]) -> int:
+        task, attempt, name, steps, values, times = [], [], [], [], [], []
+        for ev in events:
+            for metric, s in ev.series.items():
+                n = len(s.values)
+                task += [ev.task_id] * n
+                attempt += [ev.attempt] * n
+                name += [metric] * n
+                steps += s.steps
+                values += s.values
+                times += s.times
+        table = pa.table(
+            {
+                "task_id": task,
+                "attempt": pa.array(attempt, pa.int32()),
+                "name": name,
+                "step": pa.array(steps, pa.int64()),
+                "value": pa.array(values, pa.float64()),
+                "time": pa.array(times, pa.float64()),
+            }
+        )
+        _insert_arrow(self.con, "metrics", table)
+        return len(values)
+
+    def upsert_workers(self, rows: Sequence[dict[str, Any]]) -> None:
+        for row in rows:
+            self.con.execute(
+                "INSERT INTO workers VALUES ($worker, $host, $gpu_uuid, $gpu_name, $total_bytes, $seen, $seen) "
+                "ON CONFLICT (worker) DO UPDATE SET host = excluded.host, gpu_uuid = excluded.gpu_uuid, "
+                "gpu_name = excluded.gpu_name, total_bytes = excluded.total_bytes, last_seen = excluded.last_seen",
+                row,
+            )
+
+    def dead_letter(self, subject: str, reason: str, body: bytes) -> None:
+        self.con.execute(
+            "INSERT INTO dead_letters VALUES (?, ?, ?, ?)",
+            [subject, reason, body[:65536].decode("utf-8", "replace"), time.time()],
+        )
+
+    def existing_events(self, keys: Sequence[tuple[str, int, int]]) -> set[tuple[str, int, int]]:
+        """Which of these (task_id, attempt, seq) are already written: the recorder's dedup check."""
+        table = pa.table(
+            {
+                "task_id": [k[0] for k in keys],
+                "attempt": pa.array([k[1] for k in keys], pa.int32()),
+                "seq": pa.array([k[2] for k in keys], pa.int32()),
+            }
+        )
+        self.con.register("_keys", table)
+        try:
+            rows = self.con.execute(
+                "SELECT e.task_id, e.attempt, e.seq FROM events e JOIN _keys k USING (task_id, attempt, seq)"
+            ).fetchall()
+        finally:
+            self.con.unregister("_keys")
+        return {(t, a, s) for t, a, s in rows}
+
+    # ---- reads (any thread: each call takes its own cursor) ------------------------------------------------
+
+    def scores_frame(self, mission_id: str) -> Any:
+        """The mission's per-example scores in stats.table's columns, for the gates."""
+        cur = self.con.cursor()
+        try:
+            return cur.execute(
+                "SELECT example_id, arm, seed, metric, value FROM example_scores WHERE mission_id = ?",
+                [mission_id],
+            ).df()
+        finally:
+            cur.close()
+
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        cur = self.con.cursor()
+        try:
+            res = cur.execute(sql, params) if params is not None else cur.execute(sql)
+            cols = [d[0] for d in res.description or []]
+            return [dict(zip(cols, row, strict=True)) for row in res.fetchall()]
+        finally:
+            cur.close()
+
+    def read_only_sql(self, sql: str, limit: int = 10_000) -> tuple[list[str], list[list[Any]], bool]:
+        """Run one SELECT (or EXPLAIN) inside a read-only transaction; anything else is refused."""
+        cur = self.con.cursor()
+        try:
+            try:
+                statements = cur.extract_statements(sql)
+            except duckdb.Error as e:
+                raise SqlRefused(f"cannot parse the query: {e}") from None
+            if len(statements) != 1:
+                raise SqlRefused(f"one statement per call, got {len(statements)}")
+            kind = statements[0].type
+            if kind not in READ_ONLY_STATEMENTS:
+                raise SqlRefused(f"fleetctl sql is read-only: {kind.name} statements are refused")
+            cur.execute("BEGIN TRANSACTION READ ONLY")
+            try:
+                res = cur.execute(sql)
+                cols = [d[0] for d in res.description or []]
+                rows = res.fetchmany(limit + 1)
+            except duckdb.Error as e:
+                raise SqlRefused(str(e)) from None
+            finally:
+                cur.execute("ROLLBACK")
+            return cols, [list(r) for r in rows[:limit]], len(rows) > limit
+        finally:
+            cur.close()
+
+    def export(self, directory: Path) -> list[Path]:
+        directory.mkdir(parents=True, exist_ok=True)
+        out = []
+        cur = self.con.cursor()
+        try:
+            for table in TABLES:
+                path = directory / f"{table}.parquet"
+                cur.execute(f"COPY {table} TO '{_quote(path)}' (FORMAT parquet)")
+                out.append(path)
+        finally:
+            cur.close()
+        return out
+
+
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    cols = list(rows[0])
+    sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
+    con.executemany(sql, [[_cell(r[c]) for c in cols] for r in rows])
+
+
+def _insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
+    con.register("_rows", data)
+    try:
+        con.execute(f"INSERT INTO {table} ({', '.join(data.column_names)}) SELECT * FROM _rows")
+    finally:
+        con.unregister("_rows")
+
+
+def _update(con: duckdb.DuckDBPyConnection, table: str, key: str, value: str, fields: dict[str, Any]) -> None:
+    sets = ", ".join(f"{c} = ?" for c in fields)
+    con.execute(f"UPDATE {table} SET {sets} WHERE {key} = ?", [*(_cell(v) for v in fields.values()), value])
+
+
+def _upsert_attempt(con: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
+    cols = list(row)
+    updates = ", ".join(f"{c} = coalesce(excluded.{c}, task_attempts.{c})" for c in cols[2:])
+    con.execute(
+        f"INSERT INTO task_attempts ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+        f"ON CONFLICT (task_id, attempt) DO UPDATE SET {updates}",
+        [_cell(row[c]) for c in cols],
+    )
+
+
+def _cell(v: Any) -> Any:
+    return json.dumps(v) if isinstance(v, dict) else v

@@ -1,0 +1,244 @@
+"""Every message on the bus, as msgspec Structs (DESIGN.md section 4).
+
+Wire format: msgspec JSON, so `nats sub 'fleet.>'` stays readable. Every message carries `v`, the
+schema version; a reader refuses versions it does not know instead of guessing. Nothing on the bus
+is pickled.
+
+Events are one tagged union (`Event`): the `kind` tag is also the last token of the subject
+`fleet.evt.<mission>.<task>.<kind>`, and `(task_id, attempt, seq)` makes every event idempotent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from msgspec import Struct
+
+SCHEMA_VERSION = 1
+
+FailureReason = Literal["error", "oom", "timeout", "crash", "cancelled", "infra"]
+# Failures that spend the infrastructure budget instead of the task's own attempt budget.
+INFRA_REASONS: frozenset[str] = frozenset({"infra"})
+
+
+class Resources(Struct, frozen=True, forbid_unknown_fields=True):
+    vram_gb: float = 0.0  # 0: runs anywhere, CPU workers included
+    gpu_class: str | None = None  # substring of the GPU name, e.g. "H100"
+
+
+class Assignment(Struct, frozen=True, kw_only=True):
+    """A task placed on one worker: published to `fleet.task.<worker_id>` with Msg-Id task:attempt."""
+
+    v: int = SCHEMA_VERSION
+    task_id: str
+    mission_id: str
+    kind: str
+    params: dict[str, Any]
+    attempt: int
+    timeout_s: float
+    resources: Resources = Resources()
+
+
+# ---- events: fleet.evt.<mission>.<task>.<kind> ---------------------------------------------------
+
+
+class _Event(Struct, frozen=True, kw_only=True, tag_field="kind"):
+    v: int = SCHEMA_VERSION
+    mission_id: str
+    task_id: str
+    attempt: int
+    seq: int
+    worker: str
+    ts: float  # unix seconds at the source
+
+
+class Started(_Event, tag="started"):
+    pid: int = 0
+
+
+class Series(Struct, frozen=True, array_like=True):
+    """One metric's points in a batch, columnar so a batch of 1,000 points is one small message."""
+
+    steps: list[int]
+    values: list[float]
+    times: list[float]
+
+
+class Metrics(_Event, tag="metrics"):
+    series: dict[str, Series]
+
+
+class Progress(_Event, tag="progress"):
+    stage: str
+    done: int
+    total: int
+
+
+class Log(_Event, tag="log"):
+    lines: list[str]
+
+
+class Scores(_Event, tag="scores"):
+    """Per-example scores (columnar): the rows the stats engine pairs arms on."""
+
+    example_id: list[str]
+    arm: list[str]
+    seed: list[int]
+    metric: list[str]
+    value: list[float]
+
+
+class Artifact(_Event, tag="artifact"):
+    path: str
+    artifact_kind: str
+    sha256: str = ""
+    bytes: int = 0
+
+
+class Finished(_Event, tag="finished"):
+    result: dict[str, Any] = {}
+    duration_s: float = 0.0
+
+
+class Failed(_Event, tag="failed"):
+    reason: FailureReason
+    error: str
+    duration_s: float = 0.0
+
+
+Event = Started | Metrics | Progress | Log | Scores | Artifact | Finished | Failed
+LIFECYCLE = (Started, Finished, Failed)
+
+
+def event_subject(ev: _Event) -> str:
+    kind = type(ev).__struct_config__.tag
+    return f"fleet.evt.{subject_token(ev.mission_id)}.{subject_token(ev.task_id)}.{kind}"
+
+
+def event_msg_id(ev: _Event) -> str:
+    return f"{ev.task_id}:{ev.attempt}:{ev.seq}"
+
+
+def subject_token(s: str) -> str:
+    """Ids may hold '/' and '-' (valid in subjects); '.', '*', '>' and spaces would split tokens."""
+    for ch in ".*> \t":
+        if ch in s:
+            raise ValueError(f"id {s!r} may not contain {ch!r}")
+    return s
+
+
+# ---- worker heartbeats: KV bucket fleet_workers, key worker.<id> -----------------------------------
+
+
+class GpuInfo(Struct, frozen=True):
+    uuid: str
+    name: str
+    total_bytes: int
+    free_bytes: int  # NVML free memory: other processes' use included
+    utilization: float | None = None  # 0-1
+
+
+class Heartbeat(Struct, frozen=True, kw_only=True):
+    v: int = SCHEMA_VERSION
+    worker: str
+    host: str
+    pid: int
+    gpu: GpuInfo | None  # None: a CPU worker
+    running: str | None = None  # "task_id:attempt"
+    ts: float
+
+
+# ---- commands: fleet.cmd.<worker_id> (core request/reply) -------------------------------------------
+
+
+class Command(Struct, frozen=True, kw_only=True):
+    v: int = SCHEMA_VERSION
+    action: Literal["cancel", "promote", "rollback"]
+    task_id: str
+    attempt: int
+
+
+class CommandAck(Struct, frozen=True):
+    ok: bool
+    detail: str = ""
+
+
+# ---- control API: fleet.ctl.<verb> (request/reply) ----------------------------------------------------
+
+
+class SubmitRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    v: int = SCHEMA_VERSION
+    mission: str
+    profile: str | None = None
+    overrides: dict[str, Any] = {}
+
+
+class IdRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    v: int = SCHEMA_VERSION
+    id: str | None = None
+
+
+class SqlRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    v: int = SCHEMA_VERSION
+    query: str
+    limit: int = 10_000
+
+
+class LogsRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    v: int = SCHEMA_VERSION
+    task_id: str
+    after_seq: int = -1
+    attempt: int | None = None
+
+
+class ExportRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    v: int = SCHEMA_VERSION
+    directory: str
+
+
+class ErrorInfo(Struct, frozen=True):
+    code: str  # bad_request, not_found, invalid_spec, refused, internal
+    message: str
+
+
+class Reply(Struct, frozen=True, kw_only=True):
+    v: int = SCHEMA_VERSION
+    ok: bool
+    data: Any = None
+    error: ErrorInfo | None = None
+
+
+# ---- codecs ------------------------------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(Event)
+_assignment_decoder = msgspec.json.Decoder(Assignment)
+_heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+
+
+def encode(msg: Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_event(data: bytes) -> Event:
+    ev = _event_decoder.decode(data)
+    _check_version(ev.v)
+    return ev
+
+
+def decode_assignment(data: bytes) -> Assignment:
+    a = _assignment_decoder.decode(data)
+    _check_version(a.v)
+    return a
+
+
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    return _heartbeat_decoder.decode(data)
+
+
+def _check_version(v: int) -> None:
+    if v != SCHEMA_VERSION:
+        raise msgspec.ValidationError(
+            f"schema version {v} is not supported (this build speaks {SCHEMA_VERSION})"
+        )

@@ -1,0 +1,314 @@
+"""Mission specs: the TOML files in `schemas/missions/`, validated strictly, and their expansion into tasks.
+
+A spec is refused as a whole, naming the file, the field and the reason (`SpecError`); nothing is
+expanded from a spec that did not validate. Expansion is pure: stages x (arms, seeds) -> `TaskPlan`s
+with their dependencies, resources, timeouts and attempt budgets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+from msgspec import Struct
+
+MISSIONS_DIR = Path(__file__).parent / "missions"
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_KIND = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")
+
+
+class SpecError(ValueError):
+    """A mission spec that cannot be run: `file: field: reason`."""
+
+    def __init__(self, file: str, field: str, reason: str) -> None:
+        super().__init__(f"{file}: {field}: {reason}")
+        self.file, self.field, self.reason = file, field, reason
+
+
+class _Strict(Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class Defaults(_Strict):
+    timeout_s: float = 3600.0
+    max_attempts: int = 2  # task errors: exception, OOM, crash, timeout
+    max_infra_attempts: int = 5  # lost worker, bus outage
+    vram_gb: float = 0.0
+
+
+class Stage(_Strict):
+    name: str
+    kind: str
+    foreach: list[Literal["arm", "seed"]] = []
+    after: list[str] = []
+    params: dict[str, Any] = {}
+    vram_gb: float | None = None
+    gpu_class: str | None = None
+    timeout_s: float | None = None
+    max_attempts: int | None = None
+
+
+class Profile(_Strict):
+    description: str = ""
+    params: dict[str, Any] = {}  # merged over every stage's params
+    seeds: list[int] | None = None
+    arms: list[str] | None = None
+    vram_gb: float | None = None  # overrides every stage's need
+    timeout_s: float | None = None
+
+
+class ClaimSpec(_Strict):
+    name: str
+    metric: str
+    variant: str
+    baseline: str
+    min_effect: float = 0.0
+    min_positive_seeds: int | None = None
+
+
+class GuardSpec(_Strict):
+    name: str
+    statistic: Literal["delta", "ratio", "quantile_ratio", "level", "value"]
+    metric: str
+    variant: str = ""
+    baseline: str = ""
+    low: float | None = None
+    high: float | None = None
+    q: float = 0.5
+
+
+class Gates(_Strict):
+    q: float = 0.05
+    fdr: Literal["bh", "by"] = "bh"
+    rule: Literal["all", "any"] = "all"
+    n_resamples: int = 10_000
+    level: float = 0.95
+    seed: int = 0
+    claims: list[ClaimSpec] = []
+    guards: list[GuardSpec] = []
+
+
+class MissionSpec(_Strict):
+    name: str
+    description: str = ""
+    version: int = 1
+    arms: list[str] = []
+    seeds: list[int] = msgspec.field(default_factory=lambda: [1])
+    default_profile: str = "smoke"
+    defaults: Defaults = Defaults()
+    profiles: dict[str, Profile] = {}
+    stages: list[Stage] = []
+    gates: Gates | None = None
+
+
+class TaskPlan(Struct, frozen=True, kw_only=True):
+    task_id: str
+    name: str
+    stage: str
+    kind: str
+    params: dict[str, Any]
+    deps: list[str]
+    vram_gb: float
+    gpu_class: str | None
+    timeout_s: float
+    max_attempts: int
+    max_infra_attempts: int
+    arm: str | None = None
+    seed: int | None = None
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+
+
+def available(directory: Path = MISSIONS_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.toml"))
+
+
+def find(name: str, directory: Path = MISSIONS_DIR) -> Path:
+    if not _NAME.match(name):
+        raise SpecError(name, "name", "a mission name is letters, digits, '_' and '-'")
+    path = directory / f"{name}.toml"
+    if not path.is_file():
+        raise SpecError(
+            str(path), "file", f"unknown mission {name!r}; known: {', '.join(available(directory))}"
+        )
+    return path
+
+
+def load(path: Path, overrides: dict[str, Any] | None = None) -> MissionSpec:
+    """Read, override and validate one spec; raises SpecError naming the file, the field and the reason."""
+    file = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise SpecError(file, "file", str(e)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(file, "toml", str(e)) from None
+    for key, value in (overrides or {}).items():
+        apply_override(raw, key, value, file)
+    try:
+        spec = msgspec.convert(raw, MissionSpec, strict=True)
+    except msgspec.ValidationError as e:
+        field, _, reason = _split_msgspec_error(str(e))
+        raise SpecError(file, field, reason) from None
+    _check(spec, file, path.stem)
+    return spec
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value: Any, file: str = "<overrides>") -> None:
+    """`stages.crash.params.fail_attempts = 9`: list-of-table levels (stages) are addressed by name."""
+    parts = dotted.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part) if isinstance(node, dict) else None
+        if isinstance(nxt, list):
+            named = [t for t in nxt if isinstance(t, dict) and t.get("name") == parts[i + 1]]
+            if not named:
+                raise SpecError(file, dotted, f"no {part} entry named {parts[i + 1]!r}")
+            node = named[0]
+            parts[i + 1] = ""  # consumed as a name
+            continue
+        if part == "":
+            continue
+        if nxt is None:
+            nxt = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(nxt, dict):
+            raise SpecError(file, dotted, f"{part!r} is not a table")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _split_msgspec_error(msg: str) -> tuple[str, str, str]:
+    # msgspec: "Expected `int`, got `str` - at `$.stages[0].timeout_s`"
+    m = re.match(r"^(.*?)(?: - at `\$\.?(.*)`)?$", msg)
+    assert m is not None
+    return (m.group(2) or "<root>"), "", m.group(1)
+
+
+def _check(spec: MissionSpec, file: str, stem: str) -> None:
+    def fail(field: str, reason: str) -> None:
+        raise SpecError(file, field, reason)
+
+    if spec.name != stem:
+        fail("name", f"{spec.name!r} must match the file name {stem!r}")
+    if not spec.stages:
+        fail("stages", "a mission needs at least one stage")
+    if spec.default_profile not in spec.profiles and spec.profiles:
+        fail(
+            "default_profile", f"{spec.default_profile!r} is not one of the profiles {sorted(spec.profiles)}"
+        )
+    for field, seeds in [("seeds", spec.seeds)] + [
+        (f"profiles.{n}.seeds", p.seeds) for n, p in spec.profiles.items() if p.seeds is not None
+    ]:
+        if not seeds or len(set(seeds)) != len(seeds):
+            fail(field, "seeds must be a non-empty list without repeats")
+    for name, prof in spec.profiles.items():
+        if not _NAME.match(name):
+            fail(f"profiles.{name}", "a profile name is letters, digits, '_' and '-'")
+        for arm in prof.arms or []:
+            if arm not in spec.arms:
+                fail(f"profiles.{name}.arms", f"unknown arm {arm!r}; arms are {spec.arms}")
+    seen: set[str] = set()
+    for i, st in enumerate(spec.stages):
+        where = f"stages[{i}]"
+        if not _NAME.match(st.name):
+            fail(f"{where}.name", f"{st.name!r}: a stage name is letters, digits, '_' and '-'")
+        if st.name in seen:
+            fail(f"{where}.name", f"duplicate stage {st.name!r}")
+        if not _KIND.match(st.kind):
+            fail(f"{where}.kind", f"{st.kind!r} is not a task kind like 'demo.validate'")
+        for dep in st.after:
+            if dep not in seen:
+                fail(f"{where}.after", f"{dep!r} is not an earlier stage (earlier: {sorted(seen) or 'none'})")
+        if "arm" in st.foreach and not spec.arms:
+            fail(f"{where}.foreach", "foreach 'arm' needs the mission's arms")
+        if len(set(st.foreach)) != len(st.foreach):
+            fail(f"{where}.foreach", "repeated dimension")
+        if st.timeout_s is not None and st.timeout_s <= 0:
+            fail(f"{where}.timeout_s", f"must be positive, got {st.timeout_s}")
+        if st.vram_gb is not None and st.vram_gb < 0:
+            fail(f"{where}.vram_gb", f"must be at least 0, got {st.vram_gb}")
+        if st.max_attempts is not None and st.max_attempts < 1:
+            fail(f"{where}.max_attempts", "must be at least 1")
+        seen.add(st.name)
+    if spec.defaults.max_attempts < 1 or spec.defaults.max_infra_attempts < 1:
+        fail("defaults", "attempt budgets must be at least 1")
+    if spec.gates is not None:
+        g = spec.gates
+        if not 0 < g.q < 1:
+            fail("gates.q", f"must be in (0, 1), got {g.q}")
+        if not 0 < g.level < 1:
+            fail("gates.level", f"must be in (0, 1), got {g.level}")
+        names: set[str] = set()
+        for kind, items in (("claims", g.claims), ("guards", g.guards)):
+            for i, gate in enumerate(items):
+                if gate.name in names:
+                    fail(f"gates.{kind}[{i}].name", f"duplicate gate {gate.name!r}")
+                names.add(gate.name)
+                for role in ("variant", "baseline"):
+                    arm = getattr(gate, role)
+                    if arm and spec.arms and arm not in spec.arms:
+                        fail(f"gates.{kind}[{i}].{role}", f"unknown arm {arm!r}; arms are {spec.arms}")
+
+
+# ---- expansion ----------------------------------------------------------------------------------------------
+
+
+def profile_of(spec: MissionSpec, profile: str | None) -> tuple[str, Profile]:
+    name = profile or spec.default_profile
+    if not spec.profiles and profile is None:
+        return name, Profile()
+    if name not in spec.profiles:
+        raise SpecError(spec.name, "profile", f"unknown profile {name!r}; profiles: {sorted(spec.profiles)}")
+    return name, spec.profiles[name]
+
+
+def expand(spec: MissionSpec, profile: str | None, mission_id: str) -> list[TaskPlan]:
+    """One task per stage and combination of its `foreach` dimensions, in stage order.
+
+    A task depends on the tasks of each `after` stage that agree with it on the dimensions both share
+    (train-bem-s1 -> eval-bem-s1), and on all of them when they share none (judge after every eval).
+    """
+    _, prof = profile_of(spec, profile)
+    dims: dict[str, list[Any]] = {"arm": prof.arms or spec.arms, "seed": prof.seeds or spec.seeds}
+    plans: list[TaskPlan] = []
+    by_stage: dict[str, list[TaskPlan]] = {}
+    for st in spec.stages:
+        combos = itertools.product(*(dims[d] for d in st.foreach))
+        by_stage[st.name] = []
+        for combo in combos:
+            coords = dict(zip(st.foreach, combo, strict=True))
+            name = "-".join([st.name] + [f"{'s' if d == 'seed' else ''}{v}" for d, v in coords.items()])
+            deps = [
+                up.task_id
+                for dep in st.after
+                for up in by_stage[dep]
+                if all(getattr(up, d) == v for d, v in coords.items() if getattr(up, d) is not None)
+            ]
+            params = {**st.params, **prof.params, **coords}
+            plan = TaskPlan(
+                task_id=f"{mission_id}/{name}",
+                name=name,
+                stage=st.name,
+                kind=st.kind,
+                params=params,
+                deps=deps,
+                vram_gb=_first(prof.vram_gb, st.vram_gb, spec.defaults.vram_gb),
+                gpu_class=st.gpu_class,
+                timeout_s=_first(prof.timeout_s, st.timeout_s, spec.defaults.timeout_s),
+                max_attempts=_first(st.max_attempts, spec.defaults.max_attempts),
+                max_infra_attempts=spec.defaults.max_infra_attempts,
+                arm=coords.get("arm"),
+                seed=coords.get("seed"),
+            )
+            plans.append(plan)
+            by_stage[st.name].append(plan)
+    return plans
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)

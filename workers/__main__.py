@@ -1,0 +1,82 @@
+"""`fleet-worker --gpu UUID | --cpu`: one worker process (systemd runs one per GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fleet-worker", description="run tasks for a fleet on one GPU or the CPU"
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--gpu", metavar="UUID", help="the GPU this worker owns, by NVML UUID (GPU-...)")
+    which.add_argument("--cpu", action="store_true", help="a CPU worker")
+    parser.add_argument("--id", help="worker id (default: host and GPU UUID prefix, or host-cpuN)")
+    parser.add_argument("--index", type=int, default=0, help="CPU worker number, for the default id")
+    parser.add_argument(
+        "--nats", default=os.environ.get("FLEET_NATS_URL", ""), help="NATS URL (default $FLEET_NATS_URL)"
+    )
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("FLEET_HOME", ".fleet")))
+    parser.add_argument("--threads", type=int, help="CPU threads per task (OMP_NUM_THREADS)")
+    parser.add_argument(
+        "--heartbeat", type=float, default=float(os.environ.get("FLEET_WORKER_HEARTBEAT_S", 1.0))
+    )
+    parser.add_argument("--log-file", type=Path)
+    args = parser.parse_args(argv)
+    if args.gpu:
+        # Before anything imports torch: CUDA's own order differs from NVML's on mixed boxes.
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+
+    import anyio
+
+    from fleetd import logs
+    from fleetd.natsserver import NatsServerError
+    from workers import gpus
+    from workers.worker import Worker, default_id
+
+    logs.configure(path=args.log_file)
+    if not args.nats:
+        home_file = args.home / "fleetd.json"
+        if not home_file.is_file():
+            parser.error(f"no --nats and no running fleet under {args.home} ({home_file} missing)")
+        import json
+
+        args.nats = json.loads(home_file.read_text())["nats_url"]
+    gpu = None
+    if args.gpu:
+        found = {g.uuid: g for g in gpus.discover()}
+        if args.gpu not in found:
+            parser.error(f"GPU {args.gpu} not found; this machine has: {', '.join(found) or 'none'}")
+        gpu = found[args.gpu]
+    worker = Worker(
+        args.id or default_id(gpu, args.index), args.nats, args.home, gpu, heartbeat_s=args.heartbeat,
+        threads=args.threads,
+    )  # fmt: skip
+    try:
+        anyio.run(_run_until_signal, worker)
+    except NatsServerError as e:
+        print(f"fleet-worker: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run_until_signal(worker) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    import anyio
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                tg.cancel_scope.cancel()
+                return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Messages between a worker and its task's child process: one msgspec JSON line each, over pipes.
+
+The child writes on a private copy of its stdout (what the task itself prints goes to stderr, which
+the worker forwards as log lines); the worker writes one `Run` line on the child's stdin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+from schemas.messages import Assignment, FailureReason, Series
+
+
+class Run(Struct, frozen=True, kw_only=True):
+    assignment: Assignment
+    out_dir: str
+    cache_dir: str
+    device: str
+    worker: str
+
+
+class Ready(Struct, frozen=True, tag="ready"):
+    pid: int
+
+
+class MetricBatch(Struct, frozen=True, tag="metrics"):
+    series: dict[str, Series]
+
+
+class ProgressMsg(Struct, frozen=True, tag="progress"):
+    stage: str
+    done: int
+    total: int
+
+
+class ScoresMsg(Struct, frozen=True, tag="scores"):
+    example_id: list[str]
+    arm: list[str]
+    seed: list[int]
+    metric: list[str]
+    value: list[float]
+
+
+class ArtifactMsg(Struct, frozen=True, tag="artifact"):
+    path: str
+    kind: str
+    sha256: str
+    bytes: int
+
+
+class Result(Struct, frozen=True, tag="result"):
+    result: dict[str, Any]
+
+
+class Error(Struct, frozen=True, tag="error"):
+    reason: FailureReason
+    error: str
+
+
+ChildMsg = Ready | MetricBatch | ProgressMsg | ScoresMsg | ArtifactMsg | Result | Error
+decoder = msgspec.json.Decoder(ChildMsg)
+encoder = msgspec.json.Encoder()

@@ -1,0 +1,255 @@
+"""The worker: one process per GPU (or a CPU worker), pulling its assignments from `fleet.task.<id>`.
+
+Order of duties for one task: fetch -> heartbeat says "running task:attempt" -> child process runs it
+-> every event goes out through an ordered outbox (JetStream publish, retried with the same Msg-Id
+until the server has it) -> the final event is stored -> only then the assignment is acked.
+A redelivered assignment means this worker restarted mid-task: it reports an infrastructure failure
+instead of running a second copy; the coordinator retries with a new attempt number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import anyio
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+
+from fleetd import bus
+from schemas import messages as m
+from schemas.messages import GpuInfo
+from workers import gpus
+from workers import protocol as p
+from workers.supervisor import Supervisor, child_env
+
+log = structlog.get_logger("fleet.worker")
+
+
+def default_id(gpu: GpuInfo | None, index: int = 0) -> str:
+    host = socket.gethostname().split(".")[0].replace("*", "-").replace(">", "-") or "host"
+    return f"{host}-{gpu.uuid.removeprefix('GPU-')[:8]}" if gpu else f"{host}-cpu{index}"
+
+
+class Worker:
+    def __init__(
+        self,
+        worker_id: str,
+        url: str,
+        home: Path,
+        gpu: GpuInfo | None = None,
+        *,
+        heartbeat_s: float = 1.0,
+        cancel_grace_s: float = 5.0,
+        threads: int | None = None,
+    ) -> None:
+        m.subject_token(worker_id)
+        self.id, self.url, self.home, self.gpu = worker_id, url, home, gpu
+        self.heartbeat_s = heartbeat_s
+        env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu.uuid  # inside the task, cuda:0 is this GPU
+        self.supervisor = Supervisor(child_env(threads, env), cancel_grace_s)
+        self.running: str | None = None
+        self.cancels: dict[tuple[str, int], anyio.Event] = {}
+        self.outbox: asyncio.Queue[m.Event] = asyncio.Queue()
+        self._beat_now = anyio.Event()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self.nc = await bus.connect(self.url, f"worker-{self.id}")
+        self.js = self.nc.jetstream(timeout=5)
+        await bus.ensure_streams(self.js)
+        self.kv = await bus.workers_kv(self.js)
+        self.sub = await self.js.pull_subscribe(
+            bus.task_subject(self.id),
+            durable=self.id,
+            stream=bus.TASKS_STREAM,
+            config=bus.worker_consumer(self.id),
+        )
+        await self.nc.subscribe(bus.cmd_subject(self.id), cb=self._on_command)
+        await self.supervisor.warm()
+        log.info("worker_ready", worker=self.id, gpu=self.gpu.uuid if self.gpu else "cpu")
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(self._outbox_loop)
+                tg.start_soon(self._task_loop)
+                task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.supervisor.close()
+                with contextlib.suppress(Exception):
+                    await self.kv.delete(f"worker.{self.id}")
+                await self.nc.drain()
+
+    # ---- heartbeats ----------------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            gpu = self.gpu
+            if gpu is not None:
+                with contextlib.suppress(Exception):
+                    gpu = await anyio.to_thread.run_sync(gpus.query, gpu.uuid)
+            hb = m.Heartbeat(
+                worker=self.id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                gpu=gpu,
+                running=self.running,
+                ts=time.time(),
+            )
+            try:
+                await self.kv.put(f"worker.{self.id}", m.encode(hb))
+            except (nats.errors.Error, TimeoutError, OSError) as e:
+                log.debug("heartbeat_failed", error=repr(e))
+            with anyio.move_on_after(self.heartbeat_s):
+                await self._beat_now.wait()
+            self._beat_now = anyio.Event()
+
+    def _set_running(self, value: str | None) -> None:
+        self.running = value
+        self._beat_now.set()
+
+    # ---- outbox: events in order, each stored before the next ------------------------------------------------
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            ev = await self.outbox.get()
+            data, subject = m.encode(ev), m.event_subject(ev)
+            headers = {"Nats-Msg-Id": m.event_msg_id(ev)}
+            delay = 0.05
+            while True:
+                try:
+                    await self.js.publish(subject, data, headers=headers, timeout=5)
+                    break
+                except (nats.errors.Error, TimeoutError, OSError) as e:
+                    # A timeout does not mean "not stored" (the ghost publish): the same Msg-Id makes a retry safe.
+                    log.debug("event_publish_retry", task=ev.task_id, seq=ev.seq, error=repr(e))
+                    await anyio.sleep(delay)
+                    delay = min(2 * delay, 2.0)
+            self.outbox.task_done()
+
+    # ---- commands ------------------------------------------------------------------------------------------------
+
+    async def _on_command(self, msg: Msg) -> None:
+        try:
+            cmd = msgspec.json.decode(msg.data, type=m.Command)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            log.warning("bad_command", error=str(e))
+            await msg.respond(m.encode(m.CommandAck(False, f"malformed command: {e}")))
+            return
+        if cmd.action != "cancel":
+            await msg.respond(m.encode(m.CommandAck(False, f"{cmd.action} is not handled by this task kind")))
+            return
+        self.cancels.setdefault((cmd.task_id, cmd.attempt), anyio.Event()).set()
+        await msg.respond(m.encode(m.CommandAck(True, "cancelling")))
+
+    # ---- tasks ----------------------------------------------------------------------------------------------------
+
+    async def _task_loop(self) -> None:
+        while True:
+            try:
+                msgs = await self.sub.fetch(1, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.Error, OSError) as e:
+                log.debug("fetch_failed", error=repr(e))
+                await anyio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self._handle(msg)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            a = m.decode_assignment(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            log.warning("dead_letter", subject=msg.subject, reason=f"malformed assignment: {e}")
+            headers = {"Fleet-Reason": f"malformed assignment: {e}"[:500], "Fleet-Subject": msg.subject}
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self.js.publish("fleet.dlq.malformed", msg.data, headers=headers, timeout=5)
+            await msg.term()
+            return
+        tlog = log.bind(task=a.task_id, attempt=a.attempt, mission=a.mission_id, worker=self.id)
+        seq = 0
+
+        def event(cls: type[m._Event], **fields: object) -> None:
+            nonlocal seq
+            self.outbox.put_nowait(
+                cls(mission_id=a.mission_id, task_id=a.task_id, attempt=a.attempt, seq=seq, worker=self.id,
+                    ts=time.time(), **fields)
+            )  # fmt: skip
+            seq += 1
+
+        cancel = self.cancels.setdefault((a.task_id, a.attempt), anyio.Event())
+        if msg.metadata.num_delivered > 1:
+            tlog.warning("redelivered", delivered=msg.metadata.num_delivered)
+            event(m.Failed, reason="infra", error="the worker restarted while the task ran")
+        elif cancel.is_set():
+            event(m.Failed, reason="cancelled", error="cancelled before it started")
+        else:
+            self._set_running(f"{a.task_id}:{a.attempt}")
+            tlog.info("task_start", kind=a.kind)
+            started = time.monotonic()
+            event(m.Started, pid=os.getpid())
+
+            async def emit(item: p.ChildMsg | list[str]) -> None:
+                if isinstance(item, list):
+                    event(m.Log, lines=item)
+                elif isinstance(item, p.MetricBatch):
+                    event(m.Metrics, series=item.series)
+                elif isinstance(item, p.ProgressMsg):
+                    event(m.Progress, stage=item.stage, done=item.done, total=item.total)
+                elif isinstance(item, p.ScoresMsg):
+                    event(m.Scores, example_id=item.example_id, arm=item.arm, seed=item.seed, metric=item.metric,
+                          value=item.value)  # fmt: skip
+                elif isinstance(item, p.ArtifactMsg):
+                    event(
+                        m.Artifact,
+                        path=item.path,
+                        artifact_kind=item.kind,
+                        sha256=item.sha256,
+                        bytes=item.bytes,
+                    )
+
+            run = p.Run(
+                assignment=a, out_dir=str(self.home / "runs" / a.task_id / f"attempt-{a.attempt}"),
+                cache_dir=str(self.home / "cache"), device="cuda" if self.gpu else "cpu", worker=self.id,
+            )  # fmt: skip
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_alive, msg)
+                outcome = await self.supervisor.run(run, emit, cancel)
+                tg.cancel_scope.cancel()
+            took = time.monotonic() - started
+            if isinstance(outcome, p.Result):
+                event(m.Finished, result=outcome.result, duration_s=took)
+            else:
+                event(m.Failed, reason=outcome.reason, error=outcome.error, duration_s=took)
+            tlog.info("task_end", outcome=type(outcome).__name__, seconds=round(took, 3))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.supervisor.warm)  # the next task's process starts while we wait for the store
+            await self.outbox.join()
+        self._set_running(None)
+        self.cancels.pop((a.task_id, a.attempt), None)
+        for _ in range(
+            20
+        ):  # a purged assignment (our lease lapsed) cannot be acked: give up, the coordinator knows
+            try:
+                await msg.ack_sync(timeout=5)
+                break
+            except nats.errors.MsgAlreadyAckdError:
+                break
+            except (nats.errors.Error, TimeoutError, OSError) as e:
+                tlog.debug("ack_retry", error=repr(e))
+                await anyio.sleep(0.5)
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await anyio.sleep(10)
+            with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
+                await msg.in_progress()
