@@ -51,7 +51,7 @@ async def connect(url: str, name: str, **extra: Any) -> Client:
         log.warning("nats_error", client=name, error=repr(e))
 
     async def disconnected_cb() -> None:
-        log.warning("nats_disconnected", client=name)
+        log.info("nats_disconnected", client=name)
 
     async def reconnected_cb() -> None:
         log.info("nats_reconnected", client=name)

@@ -70,6 +70,8 @@ def load(path: Path | None = None, env: dict[str, str] | None = None, **flags: A
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{candidate}: {e}") from None
     raw["home"] = home if (flags.get("home") or env.get("FLEET_HOME") or "home" not in raw) else raw["home"]
+    if "FLEET_MISSIONS_DIR" in env:
+        raw["missions_dir"] = env["FLEET_MISSIONS_DIR"]
     for section, cls in (
         ("nats", NatsConfig),
         ("scheduler", SchedulerConfig),

@@ -266,7 +266,7 @@ class Coordinator:
             await msg.ack()
 
     async def dead_letter(self, msg: Msg, reason: str) -> None:
-        """Log, keep the raw bytes on FLEET_DLQ and in dead_letters, then ack: never a crash, nothing lost."""
+        """Log, keep the raw bytes on FLEET_DLQ and in dead_letters (the caller acks): never a crash."""
         log.warning("dead_letter", subject=msg.subject, reason=reason, bytes=len(msg.data))
         meta = msg.metadata if msg.reply else None
         msg_id = f"dlq:{msg.subject}:{meta.sequence.stream if meta else secrets.token_hex(6)}"
@@ -274,8 +274,6 @@ class Coordinator:
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self.js.publish("fleet.dlq.malformed", msg.data, headers=headers, timeout=5)
         await self.write(self.store.dead_letter, msg.subject, reason, msg.data)
-        if msg.reply:
-            await msg.ack()
 
     # ---- workers and leases ---------------------------------------------------------------------------------------
 

@@ -240,11 +240,11 @@ class Scheduler:
             if task.state not in ACTIVE or task.worker is None:
                 continue
             view = self.workers.get(task.worker)
-            if view is not None and view.hb.running == f"{task.task_id}:{task.attempt}":
-                task.since = max(task.since, view.seen)
-                continue
             if not self.alive(task.worker, now):
                 why = f"worker {task.worker} lease lapsed (no heartbeat for {self.config.lease_s:g} s)"
+            elif view is not None and view.hb.running == f"{task.task_id}:{task.attempt}":
+                task.since = max(task.since, view.seen)
+                continue
             elif (
                 now - task.since > self.config.assign_grace_s and view is not None and view.seen > task.since
             ):

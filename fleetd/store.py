@@ -95,8 +95,8 @@ class Store:
     def migrate(self) -> None:
         con = self.con
         con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
-        row = con.execute("SELECT max(version) FROM schema_version").fetchone()
-        current = (row[0] if row else None) or 0
+        # fetchall, not fetchone: DuckDB refuses further work on a connection with an unfinished result
+        current = con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0] or 0
         for number, sql in enumerate(MIGRATIONS[current:], start=current + 1):
             con.execute("BEGIN")
             con.execute(sql)

@@ -163,22 +163,21 @@ def apply_override(raw: dict[str, Any], dotted: str, value: Any, file: str = "<o
     """`stages.crash.params.fail_attempts = 9`: list-of-table levels (stages) are addressed by name."""
     parts = dotted.split(".")
     node: Any = raw
-    for i, part in enumerate(parts[:-1]):
+    i = 0
+    while i < len(parts) - 1:
+        part = parts[i]
         nxt = node.get(part) if isinstance(node, dict) else None
-        if isinstance(nxt, list):
+        if isinstance(nxt, list):  # a list of tables: the next part names the entry
             named = [t for t in nxt if isinstance(t, dict) and t.get("name") == parts[i + 1]]
-            if not named:
+            if not named or i + 1 == len(parts) - 1:
                 raise SpecError(file, dotted, f"no {part} entry named {parts[i + 1]!r}")
-            node = named[0]
-            parts[i + 1] = ""  # consumed as a name
+            node, i = named[0], i + 2
             continue
-        if part == "":
-            continue
-        if nxt is None:
-            nxt = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if nxt is None and isinstance(node, dict):
+            nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
             raise SpecError(file, dotted, f"{part!r} is not a table")
-        node = nxt
+        node, i = nxt, i + 1
     node[parts[-1]] = value
 
 
@@ -260,7 +259,7 @@ def _check(spec: MissionSpec, file: str, stem: str) -> None:
 
 def profile_of(spec: MissionSpec, profile: str | None) -> tuple[str, Profile]:
     name = profile or spec.default_profile
-    if not spec.profiles and profile is None:
+    if not spec.profiles and name == spec.default_profile:
         return name, Profile()
     if name not in spec.profiles:
         raise SpecError(spec.name, "profile", f"unknown profile {name!r}; profiles: {sorted(spec.profiles)}")

@@ -1,0 +1,164 @@
+"""Real parts for fleet tests: nats-server processes (random ports, temp stores), fleetd and workers as
+subprocesses exactly as systemd would run them, and a control-API client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from fleetd.client import FleetClient
+from fleetd.natsserver import NatsServer
+from schemas import messages as m
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = {  # short leases so a lost worker is noticed in seconds, not the production 10 s
+    "FLEET_SCHEDULER_LEASE_S": "3",
+    "FLEET_SCHEDULER_ASSIGN_GRACE_S": "3",
+    "FLEET_SCHEDULER_HEARTBEAT_POLL_S": "0.2",
+    "FLEET_WORKER_HEARTBEAT_S": "0.5",
+}
+
+
+def call(url: str, verb: str, request: Any = None, timeout: float = 30) -> Any:
+    async def go() -> Any:
+        client = await FleetClient.connect(url)
+        try:
+            return await client.call(verb, request, timeout=timeout)
+        finally:
+            await client.close()
+
+    return anyio.run(go)
+
+
+def submit(url: str, mission: str, profile: str | None = None, **overrides: Any) -> str:
+    req = m.SubmitRequest(mission=mission, profile=profile, overrides=overrides)
+    return str(call(url, "submit", req)["mission_id"])
+
+
+def status(url: str, mission_id: str | None = None) -> dict[str, Any]:
+    return call(url, "status", m.IdRequest(id=mission_id))  # type: ignore[no-any-return]
+
+
+def sql(url: str, query: str) -> list[dict[str, Any]]:
+    out = call(url, "sql", m.SqlRequest(query=query))
+    return [dict(zip(out["columns"], row, strict=True)) for row in out["rows"]]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = pred()
+        except Exception:  # the fleet may be restarting: keep asking
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_mission(url: str, mission_id: str, timeout: float = 120) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        st = status(url, mission_id)
+        return st if st["missions"][0]["state"] in ("succeeded", "failed", "cancelled") else None
+
+    return wait_for(done, timeout, f"mission {mission_id} to end")  # type: ignore[no-any-return]
+
+
+class Fleet:
+    """One fleet home with its processes; everything is stopped at teardown."""
+
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.home = home
+        self.env = {**os.environ, **FAST, **env, "FLEET_HOME": str(home)}
+        self.server = NatsServer(home / "nats-test")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.fleetd: subprocess.Popen[bytes] | None = None
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def spawn(self, *args: str, log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        out = (self.home / f"{log}.out").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start_fleetd(self) -> None:
+        self.fleetd = self.spawn("-m", "fleetd", "--home", str(self.home), "run", "--nats", self.url, log="fleetd")
+        wait_for(lambda: call(self.url, "workers", timeout=1) is not None, 30, "fleetd to answer")
+
+    def start_worker(self, worker_id: str, gpu: str | None = None, env: dict[str, str] | None = None) -> None:
+        which = ["--gpu", gpu] if gpu else ["--cpu"]
+        self.workers[worker_id] = self.spawn(
+            "-m", "workers", *which, "--id", worker_id, "--nats", self.url, "--home", str(self.home),
+            "--threads", "1", log=f"worker-{worker_id}", env=env,
+        )  # fmt: skip
+
+    def wait_workers(self, n: int) -> None:
+        wait_for(lambda: sum(w["alive"] for w in call(self.url, "workers", timeout=2)) >= n, 60, f"{n} workers")
+
+    def kill9(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.kill()
+        proc.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.home.glob("*.out")))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.server.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    f = Fleet(tmp_path / "home", {})
+    f.home.mkdir()
+    f.server.start()
+    try:
+        yield f
+    finally:
+        f.stop()
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            print(f.logs())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    rep = yield
+    if rep.when == "call":
+        item.rep_call = rep  # type: ignore[attr-defined]
+    return rep
+
+
+def mission_dir(tmp_path: Path, name: str, text: str) -> Path:
+    d = tmp_path / "missions"
+    d.mkdir(exist_ok=True)
+    (d / f"{name}.toml").write_text(text)
+    return d
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
