@@ -1,8 +1,7 @@
 # The one entry point for humans and CI. `make test` and `make run` bootstrap .venv first.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed-stamp
-SEEDS   ?= 1 2 3
-RUN_OUT ?= .fleet/runs/validate-smoke
+CPU_WORKERS ?= 2
 
 .PHONY: test run bench lint clean
 
@@ -17,8 +16,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The whole fleet on this machine: nats-server, fleetd and CPU workers; runs the demo mission at the
+# smoke profile, prints the stats engine's decision per gate, and serves until Ctrl-C.
 run: $(STAMP)
-	$(PY) -m bem validate --profile smoke --seed $(SEEDS) --out $(RUN_OUT)
+	$(PY) -m fleetd up --demo --cpu-workers $(CPU_WORKERS)
 
 bench: $(STAMP)
 	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
@@ -26,7 +27,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy bem stats
+	$(PY) -m mypy bem stats schemas fleetd workers
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

@@ -66,7 +66,7 @@ async def coordinator(cfg: config.FleetConfig, url: str) -> AsyncIterator[Coordi
         yield Coordinator(cfg, store, nc, js, kv)
     finally:
         with anyio.CancelScope(shield=True):
-            await nc.drain()
+            await nc.close()
             store.close()
 
 

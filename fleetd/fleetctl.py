@@ -13,7 +13,8 @@ import anyio
 from rich.console import Console
 from rich.table import Table
 
-from fleetd import logs, render
+from fleetd import logs as log_setup
+from fleetd import render
 from fleetd.client import FleetClient, FleetError, find_url
 from schemas import messages as m
 
@@ -65,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logs.configure(level="error")  # reconnect chatter is not for a CLI's user; errors go to stderr
+    log_setup.configure(level="error")  # reconnect chatter is not for a CLI's user; errors go to stderr
     console = Console()
     try:
         return anyio.run(_main, args, console)

@@ -86,7 +86,7 @@ class Worker:
                 await self.supervisor.close()
                 with contextlib.suppress(Exception):
                     await self.kv.delete(f"worker.{self.id}")
-                await self.nc.drain()
+                await self.nc.close()
 
     # ---- heartbeats ----------------------------------------------------------------------------------------
 
