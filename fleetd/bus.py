@@ -119,7 +119,7 @@ async def workers_kv(js: JetStreamContext, ttl_s: float = 300.0) -> KeyValue:
 
 
 def worker_consumer(worker: str, *, ack_wait: float = 30.0) -> ConsumerConfig:
-    """The one durable pull consumer on fleet.task.<worker>: one task in flight, redelivery marks a restart."""
+    """The one durable pull consumer on fleet.task.<worker>: one task in flight; a redelivery = a restart."""
     return ConsumerConfig(
         durable_name=worker,
         filter_subject=task_subject(worker),

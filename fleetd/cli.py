@@ -38,7 +38,7 @@ class HomeBusy(RuntimeError):
 
 
 def lock_home(home: Path) -> IO[str]:
-    """One fleet per home: an exclusive flock held for the process's life (released by the kernel on kill -9)."""
+    """One fleet per home: an exclusive flock for the process's life (the kernel releases it on kill -9)."""
     home.mkdir(parents=True, exist_ok=True)
     f = (home / "fleetd.lock").open("a+")
     try:
@@ -96,7 +96,7 @@ async def run_cmd(cfg: config.FleetConfig) -> int:
 
 
 class WorkerProcs:
-    """The worker children of `fleetd up`, restarted when they exit (as systemd's Restart=on-failure would)."""
+    """The worker children of `fleetd up`, restarted when they exit (as Restart=on-failure would)."""
 
     def __init__(
         self, home: Path, url: str, specs: list[tuple[str, str | None]], threads: int | None
@@ -105,8 +105,19 @@ class WorkerProcs:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, worker_id: str, gpu: str | None) -> None:
-        cmd = [sys.executable, "-m", "workers", "--id", worker_id, "--nats", self.url, "--home", str(self.home),
-               "--log-file", str(self.home / "logs" / f"worker-{worker_id}.log")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "workers",
+            "--id",
+            worker_id,
+            "--nats",
+            self.url,
+            "--home",
+            str(self.home),
+            "--log-file",
+            str(self.home / "logs" / f"worker-{worker_id}.log"),
+        ]
         cmd += ["--gpu", gpu] if gpu else ["--cpu"]
         if self.threads:
             cmd += ["--threads", str(self.threads)]

@@ -81,7 +81,7 @@ class Coordinator:
         self._tg: anyio.abc.TaskGroup | None = None
         self.on_commit: Callable[[list[m.Event]], None] | None = None  # benchmarks measure latency here
 
-    # ---- plumbing ------------------------------------------------------------------------------------------------
+    # ---- plumbing -------------------------------------------------------------------------------
 
     async def write(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run on the single DuckDB writer thread."""
@@ -142,7 +142,7 @@ class Coordinator:
                 await self.persist(ch)
             return out
 
-    # ---- lifecycle ------------------------------------------------------------------------------------------------
+    # ---- lifecycle ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self.load()
@@ -187,7 +187,7 @@ class Coordinator:
             assert self._tg is not None
             self._tg.start_soon(self.judge_mission, mid)
 
-    # ---- bus effects ---------------------------------------------------------------------------------------------
+    # ---- bus effects ----------------------------------------------------------------------------
 
     async def dispatch_loop(self) -> None:
         """Apply bus effects in the order they were committed, retrying until the server has each."""
@@ -223,7 +223,7 @@ class Coordinator:
                 "command_sent", worker=effect.worker, action=effect.command.action, reply=reply.data.decode()
             )
 
-    # ---- recorder ------------------------------------------------------------------------------------------------
+    # ---- recorder -------------------------------------------------------------------------------
 
     async def recorder_loop(self) -> None:
         sub = await self.js.pull_subscribe(
@@ -275,7 +275,7 @@ class Coordinator:
             await self.js.publish("fleet.dlq.malformed", msg.data, headers=headers, timeout=5)
         await self.write(self.store.dead_letter, msg.subject, reason, msg.data)
 
-    # ---- workers and leases ---------------------------------------------------------------------------------------
+    # ---- workers and leases ---------------------------------------------------------------------
 
     async def lease_loop(self) -> None:
         last_upsert = 0.0
@@ -287,7 +287,7 @@ class Coordinator:
                 log.debug("heartbeats_unavailable", error=repr(e))
                 continue
 
-            def step(ch: Changes) -> None:
+            def step(ch: Changes, beats: list[tuple[m.Heartbeat, int]] = beats) -> None:
                 for hb, rev in beats:
                     self.sched.heartbeat(hb, rev)
                 if self.caught_up.is_set():  # judge leases only once the backlog is in
@@ -297,11 +297,16 @@ class Coordinator:
             if time.monotonic() - last_upsert > 5:
                 last_upsert = time.monotonic()
                 rows = [
-                    {"worker": hb.worker, "host": hb.host, "gpu_uuid": hb.gpu.uuid if hb.gpu else None,
-                     "gpu_name": hb.gpu.name if hb.gpu else "cpu", "total_bytes": hb.gpu.total_bytes if hb.gpu else 0,
-                     "seen": hb.ts}
+                    {
+                        "worker": hb.worker,
+                        "host": hb.host,
+                        "gpu_uuid": hb.gpu.uuid if hb.gpu else None,
+                        "gpu_name": hb.gpu.name if hb.gpu else "cpu",
+                        "total_bytes": hb.gpu.total_bytes if hb.gpu else 0,
+                        "seen": hb.ts,
+                    }
                     for hb, _ in beats
-                ]  # fmt: skip
+                ]
                 async with self.lock:
                     await self.write(self.store.upsert_workers, rows)
 
@@ -323,7 +328,7 @@ class Coordinator:
                     log.warning("bad_heartbeat", key=key, error=str(e))
         return out
 
-    # ---- stats service ---------------------------------------------------------------------------------------------
+    # ---- stats service --------------------------------------------------------------------------
 
     async def judge_mission(self, mission_id: str) -> None:
         gates = self.gates.get(mission_id)
@@ -350,7 +355,7 @@ class Coordinator:
             await self.persist(ch, decisions=(mission_id, rows))
         log.info("mission_finished", mission=mission_id, state=mission.state, verdict=fields.get("verdict"))
 
-    # ---- control API -------------------------------------------------------------------------------------------------
+    # ---- control API ----------------------------------------------------------------------------
 
     async def _on_control(self, msg: Msg) -> None:
         assert self._tg is not None
@@ -393,10 +398,17 @@ class Coordinator:
         plans = specs.expand(spec, profile, mission_id)
         tasks = [Task.from_plan(mission_id, p, i) for i, p in enumerate(plans)]
         row = {
-            "mission_id": mission_id, "name": spec.name, "profile": profile, "state": "running", "verdict": None,
-            "reason": None, "spec": msgspec.json.encode(spec).decode(), "overrides": json.dumps(req.overrides),
-            "submitted_at": time.time(), "finished_at": None,
-        }  # fmt: skip
+            "mission_id": mission_id,
+            "name": spec.name,
+            "profile": profile,
+            "state": "running",
+            "verdict": None,
+            "reason": None,
+            "spec": msgspec.json.encode(spec).decode(),
+            "overrides": json.dumps(req.overrides),
+            "submitted_at": time.time(),
+            "finished_at": None,
+        }
 
         def add(ch: Changes) -> None:
             if spec.gates is not None:
@@ -419,8 +431,11 @@ class Coordinator:
 
     async def ctl_status(self, data: bytes) -> dict[str, Any]:
         req = msgspec.json.decode(data, type=m.IdRequest) if data else m.IdRequest()
-        missions = await self.read(self.store.query, "SELECT mission_id, name, profile, state, verdict, reason, "
-                                   "submitted_at, finished_at FROM missions ORDER BY submitted_at")  # fmt: skip
+        missions = await self.read(
+            self.store.query,
+            "SELECT mission_id, name, profile, state, verdict, reason, "
+            "submitted_at, finished_at FROM missions ORDER BY submitted_at",
+        )
         if req.id is not None:
             missions = [r for r in missions if r["mission_id"] == req.id]
             if not missions:
@@ -433,12 +448,20 @@ class Coordinator:
             r["tasks"] = counts
         shown = {r["mission_id"] for r in missions}
         tasks = [
-            {"task_id": t.task_id, "mission_id": t.mission_id, "stage": t.stage, "state": t.state,
-             "pending_reason": t.pending_reason, "attempt": t.attempt, "worker": t.worker, "error": t.error,
-             "vram_gb": t.vram_gb}
+            {
+                "task_id": t.task_id,
+                "mission_id": t.mission_id,
+                "stage": t.stage,
+                "state": t.state,
+                "pending_reason": t.pending_reason,
+                "attempt": t.attempt,
+                "worker": t.worker,
+                "error": t.error,
+                "vram_gb": t.vram_gb,
+            }
             for t in sorted(self.sched.tasks.values(), key=lambda t: t.order)
             if t.mission_id in shown and (req.id is not None or t.state not in TERMINAL)
-        ]  # fmt: skip
+        ]
         out: dict[str, Any] = {"missions": missions, "tasks": tasks, "workers": self.workers_view()}
         if req.id is not None:
             out["decisions"] = await self.read(
@@ -454,18 +477,29 @@ class Coordinator:
         for w, view in sorted(self.sched.workers.items()):
             gpu = view.hb.gpu
             out.append(
-                {"worker": w, "host": view.hb.host, "alive": self.sched.alive(w, now), "age_s": round(now - view.seen, 1),
-                 "running": view.hb.running, "gpu_uuid": gpu.uuid if gpu else None, "gpu_name": gpu.name if gpu else "cpu",
-                 "total_bytes": gpu.total_bytes if gpu else 0, "free_bytes": gpu.free_bytes if gpu else 0}
-            )  # fmt: skip
+                {
+                    "worker": w,
+                    "host": view.hb.host,
+                    "alive": self.sched.alive(w, now),
+                    "age_s": round(now - view.seen, 1),
+                    "running": view.hb.running,
+                    "gpu_uuid": gpu.uuid if gpu else None,
+                    "gpu_name": gpu.name if gpu else "cpu",
+                    "total_bytes": gpu.total_bytes if gpu else 0,
+                    "free_bytes": gpu.free_bytes if gpu else 0,
+                }
+            )
         return out
 
     async def ctl_workers(self, data: bytes) -> list[dict[str, Any]]:
         return self.workers_view()
 
     async def ctl_missions(self, data: bytes) -> dict[str, Any]:
-        runs = await self.read(self.store.query, "SELECT mission_id, name, profile, state, verdict, submitted_at "
-                               "FROM missions ORDER BY submitted_at")  # fmt: skip
+        runs = await self.read(
+            self.store.query,
+            "SELECT mission_id, name, profile, state, verdict, submitted_at "
+            "FROM missions ORDER BY submitted_at",
+        )
         catalogue = []
         for name in specs.available(self.missions_dir):
             try:

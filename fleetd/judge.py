@@ -32,9 +32,15 @@ def gate_spec(gates: Gates, file: str = "<spec>") -> GateSpec:
             raise SpecError(file, f"gates.guards[{i}]", str(e)) from None
     try:
         return GateSpec(
-            claims, tuple(guards), q=gates.q, fdr=gates.fdr, rule=gates.rule, n_resamples=gates.n_resamples,
-            level=gates.level, seed=gates.seed,
-        )  # fmt: skip
+            claims,
+            tuple(guards),
+            q=gates.q,
+            fdr=gates.fdr,
+            rule=gates.rule,
+            n_resamples=gates.n_resamples,
+            level=gates.level,
+            seed=gates.seed,
+        )
     except ValueError as e:
         raise SpecError(file, "gates", str(e)) from None
 
@@ -65,7 +71,7 @@ def decision_rows(mission_id: str, verdict: Verdict, level: float) -> list[dict[
             "seeds_positive": d.seeds_positive,
             "reason": d.reason,
             "decided_at": now,
-        }  # fmt: skip
+        }
         for d in verdict.decisions
     ]
     rows.append(
@@ -88,6 +94,6 @@ def decision_rows(mission_id: str, verdict: Verdict, level: float) -> list[dict[
             "seeds_positive": None,
             "reason": verdict.reason,
             "decided_at": now,
-        }  # fmt: skip
+        }
     )
     return rows

@@ -6,6 +6,7 @@ and reads them back from the ports file; a restart reuses the same port so clien
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import shutil
@@ -39,11 +40,9 @@ def find_binary() -> Path:
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the parent dies, so kill -9 of fleetd leaves no orphan."""
-    try:
+    """Runs in the child before exec: SIGKILL when the parent dies, so kill -9 of fleetd leaves no orphan."""
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class NatsServer:
@@ -68,9 +67,21 @@ class NatsServer:
         for stale in ports_dir.glob("*.ports"):
             stale.unlink()
         cmd = [
-            str(find_binary()), "-js", "-a", self.host, "-p", str(self.port), "-m", str(self.monitor_port),
-            "-sd", str(self.store_dir / "jetstream"), "--ports_file_dir", str(ports_dir), "-l", str(self.log_file),
-        ]  # fmt: skip
+            str(find_binary()),
+            "-js",
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.monitor_port),
+            "-sd",
+            str(self.store_dir / "jetstream"),
+            "--ports_file_dir",
+            str(ports_dir),
+            "-l",
+            str(self.log_file),
+        ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout

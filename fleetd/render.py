@@ -21,9 +21,16 @@ def _fmt(x: Any, spec: str = "+.4f") -> str:
 
 def decisions_table(mission: dict[str, Any], decisions: list[dict[str, Any]]) -> Table:
     t = Table(title=f"{mission['mission_id']}: verdict {mission.get('verdict') or '-'}", title_justify="left")
-    for col, kw in (("gate", {}), ("kind", {}), ("comparison", {}), ("estimate", {"justify": "right"}),
-                    ("interval", {"justify": "right"}), ("p_adj", {"justify": "right"}), ("outcome", {}),
-                    ("reason", {"overflow": "fold"})):  # fmt: skip
+    for col, kw in (
+        ("gate", {}),
+        ("kind", {}),
+        ("comparison", {}),
+        ("estimate", {"justify": "right"}),
+        ("interval", {"justify": "right"}),
+        ("p_adj", {"justify": "right"}),
+        ("outcome", {}),
+        ("reason", {"overflow": "fold"}),
+    ):
         t.add_column(col, **kw)
     for d in decisions:
         if d["kind"] == "verdict":
@@ -31,9 +38,15 @@ def decisions_table(mission: dict[str, Any], decisions: list[dict[str, Any]]) ->
         style = {"pass": "green", "fail": "red"}.get(d["outcome"], "yellow")
         interval = "" if d["ci_low"] is None else f"[{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]"
         t.add_row(
-            d["gate"], d["kind"], d["comparison"] or "", _fmt(d["estimate"]), interval, _fmt(d["p_adj"], ".4f"),
-            f"[{style}]{d['outcome']}[/]", d["reason"] or "",
-        )  # fmt: skip
+            d["gate"],
+            d["kind"],
+            d["comparison"] or "",
+            _fmt(d["estimate"]),
+            interval,
+            _fmt(d["p_adj"], ".4f"),
+            f"[{style}]{d['outcome']}[/]",
+            d["reason"] or "",
+        )
     return t
 
 
@@ -80,9 +93,14 @@ async def follow(
     """Progress bars per stage until the mission ends; returns its final status."""
     started = time.monotonic()
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-        TimeElapsedColumn(), console=console, transient=False,
-    ) as bars:  # fmt: skip
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bars:
         ids: dict[str, Any] = {}
         while True:
             st = await client.status(mission_id)

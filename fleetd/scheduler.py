@@ -52,24 +52,51 @@ class Task:
 
     def row(self) -> dict[str, Any]:
         return {
-            "task_id": self.task_id, "mission_id": self.mission_id, "name": self.name, "stage": self.stage,
-            "kind": self.kind, "arm": self.arm, "seed": self.seed, "params": self.params, "deps": self.deps,
-            "vram_gb": self.vram_gb, "gpu_class": self.gpu_class, "timeout_s": self.timeout_s,
-            "max_attempts": self.max_attempts, "max_infra_attempts": self.max_infra_attempts,
-            "state": self.state, "pending_reason": self.pending_reason, "attempt": self.attempt,
-            "task_failures": self.task_failures, "infra_failures": self.infra_failures, "worker": self.worker,
-            "error": self.error, "excluded_workers": json.dumps(self.excluded_workers), "created_at": time.time(),
-        }  # fmt: skip
+            "task_id": self.task_id,
+            "mission_id": self.mission_id,
+            "name": self.name,
+            "stage": self.stage,
+            "kind": self.kind,
+            "arm": self.arm,
+            "seed": self.seed,
+            "params": self.params,
+            "deps": self.deps,
+            "vram_gb": self.vram_gb,
+            "gpu_class": self.gpu_class,
+            "timeout_s": self.timeout_s,
+            "max_attempts": self.max_attempts,
+            "max_infra_attempts": self.max_infra_attempts,
+            "state": self.state,
+            "pending_reason": self.pending_reason,
+            "attempt": self.attempt,
+            "task_failures": self.task_failures,
+            "infra_failures": self.infra_failures,
+            "worker": self.worker,
+            "error": self.error,
+            "excluded_workers": json.dumps(self.excluded_workers),
+            "created_at": time.time(),
+        }
 
     @classmethod
     def from_plan(cls, mission_id: str, plan: TaskPlan, order: int) -> Task:
         return cls(
-            task_id=plan.task_id, mission_id=mission_id, name=plan.name, stage=plan.stage, kind=plan.kind,
-            params=plan.params, deps=list(plan.deps), vram_gb=plan.vram_gb, gpu_class=plan.gpu_class,
-            timeout_s=plan.timeout_s, max_attempts=plan.max_attempts,
-            max_infra_attempts=plan.max_infra_attempts, arm=plan.arm, seed=plan.seed, order=order,
+            task_id=plan.task_id,
+            mission_id=mission_id,
+            name=plan.name,
+            stage=plan.stage,
+            kind=plan.kind,
+            params=plan.params,
+            deps=list(plan.deps),
+            vram_gb=plan.vram_gb,
+            gpu_class=plan.gpu_class,
+            timeout_s=plan.timeout_s,
+            max_attempts=plan.max_attempts,
+            max_infra_attempts=plan.max_infra_attempts,
+            arm=plan.arm,
+            seed=plan.seed,
+            order=order,
             pending_reason="waiting_for_deps" if plan.deps else None,
-        )  # fmt: skip
+        )
 
     @classmethod
     def from_row(cls, row: dict[str, Any], order: int) -> Task:
@@ -81,10 +108,14 @@ class Task:
 
     def assignment(self) -> Assignment:
         return Assignment(
-            task_id=self.task_id, mission_id=self.mission_id, kind=self.kind, params=self.params,
-            attempt=self.attempt, timeout_s=self.timeout_s,
+            task_id=self.task_id,
+            mission_id=self.mission_id,
+            kind=self.kind,
+            params=self.params,
+            attempt=self.attempt,
+            timeout_s=self.timeout_s,
             resources=Resources(vram_gb=self.vram_gb, gpu_class=self.gpu_class),
-        )  # fmt: skip
+        )
 
 
 @dataclass
@@ -138,7 +169,7 @@ class Scheduler:
         self.workers: dict[str, WorkerView] = {}
         self._order = 0
 
-    # ---- loading --------------------------------------------------------------------------------------------
+    # ---- loading --------------------------------------------------------------------------------
 
     def add_mission(self, mission: Mission, tasks: list[Task]) -> None:
         self.missions[mission.mission_id] = mission
@@ -148,7 +179,7 @@ class Scheduler:
             self.tasks[t.task_id] = t
             mission.task_ids.append(t.task_id)
 
-    # ---- events ------------------------------------------------------------------------------------------
+    # ---- events ---------------------------------------------------------------------------------
 
     def on_event(self, ev: Started | Finished | Failed, ch: Changes) -> None:
         task = self.tasks.get(ev.task_id)
@@ -181,17 +212,27 @@ class Scheduler:
             self._after_terminal(task, ch)
         elif used < budget:
             excluded = (
-                task.excluded_workers + [worker] if reason == "oom" and worker else task.excluded_workers
+                [*task.excluded_workers, worker] if reason == "oom" and worker else task.excluded_workers
             )
             ch.touch(
-                task, **{counter: used}, state="pending", attempt=task.attempt + 1, worker=None, error=error,
-                pending_reason=f"retry_after_{reason}", excluded_workers=excluded,
-            )  # fmt: skip
+                task,
+                **{counter: used},
+                state="pending",
+                attempt=task.attempt + 1,
+                worker=None,
+                error=error,
+                pending_reason=f"retry_after_{reason}",
+                excluded_workers=excluded,
+            )
         else:
             ch.touch(
-                task, **{counter: used}, state="failed", error=f"{reason}: {error}", finished_at=now,
+                task,
+                **{counter: used},
+                state="failed",
+                error=f"{reason}: {error}",
+                finished_at=now,
                 pending_reason=None,
-            )  # fmt: skip
+            )
             ch.dead.append((task, f"{counter} {used}/{budget}; last: {reason}: {error}"))
             self._after_terminal(task, ch)
 
@@ -201,9 +242,11 @@ class Scheduler:
             for other in self.tasks.values():
                 if task.task_id in other.deps and other.state == "pending":
                     ch.touch(
-                        other, state="cancelled", error=f"dependency {task.task_id} {task.state}",
+                        other,
+                        state="cancelled",
+                        error=f"dependency {task.task_id} {task.state}",
                         pending_reason=None,
-                    )  # fmt: skip
+                    )
                     self._after_terminal(other, ch)
         mission = self.missions.get(task.mission_id)
         if mission is None or mission.state != "running":
@@ -221,7 +264,7 @@ class Scheduler:
         mission.state = "succeeded" if ok else "failed"
         ch.missions[mission.mission_id] = {"state": mission.state, "finished_at": time.time(), **fields}
 
-    # ---- workers -------------------------------------------------------------------------------------------
+    # ---- workers --------------------------------------------------------------------------------
 
     def heartbeat(self, hb: Heartbeat, revision: int) -> None:
         view = self.workers.get(hb.worker)
@@ -254,7 +297,7 @@ class Scheduler:
             ch.purge.add(task.worker)
             self._fail(task, "infra", why, ch, worker=task.worker)
 
-    # ---- placement -------------------------------------------------------------------------------------------
+    # ---- placement ------------------------------------------------------------------------------
 
     def place(self, ch: Changes) -> None:
         now = time.monotonic()
@@ -317,7 +360,7 @@ class Scheduler:
             return None, f"waiting_for_gpu need={task.vram_gb:g}G no_gpu_workers"
         return None, f"waiting_for_gpu_memory need={task.vram_gb:g}G best_free={max(frees) / GB:.0f}G"
 
-    # ---- cancellation ------------------------------------------------------------------------------------------
+    # ---- cancellation ---------------------------------------------------------------------------
 
     def cancel(self, target: str, ch: Changes) -> list[str]:
         """Cancel a mission (every unfinished task) or one task; returns the task ids cancelled."""

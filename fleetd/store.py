@@ -63,9 +63,18 @@ MIGRATIONS: list[str] = [
 ]
 
 TABLES = (
-    "missions", "tasks", "task_attempts", "events", "metrics", "example_scores", "logs", "artifacts",
-    "decisions", "workers", "dead_letters",
-)  # fmt: skip
+    "missions",
+    "tasks",
+    "task_attempts",
+    "events",
+    "metrics",
+    "example_scores",
+    "logs",
+    "artifacts",
+    "decisions",
+    "workers",
+    "dead_letters",
+)
 READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
@@ -103,7 +112,7 @@ class Store:
             con.execute("INSERT INTO schema_version VALUES (?)", [number])
             con.execute("COMMIT")
 
-    # ---- writes (writer thread only) -------------------------------------------------------------------
+    # ---- writes (writer thread only) ------------------------------------------------------------
 
     def insert_mission(self, mission: dict[str, Any], tasks: Sequence[dict[str, Any]]) -> None:
         con = self.con
@@ -177,7 +186,8 @@ class Store:
         con.register("_batch", table)
         try:
             inserted = con.execute(
-                "INSERT INTO events SELECT * FROM _batch ON CONFLICT DO NOTHING RETURNING task_id, attempt, seq"
+                "INSERT INTO events SELECT * FROM _batch ON CONFLICT DO NOTHING "
+                "RETURNING task_id, attempt, seq"
             ).fetchall()
         finally:
             con.unregister("_batch")
@@ -191,11 +201,15 @@ class Store:
             if isinstance(ev, Scores) and current_attempt.get(ev.task_id, ev.attempt) == ev.attempt:
                 n = len(ev.value)
                 cols = {
-                    "mission_id": [ev.mission_id] * n, "task_id": [ev.task_id] * n,
-                    "attempt": pa.array([ev.attempt] * n, pa.int32()), "arm": ev.arm,
-                    "seed": pa.array(ev.seed, pa.int32()), "example_id": ev.example_id,
-                    "metric": ev.metric, "value": pa.array(ev.value, pa.float64()),
-                }  # fmt: skip
+                    "mission_id": [ev.mission_id] * n,
+                    "task_id": [ev.task_id] * n,
+                    "attempt": pa.array([ev.attempt] * n, pa.int32()),
+                    "arm": ev.arm,
+                    "seed": pa.array(ev.seed, pa.int32()),
+                    "example_id": ev.example_id,
+                    "metric": ev.metric,
+                    "value": pa.array(ev.value, pa.float64()),
+                }
                 _insert_arrow(con, "example_scores", pa.table(cols))
             elif isinstance(ev, Log) and ev.lines:
                 con.executemany(
@@ -236,9 +250,11 @@ class Store:
     def upsert_workers(self, rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:
             self.con.execute(
-                "INSERT INTO workers VALUES ($worker, $host, $gpu_uuid, $gpu_name, $total_bytes, $seen, $seen) "
+                "INSERT INTO workers "
+                "VALUES ($worker, $host, $gpu_uuid, $gpu_name, $total_bytes, $seen, $seen) "
                 "ON CONFLICT (worker) DO UPDATE SET host = excluded.host, gpu_uuid = excluded.gpu_uuid, "
-                "gpu_name = excluded.gpu_name, total_bytes = excluded.total_bytes, last_seen = excluded.last_seen",
+                "gpu_name = excluded.gpu_name, total_bytes = excluded.total_bytes, "
+                "last_seen = excluded.last_seen",
                 row,
             )
 
@@ -266,7 +282,7 @@ class Store:
             self.con.unregister("_keys")
         return {(t, a, s) for t, a, s in rows}
 
-    # ---- reads (any thread: each call takes its own cursor) ------------------------------------------------
+    # ---- reads (any thread: each call takes its own cursor) -------------------------------------
 
     def scores_frame(self, mission_id: str) -> Any:
         """The mission's per-example scores in stats.table's columns, for the gates."""

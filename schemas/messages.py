@@ -40,7 +40,7 @@ class Assignment(Struct, frozen=True, kw_only=True):
     resources: Resources = Resources()
 
 
-# ---- events: fleet.evt.<mission>.<task>.<kind> ---------------------------------------------------
+# ---- events: fleet.evt.<mission>.<task>.<kind> -------------------------------------------------
 
 
 class _Event(Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -128,7 +128,7 @@ def subject_token(s: str) -> str:
     return s
 
 
-# ---- worker heartbeats: KV bucket fleet_workers, key worker.<id> -----------------------------------
+# ---- worker heartbeats: KV bucket fleet_workers, key worker.<id> -------------------------------
 
 
 class GpuInfo(Struct, frozen=True):
@@ -149,7 +149,7 @@ class Heartbeat(Struct, frozen=True, kw_only=True):
     ts: float
 
 
-# ---- commands: fleet.cmd.<worker_id> (core request/reply) -------------------------------------------
+# ---- commands: fleet.cmd.<worker_id> (core request/reply) --------------------------------------
 
 
 class Command(Struct, frozen=True, kw_only=True):
@@ -164,7 +164,7 @@ class CommandAck(Struct, frozen=True):
     detail: str = ""
 
 
-# ---- control API: fleet.ctl.<verb> (request/reply) ----------------------------------------------------
+# ---- control API: fleet.ctl.<verb> (request/reply) ---------------------------------------------
 
 
 class SubmitRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -209,7 +209,7 @@ class Reply(Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None = None
 
 
-# ---- codecs ------------------------------------------------------------------------------------------------
+# ---- codecs ------------------------------------------------------------------------------------
 
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(Event)

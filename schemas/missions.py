@@ -121,7 +121,7 @@ class TaskPlan(Struct, frozen=True, kw_only=True):
     seed: int | None = None
 
 
-# ---- loading ------------------------------------------------------------------------------------------------
+# ---- loading -----------------------------------------------------------------------------------
 
 
 def available(directory: Path = MISSIONS_DIR) -> list[str]:
@@ -254,7 +254,7 @@ def _check(spec: MissionSpec, file: str, stem: str) -> None:
                         fail(f"gates.{kind}[{i}].{role}", f"unknown arm {arm!r}; arms are {spec.arms}")
 
 
-# ---- expansion ----------------------------------------------------------------------------------------------
+# ---- expansion ---------------------------------------------------------------------------------
 
 
 def profile_of(spec: MissionSpec, profile: str | None) -> tuple[str, Profile]:

@@ -54,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"GPU {args.gpu} not found; this machine has: {', '.join(found) or 'none'}")
         gpu = found[args.gpu]
     worker = Worker(
-        args.id or default_id(gpu, args.index), args.nats, args.home, gpu, heartbeat_s=args.heartbeat,
+        args.id or default_id(gpu, args.index),
+        args.nats,
+        args.home,
+        gpu,
+        heartbeat_s=args.heartbeat,
         threads=args.threads,
-    )  # fmt: skip
+    )
     try:
         anyio.run(_run_until_signal, worker)
     except NatsServerError as e:

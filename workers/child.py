@@ -75,10 +75,13 @@ class PipeReporter:
             chunk = rows[i : i + 5000]
             self.send(
                 p.ScoresMsg(
-                    [r.example_id for r in chunk], [r.arm for r in chunk], [r.seed for r in chunk],
-                    [r.metric for r in chunk], [float(r.value) for r in chunk],
+                    [r.example_id for r in chunk],
+                    [r.arm for r in chunk],
+                    [r.seed for r in chunk],
+                    [r.metric for r in chunk],
+                    [float(r.value) for r in chunk],
                 )
-            )  # fmt: skip
+            )
 
     def artifact(self, path: Path, kind: str) -> None:
         path = Path(path)

@@ -8,6 +8,7 @@ result is a crash, with its last log lines as the error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -48,10 +49,8 @@ class Child:
 
     def signal(self, sig: int) -> None:
         if self.proc.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
 
 
 class Supervisor:

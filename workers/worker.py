@@ -88,7 +88,7 @@ class Worker:
                     await self.kv.delete(f"worker.{self.id}")
                 await self.nc.close()
 
-    # ---- heartbeats ----------------------------------------------------------------------------------------
+    # ---- heartbeats -----------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -116,7 +116,7 @@ class Worker:
         self.running = value
         self._beat_now.set()
 
-    # ---- outbox: events in order, each stored before the next ------------------------------------------------
+    # ---- outbox: events in order, each stored before the next -----------------------------------
 
     async def _outbox_loop(self) -> None:
         while True:
@@ -129,13 +129,13 @@ class Worker:
                     await self.js.publish(subject, data, headers=headers, timeout=5)
                     break
                 except (nats.errors.Error, TimeoutError, OSError) as e:
-                    # A timeout does not mean "not stored" (the ghost publish): the same Msg-Id makes a retry safe.
+                    # A timeout is not "not stored" (the ghost publish): the same Msg-Id makes retries safe.
                     log.debug("event_publish_retry", task=ev.task_id, seq=ev.seq, error=repr(e))
                     await anyio.sleep(delay)
                     delay = min(2 * delay, 2.0)
             self.outbox.task_done()
 
-    # ---- commands ------------------------------------------------------------------------------------------------
+    # ---- commands -------------------------------------------------------------------------------
 
     async def _on_command(self, msg: Msg) -> None:
         try:
@@ -150,7 +150,7 @@ class Worker:
         self.cancels.setdefault((cmd.task_id, cmd.attempt), anyio.Event()).set()
         await msg.respond(m.encode(m.CommandAck(True, "cancelling")))
 
-    # ---- tasks ----------------------------------------------------------------------------------------------------
+    # ---- tasks ----------------------------------------------------------------------------------
 
     async def _task_loop(self) -> None:
         while True:
@@ -181,9 +181,16 @@ class Worker:
         def event(cls: type[m._Event], **fields: object) -> None:
             nonlocal seq
             self.outbox.put_nowait(
-                cls(mission_id=a.mission_id, task_id=a.task_id, attempt=a.attempt, seq=seq, worker=self.id,
-                    ts=time.time(), **fields)
-            )  # fmt: skip
+                cls(
+                    mission_id=a.mission_id,
+                    task_id=a.task_id,
+                    attempt=a.attempt,
+                    seq=seq,
+                    worker=self.id,
+                    ts=time.time(),
+                    **fields,
+                )
+            )
             seq += 1
 
         cancel = self.cancels.setdefault((a.task_id, a.attempt), anyio.Event())
@@ -206,8 +213,14 @@ class Worker:
                 elif isinstance(item, p.ProgressMsg):
                     event(m.Progress, stage=item.stage, done=item.done, total=item.total)
                 elif isinstance(item, p.ScoresMsg):
-                    event(m.Scores, example_id=item.example_id, arm=item.arm, seed=item.seed, metric=item.metric,
-                          value=item.value)  # fmt: skip
+                    event(
+                        m.Scores,
+                        example_id=item.example_id,
+                        arm=item.arm,
+                        seed=item.seed,
+                        metric=item.metric,
+                        value=item.value,
+                    )
                 elif isinstance(item, p.ArtifactMsg):
                     event(
                         m.Artifact,
@@ -218,9 +231,12 @@ class Worker:
                     )
 
             run = p.Run(
-                assignment=a, out_dir=str(self.home / "runs" / a.task_id / f"attempt-{a.attempt}"),
-                cache_dir=str(self.home / "cache"), device="cuda" if self.gpu else "cpu", worker=self.id,
-            )  # fmt: skip
+                assignment=a,
+                out_dir=str(self.home / "runs" / a.task_id / f"attempt-{a.attempt}"),
+                cache_dir=str(self.home / "cache"),
+                device="cuda" if self.gpu else "cpu",
+                worker=self.id,
+            )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_alive, msg)
                 outcome = await self.supervisor.run(run, emit, cancel)

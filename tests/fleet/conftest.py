@@ -92,24 +92,43 @@ class Fleet:
     def spawn(self, *args: str, log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = (self.home / f"{log}.out").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, *args], cwd=REPO, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, *args],
+            cwd=REPO,
+            env={**self.env, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
         self.procs.append(proc)
         return proc
 
     def start_fleetd(self) -> None:
-        self.fleetd = self.spawn("-m", "fleetd", "--home", str(self.home), "run", "--nats", self.url, log="fleetd")
+        self.fleetd = self.spawn(
+            "-m", "fleetd", "--home", str(self.home), "run", "--nats", self.url, log="fleetd"
+        )
         wait_for(lambda: call(self.url, "workers", timeout=1) is not None, 30, "fleetd to answer")
 
     def start_worker(self, worker_id: str, gpu: str | None = None, env: dict[str, str] | None = None) -> None:
         which = ["--gpu", gpu] if gpu else ["--cpu"]
         self.workers[worker_id] = self.spawn(
-            "-m", "workers", *which, "--id", worker_id, "--nats", self.url, "--home", str(self.home),
-            "--threads", "1", log=f"worker-{worker_id}", env=env,
-        )  # fmt: skip
+            "-m",
+            "workers",
+            *which,
+            "--id",
+            worker_id,
+            "--nats",
+            self.url,
+            "--home",
+            str(self.home),
+            "--threads",
+            "1",
+            log=f"worker-{worker_id}",
+            env=env,
+        )
 
     def wait_workers(self, n: int) -> None:
-        wait_for(lambda: sum(w["alive"] for w in call(self.url, "workers", timeout=2)) >= n, 60, f"{n} workers")
+        wait_for(
+            lambda: sum(w["alive"] for w in call(self.url, "workers", timeout=2)) >= n, 60, f"{n} workers"
+        )
 
     def kill9(self, proc: subprocess.Popen[bytes]) -> None:
         proc.kill()

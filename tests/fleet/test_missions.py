@@ -65,21 +65,25 @@ def test_expansion_matches_dependencies_on_shared_dimensions(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("change", "field", "reason"),
     [
-        (("kind = \"x.eval\"", "kind = \"x.eval\"\nvram = 3"), "stages[1]", "unknown field `vram`"),
-        (("after = [\"train\"]", "after = [\"trian\"]"), "stages[1].after", "'trian' is not an earlier stage"),
+        (('kind = "x.eval"', 'kind = "x.eval"\nvram = 3'), "stages[1]", "unknown field `vram`"),
+        (('after = ["train"]', 'after = ["trian"]'), "stages[1].after", "'trian' is not an earlier stage"),
         (("seeds = [1, 2, 3]", "seeds = [1, 1]"), "seeds", "without repeats"),
-        (("seeds = [1, 2, 3]", "seeds = \"all\""), "seeds", "Expected `array`, got `str`"),
-        (("name = \"report\"", "name = \"train\""), "stages[2].name", "duplicate stage 'train'"),
-        (("kind = \"x.report\"", "kind = \"report\""), "stages[2].kind", "is not a task kind"),
-        (("name = \"m\"", "name = \"other\""), "name", "must match the file name"),
-        (("[[stages]]\nname = \"train\"", "[[stages]]\nname = \"tr ain\""), "stages[0].name", "letters, digits"),
+        (("seeds = [1, 2, 3]", 'seeds = "all"'), "seeds", "Expected `array`, got `str`"),
+        (('name = "report"', 'name = "train"'), "stages[2].name", "duplicate stage 'train'"),
+        (('kind = "x.report"', 'kind = "report"'), "stages[2].kind", "is not a task kind"),
+        (('name = "m"', 'name = "other"'), "name", "must match the file name"),
+        (('[[stages]]\nname = "train"', '[[stages]]\nname = "tr ain"'), "stages[0].name", "letters, digits"),
     ],
 )
-def test_bad_specs_name_file_field_and_reason(tmp_path: Path, change: tuple[str, str], field: str, reason: str) -> None:
+def test_bad_specs_name_file_field_and_reason(
+    tmp_path: Path, change: tuple[str, str], field: str, reason: str
+) -> None:
     path = write(tmp_path, GOOD.replace(*change, 1))
     with pytest.raises(specs.SpecError) as err:
         specs.load(path)
-    assert err.value.file == str(path) and err.value.field == field and reason in err.value.reason, str(err.value)
+    assert err.value.file == str(path) and err.value.field == field and reason in err.value.reason, str(
+        err.value
+    )
 
 
 def test_broken_toml_and_unknown_mission(tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ def check_results_once(url: str, mission_id: str) -> None:
     assert tasks and all(t["state"] == "succeeded" for t in tasks), tasks
     rows = sql(
         url,
-        "SELECT count(*) AS n, count(DISTINCT (task_id, example_id, metric)) AS distinct_n FROM example_scores "
+        "SELECT count(*) AS n, count(DISTINCT (task_id, example_id, metric)) AS distinct_n "
+        "FROM example_scores "
         f"WHERE mission_id = '{mission_id}'",
     )[0]
     assert rows["n"] == rows["distinct_n"] == SCORE_TASKS * N_EXAMPLES, rows
@@ -50,34 +51,49 @@ def test_selftest_completes_on_two_cpu_workers_with_fleetd_up(tmp_path: Path) ->
     home = tmp_path / "home"
     up = subprocess.Popen(
         [sys.executable, "-m", "fleetd", "--home", str(home), "up", "--cpu-workers", "2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for(lambda: (home / "fleetd.json").exists(), 30, "fleetd up to write fleetd.json")
         url = json.loads((home / "fleetd.json").read_text())["nats_url"]
         wait_for(lambda: sum(w["alive"] for w in call(url, "workers", timeout=2)) == 2, 60, "2 workers")
         again = subprocess.run(
-            [sys.executable, "-m", "fleetd", "--home", str(home), "up"], cwd=REPO, capture_output=True, text=True,
+            [sys.executable, "-m", "fleetd", "--home", str(home), "up"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
             timeout=60,
-        )  # fmt: skip
+        )
         assert again.returncode == 2 and "another fleet is running" in again.stderr, again.stderr
 
         mission = submit(url, "selftest")  # the real smoke profile: about 30 s on 2 workers
         st = wait_mission(url, mission, timeout=150)
         assert st["missions"][0]["state"] == "succeeded", st
         assert st["missions"][0]["verdict"] == "promote"  # b = a + 0.1 by construction
-        used = {r["worker"] for r in sql(url, f"SELECT DISTINCT worker FROM task_attempts WHERE task_id LIKE '{mission}%'")}
+        used = {
+            r["worker"]
+            for r in sql(url, f"SELECT DISTINCT worker FROM task_attempts WHERE task_id LIKE '{mission}%'")
+        }
         assert len(used) == 2, used
-        retried = {r["name"]: r["attempt"] for r in sql(url, "SELECT name, attempt FROM tasks WHERE attempt > 1")}
+        retried = {
+            r["name"]: r["attempt"] for r in sql(url, "SELECT name, attempt FROM tasks WHERE attempt > 1")
+        }
         assert retried == {"flaky-s1": 2, "flaky-s2": 2, "crash": 2}
-        crash = sql(url, "SELECT reason, error FROM task_attempts WHERE task_id LIKE '%/crash' AND attempt = 1")[0]
+        crash = sql(
+            url, "SELECT reason, error FROM task_attempts WHERE task_id LIKE '%/crash' AND attempt = 1"
+        )[0]
         assert crash["reason"] == "crash" and "SIGKILL" in crash["error"]
         check_results_once(url, mission)
 
         refused = subprocess.run(
             [sys.executable, "-m", "fleetd.fleetctl", "--home", str(home), "sql", "DELETE FROM tasks"],
-            cwd=REPO, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert refused.returncode == 2 and "read-only" in refused.stderr and "DELETE" in refused.stderr
         assert sql(url, "SELECT count(*) AS n FROM tasks")[0]["n"] == 9
     finally:
@@ -114,7 +130,9 @@ def test_malformed_messages_are_dead_lettered_without_a_crash(fleet: Fleet) -> N
 
     reasons = anyio.run(poison)
     assert len(reasons) == 3, reasons
-    assert sum("malformed event" in r for r in reasons) == 2 and any("malformed assignment" in r for r in reasons)
+    assert sum("malformed event" in r for r in reasons) == 2 and any(
+        "malformed assignment" in r for r in reasons
+    )
     rows = sql(fleet.url, "SELECT subject, reason FROM dead_letters ORDER BY subject")
     assert [r["subject"] for r in rows] == ["fleet.evt.m.t.finished", "fleet.evt.m.t.metrics"]
     # Both processes live on and work.
@@ -128,18 +146,33 @@ def test_malformed_messages_are_dead_lettered_without_a_crash(fleet: Fleet) -> N
 def test_bad_spec_is_refused_and_creates_nothing(fleet: Fleet, tmp_path: Path) -> None:
     from fleetd.client import FleetError
 
-    bad = mission_dir(tmp_path, "broken", 'name = "broken"\n[[stages]]\nname = "a"\nkind = "selftest.sleep"\nafter = ["nope"]\n')
-    (bad / "typo.toml").write_text('name = "typo"\n[[stages]]\nname = "a"\nkind = "selftest.sleep"\ntimeout_s = "soon"\n')
+    bad = mission_dir(
+        tmp_path,
+        "broken",
+        'name = "broken"\n[[stages]]\nname = "a"\nkind = "selftest.sleep"\nafter = ["nope"]\n',
+    )
+    (bad / "typo.toml").write_text(
+        'name = "typo"\n[[stages]]\nname = "a"\nkind = "selftest.sleep"\ntimeout_s = "soon"\n'
+    )
     (bad / "selftest.toml").write_text((REPO / "schemas/missions/selftest.toml").read_text())
     fleet.env["FLEET_MISSIONS_DIR"] = str(bad)
     fleet.start_fleetd()
     cases = [
         (lambda: submit(fleet.url, "broken"), "broken.toml: stages[0].after: 'nope' is not an earlier stage"),
-        (lambda: submit(fleet.url, "typo"), "typo.toml: stages[0].timeout_s: Expected `float | null`, got `str`"),
+        (
+            lambda: submit(fleet.url, "typo"),
+            "typo.toml: stages[0].timeout_s: Expected `float | null`, got `str`",
+        ),
         (lambda: submit(fleet.url, "nosuch"), "unknown mission 'nosuch'"),
         (lambda: submit(fleet.url, "selftest", "huge"), "unknown profile 'huge'"),
-        (lambda: submit(fleet.url, "selftest", **{"gates.q": 2.0}), "selftest.toml: gates.q: must be in (0, 1)"),
-        (lambda: submit(fleet.url, "selftest", **{"stages.sleep.kind": "no.such"}), "unknown task kind 'no.such'"),
+        (
+            lambda: submit(fleet.url, "selftest", **{"gates.q": 2.0}),
+            "selftest.toml: gates.q: must be in (0, 1)",
+        ),
+        (
+            lambda: submit(fleet.url, "selftest", **{"stages.sleep.kind": "no.such"}),
+            "unknown task kind 'no.such'",
+        ),
     ]
     for attempt, message in cases:
         with pytest.raises(FleetError) as err:
@@ -170,8 +203,18 @@ vram_gb = 100
 def test_placement_honours_memory_and_shows_pending_reasons(fleet: Fleet, tmp_path: Path) -> None:
     gb = 1024**3
     inventory = [
-        {"uuid": "GPU-4090-aaaa", "name": "NVIDIA GeForce RTX 4090", "total_bytes": 24 * gb, "free_bytes": 23 * gb},
-        {"uuid": "GPU-h100-bbbb", "name": "NVIDIA H100 80GB HBM3", "total_bytes": 80 * gb, "free_bytes": 79 * gb},
+        {
+            "uuid": "GPU-4090-aaaa",
+            "name": "NVIDIA GeForce RTX 4090",
+            "total_bytes": 24 * gb,
+            "free_bytes": 23 * gb,
+        },
+        {
+            "uuid": "GPU-h100-bbbb",
+            "name": "NVIDIA H100 80GB HBM3",
+            "total_bytes": 80 * gb,
+            "free_bytes": 79 * gb,
+        },
     ]
     fleet.env["FLEET_MISSIONS_DIR"] = str(mission_dir(tmp_path, "placement", PLACEMENT))
     fleet.env["FLEET_FAKE_GPUS"] = json.dumps(inventory)
@@ -187,14 +230,16 @@ def test_placement_honours_memory_and_shows_pending_reasons(fleet: Fleet, tmp_pa
 
     wait_for(big_done, 60, "the 40G tasks")
     st = status(fleet.url, mission)
-    workers = {r["worker"] for r in sql(fleet.url, "SELECT worker FROM task_attempts WHERE task_id LIKE '%/big-%'")}
+    workers = {
+        r["worker"] for r in sql(fleet.url, "SELECT worker FROM task_attempts WHERE task_id LIKE '%/big-%'")
+    }
     assert workers == {"wh100"}  # the 4090's 23G free cannot hold 40G
     huge = next(t for t in st["tasks"] if t["stage"] == "huge")
     assert huge["state"] == "pending"
     assert huge["pending_reason"] == "waiting_for_gpu_memory need=100G best_free=79G"
-    assert sql(fleet.url, "SELECT pending_reason FROM tasks WHERE name = 'huge'")[0]["pending_reason"].startswith(
-        "waiting_for_gpu_memory"
-    )
+    assert sql(fleet.url, "SELECT pending_reason FROM tasks WHERE name = 'huge'")[0][
+        "pending_reason"
+    ].startswith("waiting_for_gpu_memory")
     call(fleet.url, "cancel", __import__("schemas.messages", fromlist=["IdRequest"]).IdRequest(id=mission))
     assert wait_mission(fleet.url, mission)["missions"][0]["state"] == "cancelled"
 

@@ -10,9 +10,19 @@ from schemas import messages as m
 
 def task(name: str, vram: float = 0, deps: tuple[str, ...] = (), attempts: int = 2, infra: int = 3) -> Task:
     return Task(
-        task_id=f"mi/{name}", mission_id="mi", name=name, stage=name, kind="noop", params={}, deps=list(deps),
-        vram_gb=vram, gpu_class=None, timeout_s=10, max_attempts=attempts, max_infra_attempts=infra,
-    )  # fmt: skip
+        task_id=f"mi/{name}",
+        mission_id="mi",
+        name=name,
+        stage=name,
+        kind="noop",
+        params={},
+        deps=list(deps),
+        vram_gb=vram,
+        gpu_class=None,
+        timeout_s=10,
+        max_attempts=attempts,
+        max_infra_attempts=infra,
+    )
 
 
 def beat(s: Scheduler, worker: str, free_gb: float | None, running: str | None = None, rev: int = 1) -> None:

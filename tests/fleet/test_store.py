@@ -18,15 +18,26 @@ def batch(attempt: int = 1) -> list[m.Event]:
     return [
         ev(m.Started, 0, attempt),
         ev(m.Metrics, 1, attempt, series={"loss": m.Series([0, 1, 2], [3.0, 2.0, 1.0], [1.0, 1.1, 1.2])}),
-        ev(m.Scores, 2, attempt, example_id=["e1", "e2"], arm=["a", "a"], seed=[1, 1], metric=["em", "em"],
-           value=[1.0, 0.0]),
+        ev(
+            m.Scores,
+            2,
+            attempt,
+            example_id=["e1", "e2"],
+            arm=["a", "a"],
+            seed=[1, 1],
+            metric=["em", "em"],
+            value=[1.0, 0.0],
+        ),
         ev(m.Log, 3, attempt, lines=["hello", "world"]),
         ev(m.Finished, 4, attempt, result={"ok": True}),
-    ]  # fmt: skip
+    ]
 
 
 def counts(store: Store) -> dict[str, int]:
-    return {t: store.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in ("events", "metrics", "example_scores", "logs")}
+    return {
+        t: store.query(f"SELECT count(*) AS n FROM {t}")[0]["n"]
+        for t in ("events", "metrics", "example_scores", "logs")
+    }
 
 
 def test_a_redelivered_batch_changes_nothing(tmp_path: Path) -> None:
@@ -54,10 +65,18 @@ def test_scores_of_a_stale_attempt_are_not_result_rows(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "sql",
-    ["DELETE FROM tasks", "INSERT INTO tasks (task_id) VALUES ('x')", "DROP TABLE tasks", "UPDATE tasks SET state = 'x'",
-     "SELECT 1; DELETE FROM tasks", "COPY tasks TO '/tmp/x.csv'", "ATTACH '/tmp/other.duckdb'", "CREATE TABLE t (a INT)",
-     "SELEC 1"],
-)  # fmt: skip
+    [
+        "DELETE FROM tasks",
+        "INSERT INTO tasks (task_id) VALUES ('x')",
+        "DROP TABLE tasks",
+        "UPDATE tasks SET state = 'x'",
+        "SELECT 1; DELETE FROM tasks",
+        "COPY tasks TO '/tmp/x.csv'",
+        "ATTACH '/tmp/other.duckdb'",
+        "CREATE TABLE t (a INT)",
+        "SELEC 1",
+    ],
+)
 def test_sql_is_read_only(tmp_path: Path, sql: str) -> None:
     store = Store(tmp_path / "f.duckdb")
     store.apply(batch(), current_attempt={})
