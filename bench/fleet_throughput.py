@@ -750,7 +750,9 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     started = time.perf_counter()
+    load_before = os.getloadavg()
     out = anyio.run(run_all, args, console)
+    load_after = os.getloadavg()
     checks = report(out["a"], out["b"], console)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
@@ -764,9 +766,15 @@ def main(argv: list[str] | None = None) -> int:
         "ingest": out["a"],
         "scheduler": out["b"],
         "seconds": time.perf_counter() - started,
+        "loadavg_1_5_15_before": load_before,
+        "loadavg_1_5_15_after": load_after,
     }
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    console.print(f"wrote {args.out} in {time.perf_counter() - started:.0f}s", style="dim")
+    console.print(
+        f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, on "
+        f"{os.cpu_count()} CPUs; wrote {args.out} in {time.perf_counter() - started:.0f}s",
+        style="dim",
+    )
     return 0
 
 
