@@ -31,17 +31,13 @@ publishers and the workers. Each part gets a fresh server, home and database.
     The 1,000-task mission's own submit-to-start is reported for its first task on each worker only:
     later tasks queue behind the others, so their submit-to-start measures the queue, not dispatch.
 
-Two defects are worked around here, in this file only (the fleet's code is unchanged):
-- schemas/missions.py refuses the kind "noop" (its kind regex needs a dot), so this process relaxes
-  that regex before it starts the Coordinator; workers resolve kinds through workers.kinds.KINDS,
-  which has "noop".
-- `nc.drain()` waits out nats-py's 30 s drain_timeout on any connection that used `fetch` (status
-  messages are taken off the pull subscription's queue without `task_done`), so the Coordinator is
-  built here as fleetd.cli.coordinator builds it but closed with `nc.close()`, and the workers,
-  whose own shutdown drains, are SIGKILLed after --worker-grace seconds (the table says so).
+One defect is worked around here, in this file only: schemas/missions.py refuses the kind "noop"
+(its kind regex needs a dot), so this process relaxes that regex before it starts the Coordinator;
+workers resolve kinds through workers.kinds.KINDS, which has "noop".
 
-Runtime on a 2-core box is about 4 minutes, most of it the 1,000 tasks (~6 tasks/s: each noop task
-is a fresh Python process that also imports numpy); --tasks 200 makes it about 1.5 minutes.
+Runtime on a quiet 2-core box is about 3 minutes, two thirds of it the 1,000 tasks (~8 tasks/s:
+each noop task is a fresh Python process that also imports numpy), and more when the box is shared;
+--tasks 200 makes it about 1.5 minutes. The load average before and after is printed and saved.
 
     .venv/bin/python bench/fleet_throughput.py [--publishers 4] [--tasks 1000] [--out PATH]
 
@@ -66,8 +62,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,12 +78,11 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fleetd import bus  # noqa: E402
+from fleetd import bus, cli  # noqa: E402
 from fleetd.client import FleetClient  # noqa: E402
 from fleetd.config import FleetConfig  # noqa: E402
 from fleetd.coordinator import Coordinator  # noqa: E402
 from fleetd.natsserver import NatsServer, _die_with_parent  # noqa: E402
-from fleetd.store import Store  # noqa: E402
 from schemas import messages as m  # noqa: E402
 from schemas import missions as specs  # noqa: E402
 
@@ -260,28 +255,6 @@ class Procs:
         return {"seconds": time.monotonic() - t0, "killed_after_grace": killed, "grace_s": grace}
 
 
-@asynccontextmanager
-async def coordinator(cfg: FleetConfig, url: str) -> AsyncIterator[Coordinator]:
-    """fleetd.cli.coordinator, except that it closes the connection instead of draining it.
-
-    Draining waits out nats-py's drain_timeout (30 s): `fetch` takes messages off a pull
-    subscription's queue without `task_done`, so the drain's `queue.join()` never returns.
-    """
-    store = Store(cfg.home_path / "fleet.duckdb")
-    nc = await bus.connect(url, "fleetd")
-    try:
-        js = nc.jetstream(timeout=5)
-        await bus.ensure_streams(js)
-        kv = await bus.workers_kv(js)
-        yield Coordinator(cfg, store, nc, js, kv)
-    finally:
-        with anyio.CancelScope(shield=True):
-            with suppress(Exception):
-                await nc.flush(timeout=2)
-            await nc.close()
-            store.close()
-
-
 @contextmanager
 def nats_server(root: Path) -> Iterator[NatsServer]:
     server = NatsServer(root / "nats")
@@ -421,7 +394,7 @@ def mlflow_baseline(procs: Procs, root: Path, n: int, seconds: float) -> dict[st
 async def part_a(args: argparse.Namespace, root: Path, procs: Procs, console: Console) -> dict[str, Any]:
     cfg = FleetConfig(home=str(root / "home"))
     with nats_server(root) as server:
-        async with coordinator(cfg, server.url) as coord, anyio.create_task_group() as tg:
+        async with cli.coordinator(cfg, server.url) as coord, anyio.create_task_group() as tg:
             sat, paced = Ingest("sat"), Ingest("paced")
             coord.on_commit = _on_commit({"sat": sat, "paced": paced})
             await tg.start(coord.run)
@@ -482,7 +455,7 @@ async def part_b(args: argparse.Namespace, root: Path, procs: Procs, console: Co
     workers = ["benchw0", "benchw1"]
     (home / "logs").mkdir(parents=True)
     with nats_server(root) as server:
-        async with coordinator(cfg, server.url) as coord:
+        async with cli.coordinator(cfg, server.url) as coord:
             async with anyio.create_task_group() as tg:
                 await tg.start(coord.run)
                 worker_procs = []
@@ -735,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=1000, help="noop tasks in the big mission")
     parser.add_argument("--single", type=int, default=50, help="one-task missions on the idle fleet")
     parser.add_argument("--idle-s", type=float, default=0.25, help="pause before each one-task mission")
-    parser.add_argument("--worker-grace", type=float, default=2.0, help="SIGTERM -> SIGKILL wait")
+    parser.add_argument("--worker-grace", type=float, default=5.0, help="SIGTERM -> SIGKILL wait")
     parser.add_argument("--skip-a", action="store_true")
     parser.add_argument("--skip-b", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, databases)")

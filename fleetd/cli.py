@@ -196,6 +196,17 @@ async def _serve_then_cancel(coord: Coordinator, home: Path, url: str, tg: anyio
 
 async def _demo(url: str, console: Console, exit_when_done: bool, tg: anyio.abc.TaskGroup) -> None:
     await anyio.sleep(0.5)  # let the coordinator subscribe
+    try:
+        await _demo_once(url, console)
+    except FleetError as e:  # the fleet keeps serving; the user can follow with fleetctl
+        console.print(f"[red]following the demo failed: {e}[/]; `fleetctl status` shows it")
+    if exit_when_done:
+        tg.cancel_scope.cancel()
+    else:
+        console.print("serving; Ctrl-C to stop")
+
+
+async def _demo_once(url: str, console: Console) -> None:
     client = await FleetClient.connect(url)
     try:
         sub = await client.submit("demo", "smoke")
@@ -209,10 +220,6 @@ async def _demo(url: str, console: Console, exit_when_done: bool, tg: anyio.abc.
         console.print(f"verdict: [bold]{mission['verdict']}[/]: {mission['reason']}")
     finally:
         await client.close()
-    if exit_when_done:
-        tg.cancel_scope.cancel()
-    else:
-        console.print("serving; Ctrl-C to stop")
 
 
 def main(argv: list[str] | None = None) -> int:

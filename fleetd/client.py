@@ -38,18 +38,19 @@ def find_url(home: Path | None = None, url: str | None = None) -> str:
 
 
 class FleetClient:
-    def __init__(self, nc: Client) -> None:
-        self.nc = nc
+    def __init__(self, nc: Client, url: str) -> None:
+        self.nc, self.url = nc, url
 
     @classmethod
     async def connect(cls, url: str) -> FleetClient:
+        return cls(await cls._connect(url), url)
+
+    @staticmethod
+    async def _connect(url: str) -> Client:
         try:
-            nc = await bus.connect(
-                url, "fleetctl", max_reconnect_attempts=2, connect_timeout=3, allow_reconnect=True
-            )
+            return await bus.connect(url, "fleetctl", max_reconnect_attempts=2, connect_timeout=3)
         except (nats.errors.Error, OSError) as e:
             raise FleetError("no_fleet", f"cannot reach NATS at {url}: {e!r}") from None
-        return cls(nc)
 
     async def close(self) -> None:
         await self.nc.drain()
@@ -57,7 +58,14 @@ class FleetClient:
     async def call(self, verb: str, request: msgspec.Struct | None = None, timeout: float = 30.0) -> Any:
         payload = m.encode(request) if request is not None else b""
         try:
-            msg = await self.nc.request(bus.ctl_subject(verb), payload, timeout=timeout)
+            try:
+                msg = await self.nc.request(bus.ctl_subject(verb), payload, timeout=timeout)
+            except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
+                # After a nats-server restart a long-lived connection's reply path can stay broken
+                # (seen with `fleetd up --demo`): one retry on a fresh connection.
+                await self.nc.close()
+                self.nc = await self._connect(self.url)
+                msg = await self.nc.request(bus.ctl_subject(verb), payload, timeout=timeout)
         except nats.errors.NoRespondersError:
             raise FleetError("no_fleet", "NATS is up but no fleetd answers on fleet.ctl.*") from None
         except nats.errors.TimeoutError:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fleetd.client import FleetClient
+from fleetd.client import FleetClient, FleetError
 
 DONE = ("succeeded", "failed", "cancelled")
 
@@ -103,7 +103,13 @@ async def follow(
     ) as bars:
         ids: dict[str, Any] = {}
         while True:
-            st = await client.status(mission_id)
+            try:
+                st = await client.status(mission_id)
+            except FleetError as e:  # fleetd or nats-server restarting: keep following
+                if e.code not in ("timeout", "no_fleet"):
+                    raise
+                await anyio.sleep(1)
+                continue
             stages: dict[str, list[dict[str, Any]]] = {}
             for t in st["tasks"]:
                 stages.setdefault(t["stage"], []).append(t)

@@ -18,7 +18,7 @@ from msgspec import Struct
 
 MISSIONS_DIR = Path(__file__).parent / "missions"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_KIND = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")
+_KIND = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
 
 
 class SpecError(ValueError):

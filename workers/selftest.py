@@ -11,8 +11,6 @@ import signal
 import time
 from typing import Any
 
-import numpy as np
-
 from bem.reporter import ScoreRow, check_cancelled
 from workers.kinds import TaskContext
 
@@ -51,6 +49,8 @@ def crash(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
 
 def score(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    import numpy as np  # here, not at the top: the other kinds start faster without it
+
     arm, seed = str(params["arm"]), int(params["seed"])
     n, effect = int(params.get("n_examples", 200)), float(params.get("effect", 0.1))
     _wait(float(params.get("seconds", 1.0)), ctx, f"score {arm}")

@@ -247,14 +247,11 @@ class Worker:
             else:
                 event(m.Failed, reason=outcome.reason, error=outcome.error, duration_s=took)
             tlog.info("task_end", outcome=type(outcome).__name__, seconds=round(took, 3))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self.supervisor.warm)  # the next task's process starts while we wait for the store
-            await self.outbox.join()
+        await self.outbox.join()  # the final event is stored: now the assignment may go
         self._set_running(None)
         self.cancels.pop((a.task_id, a.attempt), None)
-        for _ in range(
-            20
-        ):  # a purged assignment (our lease lapsed) cannot be acked: give up, the coordinator knows
+        # A purged assignment (our lease lapsed) cannot be acked: give up after a while, fleetd knows.
+        for _ in range(20):
             try:
                 await msg.ack_sync(timeout=5)
                 break
@@ -263,6 +260,9 @@ class Worker:
             except (nats.errors.Error, TimeoutError, OSError) as e:
                 tlog.debug("ack_retry", error=repr(e))
                 await anyio.sleep(0.5)
+        # Ack first (with one task in flight the server holds our next assignment until then), then
+        # start the next task's process while fleetd places that task.
+        await self.supervisor.warm()
 
     async def _keep_alive(self, msg: Msg) -> None:
         while True:

@@ -70,7 +70,7 @@ def test_expansion_matches_dependencies_on_shared_dimensions(tmp_path: Path) -> 
         (("seeds = [1, 2, 3]", "seeds = [1, 1]"), "seeds", "without repeats"),
         (("seeds = [1, 2, 3]", 'seeds = "all"'), "seeds", "Expected `array`, got `str`"),
         (('name = "report"', 'name = "train"'), "stages[2].name", "duplicate stage 'train'"),
-        (('kind = "x.report"', 'kind = "report"'), "stages[2].kind", "is not a task kind"),
+        (('kind = "x.report"', 'kind = "x.Report!"'), "stages[2].kind", "is not a task kind"),
         (('name = "m"', 'name = "other"'), "name", "must match the file name"),
         (('[[stages]]\nname = "train"', '[[stages]]\nname = "tr ain"'), "stages[0].name", "letters, digits"),
     ],
