@@ -39,6 +39,7 @@ from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerCon
 from fleetd.store import SqlRefused, Store
 from schemas import messages as m
 from schemas import missions as specs
+from stats.gates import evaluate
 from workers.kinds import KINDS
 
 log = structlog.get_logger("fleetd")
@@ -92,7 +93,8 @@ class Coordinator:
 
     async def persist(self, ch: Changes, events: list[m.Event] | None = None, **extra: Any) -> None:
         """One transaction for the change set; then queue its bus effects in order (we hold the lock)."""
-        current = {t: task.attempt for t, task in self.sched.tasks.items()}
+        tasks = self.sched.tasks
+        current = {e.task_id: tasks[e.task_id].attempt for e in events or [] if e.task_id in tasks}
         for task, why in ch.dead:
             await self.write(
                 self.store.dead_letter, f"fleet.dlq.task.{task.task_id}", why, task.task_id.encode()
@@ -341,7 +343,7 @@ class Coordinator:
             try:
                 scores = await self.read(self.store.scores_frame, mission_id)
                 spec = judge.gate_spec(gates, mission.name)
-                verdict = await anyio.to_thread.run_sync(judge.judge, spec, scores)
+                verdict = await anyio.to_thread.run_sync(evaluate, spec, scores)
                 rows = judge.decision_rows(mission_id, verdict, spec.level)
                 fields = {"verdict": verdict.verdict, "reason": verdict.reason}
             except Exception as e:  # a judge bug must not take the coordinator down

@@ -9,10 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pandas as pd
-
 from schemas.missions import Gates, SpecError
-from stats.gates import Claim, GateSpec, Guard, Verdict, evaluate
+from stats.gates import Claim, GateSpec, Guard, Verdict
 
 
 def gate_spec(gates: Gates, file: str = "<spec>") -> GateSpec:
@@ -43,10 +41,6 @@ def gate_spec(gates: Gates, file: str = "<spec>") -> GateSpec:
         )
     except ValueError as e:
         raise SpecError(file, "gates", str(e)) from None
-
-
-def judge(spec: GateSpec, scores: pd.DataFrame) -> Verdict:
-    return evaluate(spec, scores)
 
 
 def decision_rows(mission_id: str, verdict: Verdict, level: float) -> list[dict[str, Any]]:

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from schemas.messages import INFRA_REASONS, Assignment, Failed, Finished, Heartbeat, Resources, Started
 from schemas.missions import TaskPlan
 
@@ -79,24 +81,10 @@ class Task:
 
     @classmethod
     def from_plan(cls, mission_id: str, plan: TaskPlan, order: int) -> Task:
-        return cls(
-            task_id=plan.task_id,
-            mission_id=mission_id,
-            name=plan.name,
-            stage=plan.stage,
-            kind=plan.kind,
-            params=plan.params,
-            deps=list(plan.deps),
-            vram_gb=plan.vram_gb,
-            gpu_class=plan.gpu_class,
-            timeout_s=plan.timeout_s,
-            max_attempts=plan.max_attempts,
-            max_infra_attempts=plan.max_infra_attempts,
-            arm=plan.arm,
-            seed=plan.seed,
-            order=order,
-            pending_reason="waiting_for_deps" if plan.deps else None,
-        )
+        fields = msgspec.structs.asdict(plan)  # a TaskPlan's fields are a subset of a Task's
+        fields["deps"] = list(plan.deps)
+        pending = "waiting_for_deps" if plan.deps else None
+        return cls(mission_id=mission_id, **fields, order=order, pending_reason=pending)
 
     @classmethod
     def from_row(cls, row: dict[str, Any], order: int) -> Task:

@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     import anyio
 
     from fleetd import logs
-    from fleetd.natsserver import NatsServerError
     from workers import gpus
     from workers.worker import Worker, default_id
 
@@ -61,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_s=args.heartbeat,
         threads=args.threads,
     )
-    try:
-        anyio.run(_run_until_signal, worker)
-    except NatsServerError as e:
-        print(f"fleet-worker: {e}", file=sys.stderr)
-        return 1
+    anyio.run(_run_until_signal, worker)
     return 0
 
 

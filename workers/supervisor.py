@@ -123,7 +123,7 @@ class Supervisor:
                 await child.proc.wait()
             child.signal(signal.SIGKILL)
 
-        async def watch(tg: anyio.abc.TaskGroup) -> None:
+        async def watch() -> None:
             with anyio.move_on_after(run.assignment.timeout_s) as scope:
                 await cancel.wait()
                 await stop("cancelled", "cancelled by the coordinator")
@@ -134,7 +134,7 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             tg.start_soon(pump_logs)
             async with anyio.create_task_group() as inner:
-                inner.start_soon(watch, inner)
+                inner.start_soon(watch)
                 while True:
                     try:
                         msg = await child.read()

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
+from fleetd.cli import stop_all
 from fleetd.client import FleetClient
 from fleetd.natsserver import NatsServer
 from schemas import messages as m
@@ -138,15 +139,7 @@ class Fleet:
         return "\n".join(f"== {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.home.glob("*.out")))
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs)
         self.server.stop()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from schemas.messages import IdRequest
 from tests.fleet.conftest import REPO, Fleet, call, mission_dir, sql, status, submit, wait_for, wait_mission
 
 pytestmark = pytest.mark.slow
@@ -240,21 +241,21 @@ def test_placement_honours_memory_and_shows_pending_reasons(fleet: Fleet, tmp_pa
     assert sql(fleet.url, "SELECT pending_reason FROM tasks WHERE name = 'huge'")[0][
         "pending_reason"
     ].startswith("waiting_for_gpu_memory")
-    call(fleet.url, "cancel", __import__("schemas.messages", fromlist=["IdRequest"]).IdRequest(id=mission))
+    call(fleet.url, "cancel", IdRequest(id=mission))
     assert wait_mission(fleet.url, mission)["missions"][0]["state"] == "cancelled"
 
 
-def _slow_selftest(url: str) -> str:
-    # Long enough that a kill lands mid-task on both workers.
-    return submit(url, "selftest", "quick", **{"profiles.quick.params": {"seconds": 1.5}})
-
-
-def test_kill9_worker_mid_task(fleet: Fleet) -> None:
+def _slow_selftest_on_two_workers(fleet: Fleet) -> str:
+    """fleetd and workers w0, w1 running a selftest with tasks long enough for a kill to land mid-task."""
     fleet.start_fleetd()
     fleet.start_worker("w0")
     fleet.start_worker("w1")
     fleet.wait_workers(2)
-    mission = _slow_selftest(fleet.url)
+    return submit(fleet.url, "selftest", "quick", **{"profiles.quick.params": {"seconds": 1.5}})
+
+
+def test_kill9_worker_mid_task(fleet: Fleet) -> None:
+    mission = _slow_selftest_on_two_workers(fleet)
     wait_for(lambda: running_on(fleet.url, "w0"), 30, "a task running on w0")
     fleet.kill9(fleet.workers["w0"])
     st = wait_mission(fleet.url, mission, timeout=120)
@@ -265,11 +266,7 @@ def test_kill9_worker_mid_task(fleet: Fleet) -> None:
 
 
 def test_kill9_fleetd_mid_mission_then_restart(fleet: Fleet) -> None:
-    fleet.start_fleetd()
-    fleet.start_worker("w0")
-    fleet.start_worker("w1")
-    fleet.wait_workers(2)
-    mission = _slow_selftest(fleet.url)
+    mission = _slow_selftest_on_two_workers(fleet)
     wait_for(lambda: running_on(fleet.url, "w0") or running_on(fleet.url, "w1"), 30, "a running task")
     time.sleep(1.0)
     assert fleet.fleetd is not None
@@ -282,11 +279,7 @@ def test_kill9_fleetd_mid_mission_then_restart(fleet: Fleet) -> None:
 
 
 def test_kill9_nats_server_mid_mission_then_restart(fleet: Fleet) -> None:
-    fleet.start_fleetd()
-    fleet.start_worker("w0")
-    fleet.start_worker("w1")
-    fleet.wait_workers(2)
-    mission = _slow_selftest(fleet.url)
+    mission = _slow_selftest_on_two_workers(fleet)
     wait_for(lambda: running_on(fleet.url, "w0") or running_on(fleet.url, "w1"), 30, "a running task")
     fleet.server.kill()
     time.sleep(2.0)
