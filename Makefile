@@ -27,7 +27,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy bem stats
+	$(PY) -m mypy bem stats schemas fleetd workers
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

@@ -31,13 +31,9 @@ publishers and the workers. Each part gets a fresh server, home and database.
     The 1,000-task mission's own submit-to-start is reported for its first task on each worker only:
     later tasks queue behind the others, so their submit-to-start measures the queue, not dispatch.
 
-One defect is worked around here, in this file only: schemas/missions.py refuses the kind "noop"
-(its kind regex needs a dot), so this process relaxes that regex before it starts the Coordinator;
-workers resolve kinds through workers.kinds.KINDS, which has "noop".
-
-Runtime on a quiet 2-core box is about 3 minutes, two thirds of it the 1,000 tasks (~8 tasks/s:
-each noop task is a fresh Python process that also imports numpy), and more when the box is shared;
---tasks 200 makes it about 1.5 minutes. The load average before and after is printed and saved.
+Runtime on a quiet 2-core box is about 2 minutes (each noop task is a fork of the worker's
+preloaded template process), and more when the box is shared; --tasks 200 makes it shorter.
+The load average before and after is printed and saved.
 
     .venv/bin/python bench/fleet_throughput.py [--publishers 4] [--tasks 1000] [--out PATH]
 
@@ -55,7 +51,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -82,9 +77,8 @@ from fleetd import bus, cli  # noqa: E402
 from fleetd.client import FleetClient  # noqa: E402
 from fleetd.config import FleetConfig  # noqa: E402
 from fleetd.coordinator import Coordinator  # noqa: E402
-from fleetd.natsserver import NatsServer, _die_with_parent  # noqa: E402
+from fleetd.natsserver import NatsServer, die_with_parent  # noqa: E402
 from schemas import messages as m  # noqa: E402
-from schemas import missions as specs  # noqa: E402
 
 POINTS_PER_MSG = 1000
 METRIC_NAMES = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s")  # 4 x 250 = 1,000
@@ -206,7 +200,7 @@ class Procs:
 
     def spawn(self, args: list[str], **kw: Any) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
-        p = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, preexec_fn=_die_with_parent, **kw)
+        p = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, preexec_fn=die_with_parent, **kw)
         self.procs.append(p)
         return p
 
@@ -431,11 +425,6 @@ def write_missions(directory: Path, tasks: int) -> None:
         )
 
 
-def allow_dotless_kinds() -> None:
-    """schemas/missions.py: _KIND needs a dot, so the registered kind "noop" is refused. Relax it here."""
-    specs._KIND = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")  # type: ignore[attr-defined]
-
-
 TIMES_SQL = """
 SELECT t.task_id, t.mission_id, t.state, t.attempt, mi.name AS mission, mi.submitted_at,
        a.worker, a.assigned_at, s.ts AS started, f.ts AS finished
@@ -448,7 +437,6 @@ LEFT JOIN events f ON f.task_id = t.task_id AND f.attempt = t.attempt AND f.kind
 
 
 async def part_b(args: argparse.Namespace, root: Path, procs: Procs, console: Console) -> dict[str, Any]:
-    allow_dotless_kinds()
     home = root / "home"
     write_missions(root / "missions", args.tasks)
     cfg = FleetConfig(home=str(home), missions_dir=str(root / "missions"))

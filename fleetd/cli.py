@@ -25,7 +25,7 @@ from rich.console import Console
 from fleetd import bus, config, logs, render
 from fleetd.client import FleetClient, FleetError
 from fleetd.coordinator import Coordinator
-from fleetd.natsserver import NatsServer, NatsServerError, _die_with_parent
+from fleetd.natsserver import NatsServer, NatsServerError, die_with_parent
 from fleetd.store import Store
 from workers import gpus
 from workers.worker import default_id
@@ -99,9 +99,15 @@ class WorkerProcs:
     """The worker children of `fleetd up`, restarted when they exit (as Restart=on-failure would)."""
 
     def __init__(
-        self, home: Path, url: str, specs: list[tuple[str, str | None]], threads: int | None
+        self,
+        home: Path,
+        url: str,
+        specs: list[tuple[str, str | None]],
+        threads: int | None,
+        settings: config.WorkerConfig,
     ) -> None:
         self.home, self.url, self.specs, self.threads = home, url, specs, threads
+        self.env = {**os.environ, **settings.env()}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, worker_id: str, gpu: str | None) -> None:
@@ -121,7 +127,9 @@ class WorkerProcs:
         cmd += ["--gpu", gpu] if gpu else ["--cpu"]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
-        self.procs[worker_id] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.procs[worker_id] = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, env=self.env, preexec_fn=die_with_parent
+        )
 
     async def supervise(self) -> None:
         for wid, gpu in self.specs:
@@ -178,7 +186,7 @@ async def up_cmd(cfg: config.FleetConfig, args: argparse.Namespace) -> int:
             threads = max(1, (os.cpu_count() or 1) // max(n, 1))
         else:
             specs, threads = [(default_id(g), g.uuid) for g in found], None
-        workers = WorkerProcs(home, server.url, specs, threads)
+        workers = WorkerProcs(home, server.url, specs, threads, cfg.worker)
         console.print(f"fleet on {home}: nats {server.url}, {len(specs)} worker(s), logs in {home / 'logs'}")
         try:
             async with coordinator(cfg, server.url) as coord, anyio.create_task_group() as tg:
@@ -223,7 +231,8 @@ async def _demo_once(url: str, console: Console) -> None:
         mission = st["missions"][0]
         if st.get("decisions"):
             console.print(render.decisions_table(mission, st["decisions"]))
-        console.print(f"verdict: [bold]{mission['verdict']}[/]: {mission['reason']}")
+        else:
+            console.print(f"verdict: [bold]{mission['verdict']}[/]: {mission['reason']}")
     finally:
         await client.close()
 

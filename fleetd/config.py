@@ -31,6 +31,16 @@ class SchedulerConfig(Struct, forbid_unknown_fields=True):
 class WorkerConfig(Struct, forbid_unknown_fields=True):
     heartbeat_s: float = 1.0
     cancel_grace_s: float = 5.0  # SIGTERM, then SIGKILL after this
+    # Imported once by the template process every task forks from, so tasks start without importing them.
+    preload: list[str] = msgspec.field(default_factory=lambda: ["torch"])
+
+    def env(self) -> dict[str, str]:
+        """The environment `fleet-worker` reads these from."""
+        return {
+            "FLEET_WORKER_HEARTBEAT_S": str(self.heartbeat_s),
+            "FLEET_WORKER_CANCEL_GRACE_S": str(self.cancel_grace_s),
+            "FLEET_WORKER_PRELOAD": ",".join(self.preload),
+        }
 
 
 class WebConfig(Struct, forbid_unknown_fields=True):
@@ -81,7 +91,10 @@ def load(path: Path | None = None, env: dict[str, str] | None = None, **flags: A
         for name in cls.__struct_fields__:
             key = f"FLEET_{section}_{name}".upper()
             if key in env:
-                raw.setdefault(section, {})[name] = env[key]
+                value: Any = env[key]
+                if isinstance(getattr(cls(), name), list):  # lists are comma-separated
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+                raw.setdefault(section, {})[name] = value
     for dotted, value in flags.items():
         if value is None or dotted == "home":
             continue

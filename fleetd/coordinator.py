@@ -412,14 +412,17 @@ class Coordinator:
             "finished_at": None,
         }
 
-        def add(ch: Changes) -> None:
+        # One transaction: the mission, its tasks as placed, and their first attempts. Placement
+        # before the insert saves a commit on the way to the first task's start.
+        async with self.lock:
+            self.sched.add_mission(Mission(mission_id, spec.name, "running", spec.gates is not None), tasks)
             if spec.gates is not None:
                 self.gates[mission_id] = spec.gates
-            self.sched.add_mission(Mission(mission_id, spec.name, "running", spec.gates is not None), tasks)
-
-        async with self.lock:
-            await self.write(self.store.insert_mission, row, [t.row() for t in tasks])
-        await self.mutate(add)
+            ch = Changes()
+            self.sched.place(ch)
+            for t in tasks:
+                ch.tasks.pop(t.task_id, None)  # their rows below carry the placed state
+            await self.persist(ch, new_mission=(row, [t.row() for t in tasks]))
         log.info("submitted", mission=mission_id, profile=profile, tasks=len(tasks))
         return {"mission_id": mission_id, "profile": profile, "tasks": [t.task_id for t in tasks]}
 

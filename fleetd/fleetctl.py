@@ -105,7 +105,6 @@ async def submit(client: FleetClient, args: argparse.Namespace, console: Console
     st = await render.follow(client, mission_id, console)
     if st.get("decisions"):
         console.print(render.decisions_table(st["missions"][0], st["decisions"]))
-        console.print(f"verdict: [bold]{st['missions'][0]['verdict']}[/]: {st['missions'][0]['reason']}")
     return 0  # the mission finished; its verdict is data, not an exit status
 
 

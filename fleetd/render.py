@@ -6,9 +6,11 @@ import time
 from typing import Any
 
 import anyio
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from fleetd.client import FleetClient, FleetError
 
@@ -19,53 +21,73 @@ def _fmt(x: Any, spec: str = "+.4f") -> str:
     return "" if x is None else format(x, spec)
 
 
-def decisions_table(mission: dict[str, Any], decisions: list[dict[str, Any]]) -> Table:
-    t = Table(title=f"{mission['mission_id']}: verdict {mission.get('verdict') or '-'}", title_justify="left")
-    for col, kw in (
-        ("gate", {}),
-        ("kind", {}),
-        ("comparison", {}),
-        ("estimate", {"justify": "right"}),
-        ("interval", {"justify": "right"}),
-        ("p_adj", {"justify": "right"}),
-        ("outcome", {}),
-        ("reason", {"overflow": "fold"}),
-    ):
-        t.add_column(col, **kw)
+def decisions_table(mission: dict[str, Any], decisions: list[dict[str, Any]]) -> Group:
+    """One row per gate with its numbers, then each gate's reason on its own line below.
+
+    The reasons are sentences; in a table column they fold into a thin strip at 80 columns."""
+    t = Table(
+        title=f"{mission['mission_id']}: verdict {mission.get('verdict') or '-'}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+    )
+    t.add_column("gate", overflow="fold", ratio=1)
+    for col in ("estimate", "interval", "p_adj"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("outcome", no_wrap=True)
+    reasons = []
+    kind = None
     for d in decisions:
         if d["kind"] == "verdict":
             continue
+        if d["kind"] != kind:  # a heading row per kind (primary claims, guards) instead of a column
+            kind = d["kind"]
+            t.add_row(Text(f"{kind}:", style="dim italic"))
         style = {"pass": "green", "fail": "red"}.get(d["outcome"], "yellow")
-        interval = "" if d["ci_low"] is None else f"[{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]"
+        interval = ""
+        if d["ci_low"] is not None or d["ci_high"] is not None:
+            low = "-inf" if d["ci_low"] is None else _fmt(d["ci_low"])
+            high = "+inf" if d["ci_high"] is None else _fmt(d["ci_high"])
+            interval = f"[{low}, {high}]"
         t.add_row(
             d["gate"],
-            d["kind"],
-            d["comparison"] or "",
             _fmt(d["estimate"]),
             interval,
-            _fmt(d["p_adj"], ".4f"),
+            _fmt(d["p_adj"], ".2g"),
             f"[{style}]{d['outcome']}[/]",
-            d["reason"] or "",
         )
-    return t
+        comparison = f" ({d['comparison']})" if d["comparison"] else ""
+        reasons.append(Text.assemble((d["gate"], "bold"), comparison, ": ", d["reason"] or ""))
+    verdict = next((d for d in decisions if d["kind"] == "verdict"), None)
+    if verdict is not None:
+        reasons.append(Text.assemble(("verdict", "bold"), ": ", verdict["reason"] or ""))
+    return Group(t, Text(""), *reasons)
 
 
 def status_tables(status: dict[str, Any]) -> list[Table]:
     out = []
     mt = Table(title="missions", title_justify="left")
-    for col in ("mission", "profile", "state", "tasks", "verdict"):
-        mt.add_column(col)
+    for col in ("mission", "profile", "state"):
+        mt.add_column(col, no_wrap=True)
+    mt.add_column("tasks", ratio=1)
+    mt.add_column("verdict", no_wrap=True)
     for ms in status["missions"]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(ms["tasks"].items()))
         mt.add_row(ms["mission_id"], ms["profile"], ms["state"], counts, ms.get("verdict") or "")
     out.append(mt)
     if status["tasks"]:
-        tt = Table(title="tasks", title_justify="left")
-        for col in ("task", "state", "attempt", "worker", "pending reason / error"):
-            tt.add_column(col, overflow="fold")
+        # One mission's tasks go by their names, so the table fits 80 columns.
+        single = len({t["mission_id"] for t in status["tasks"]}) == 1
+        title = f"tasks of {status['tasks'][0]['mission_id']}" if single else "tasks"
+        tt = Table(title=title, title_justify="left")
+        for col in ("task", "state", "attempt", "worker"):
+            tt.add_column(col, no_wrap=True)
+        tt.add_column("pending reason / error", overflow="fold", ratio=1)
         for t in status["tasks"]:
             note = t["pending_reason"] if t["state"] == "pending" else (t["error"] or "")
-            tt.add_row(t["task_id"], t["state"], str(t["attempt"]), t["worker"] or "", note or "")
+            name = t["task_id"].removeprefix(t["mission_id"] + "/") if single else t["task_id"]
+            tt.add_row(name, t["state"], str(t["attempt"]), t["worker"] or "", note or "")
         out.append(tt)
     out.append(workers_table(status["workers"]))
     return out
@@ -73,8 +95,9 @@ def status_tables(status: dict[str, Any]) -> list[Table]:
 
 def workers_table(workers: list[dict[str, Any]]) -> Table:
     wt = Table(title="workers", title_justify="left")
-    for col in ("worker", "alive", "gpu", "free / total GiB", "running"):
-        wt.add_column(col)
+    for col in ("worker", "alive", "gpu", "free / total GiB"):
+        wt.add_column(col, no_wrap=True)
+    wt.add_column("running", overflow="fold", ratio=1)
     for w in workers:
         mem = f"{w['free_bytes'] / 2**30:.1f} / {w['total_bytes'] / 2**30:.1f}" if w["total_bytes"] else "-"
         wt.add_row(

@@ -114,17 +114,6 @@ class Store:
 
     # ---- writes (writer thread only) ------------------------------------------------------------
 
-    def insert_mission(self, mission: dict[str, Any], tasks: Sequence[dict[str, Any]]) -> None:
-        con = self.con
-        con.execute("BEGIN")
-        try:
-            _insert(con, "missions", [mission])
-            _insert(con, "tasks", tasks)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-
     def apply(
         self,
         events: Sequence[Event] = (),
@@ -133,8 +122,10 @@ class Store:
         mission_updates: Iterable[tuple[str, dict[str, Any]]] = (),
         current_attempt: dict[str, int] | None = None,
         decisions: tuple[str, Sequence[dict[str, Any]]] | None = None,
+        new_mission: tuple[dict[str, Any], Sequence[dict[str, Any]]] | None = None,
     ) -> Written:
-        """One transaction: new events and their rows, task and mission updates, decisions.
+        """One transaction: a new mission and its tasks, new events and their rows, task and mission
+        updates, decisions.
 
         Scores of an attempt that is no longer the task's current one are not copied into
         example_scores (the event itself is kept), so each result row exists exactly once.
@@ -142,6 +133,10 @@ class Store:
         con = self.con
         con.execute("BEGIN")
         try:
+            if new_mission is not None:
+                mission, tasks = new_mission
+                _insert(con, "missions", [mission])
+                _insert(con, "tasks", tasks)
             written = self._record(events, current_attempt or {}) if events else Written()
             for task_id, fields in task_updates:
                 _update(con, "tasks", "task_id", task_id, fields)
@@ -351,9 +346,8 @@ def _quote(path: Path) -> str:
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
-    cols = list(rows[0])
-    sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
-    con.executemany(sql, [[_cell(r[c]) for c in cols] for r in rows])
+    # Through Arrow, not executemany: a 1,000-task mission goes in one statement, not 1,000.
+    _insert_arrow(con, table, pa.Table.from_pylist([{k: _cell(v) for k, v in r.items()} for r in rows]))
 
 
 def _insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:

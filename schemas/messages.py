@@ -53,7 +53,7 @@ class _Event(Struct, frozen=True, kw_only=True, tag_field="kind"):
     ts: float  # unix seconds at the source
 
 
-class Started(_Event, tag="started"):
+class Started(_Event, frozen=True, tag="started"):
     pid: int = 0
 
 
@@ -65,21 +65,21 @@ class Series(Struct, frozen=True, array_like=True):
     times: list[float]
 
 
-class Metrics(_Event, tag="metrics"):
+class Metrics(_Event, frozen=True, tag="metrics"):
     series: dict[str, Series]
 
 
-class Progress(_Event, tag="progress"):
+class Progress(_Event, frozen=True, tag="progress"):
     stage: str
     done: int
     total: int
 
 
-class Log(_Event, tag="log"):
+class Log(_Event, frozen=True, tag="log"):
     lines: list[str]
 
 
-class Scores(_Event, tag="scores"):
+class Scores(_Event, frozen=True, tag="scores"):
     """Per-example scores (columnar): the rows the stats engine pairs arms on."""
 
     example_id: list[str]
@@ -89,19 +89,19 @@ class Scores(_Event, tag="scores"):
     value: list[float]
 
 
-class Artifact(_Event, tag="artifact"):
+class Artifact(_Event, frozen=True, tag="artifact"):
     path: str
     artifact_kind: str
     sha256: str = ""
     bytes: int = 0
 
 
-class Finished(_Event, tag="finished"):
+class Finished(_Event, frozen=True, tag="finished"):
     result: dict[str, Any] = {}
     duration_s: float = 0.0
 
 
-class Failed(_Event, tag="failed"):
+class Failed(_Event, frozen=True, tag="failed"):
     reason: FailureReason
     error: str
     duration_s: float = 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,14 +34,14 @@ class _Strict(Struct, frozen=True, forbid_unknown_fields=True):
     pass
 
 
-class Defaults(_Strict):
+class Defaults(_Strict, frozen=True):
     timeout_s: float = 3600.0
     max_attempts: int = 2  # task errors: exception, OOM, crash, timeout
     max_infra_attempts: int = 5  # lost worker, bus outage
     vram_gb: float = 0.0
 
 
-class Stage(_Strict):
+class Stage(_Strict, frozen=True):
     name: str
     kind: str
     foreach: list[Literal["arm", "seed"]] = []
@@ -52,7 +53,7 @@ class Stage(_Strict):
     max_attempts: int | None = None
 
 
-class Profile(_Strict):
+class Profile(_Strict, frozen=True):
     description: str = ""
     params: dict[str, Any] = {}  # merged over every stage's params
     seeds: list[int] | None = None
@@ -61,7 +62,7 @@ class Profile(_Strict):
     timeout_s: float | None = None
 
 
-class ClaimSpec(_Strict):
+class ClaimSpec(_Strict, frozen=True):
     name: str
     metric: str
     variant: str
@@ -70,7 +71,7 @@ class ClaimSpec(_Strict):
     min_positive_seeds: int | None = None
 
 
-class GuardSpec(_Strict):
+class GuardSpec(_Strict, frozen=True):
     name: str
     statistic: Literal["delta", "ratio", "quantile_ratio", "level", "value"]
     metric: str
@@ -81,7 +82,7 @@ class GuardSpec(_Strict):
     q: float = 0.5
 
 
-class Gates(_Strict):
+class Gates(_Strict, frozen=True):
     q: float = 0.05
     fdr: Literal["bh", "by"] = "bh"
     rule: Literal["all", "any"] = "all"
@@ -92,7 +93,7 @@ class Gates(_Strict):
     guards: list[GuardSpec] = []
 
 
-class MissionSpec(_Strict):
+class MissionSpec(_Strict, frozen=True):
     name: str
     description: str = ""
     version: int = 1
@@ -243,7 +244,11 @@ def _check(spec: MissionSpec, file: str, stem: str) -> None:
         if not 0 < g.level < 1:
             fail("gates.level", f"must be in (0, 1), got {g.level}")
         names: set[str] = set()
-        for kind, items in (("claims", g.claims), ("guards", g.guards)):
+        gate_lists: tuple[tuple[str, Sequence[ClaimSpec | GuardSpec]], ...] = (
+            ("claims", g.claims),
+            ("guards", g.guards),
+        )
+        for kind, items in gate_lists:
             for i, gate in enumerate(items):
                 if gate.name in names:
                     fail(f"gates.{kind}[{i}].name", f"duplicate gate {gate.name!r}")

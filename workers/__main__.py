@@ -22,9 +22,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("FLEET_HOME", ".fleet")))
     parser.add_argument("--threads", type=int, help="CPU threads per task (OMP_NUM_THREADS)")
-    parser.add_argument(
-        "--heartbeat", type=float, default=float(os.environ.get("FLEET_WORKER_HEARTBEAT_S", 1.0))
-    )
     parser.add_argument("--log-file", type=Path)
     args = parser.parse_args(argv)
     if args.gpu:
@@ -34,11 +31,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import anyio
 
-    from fleetd import logs
+    from fleetd import config, logs
     from workers import gpus
     from workers.worker import Worker, default_id
 
     logs.configure(path=args.log_file)
+    try:
+        settings = config.load(home=str(args.home)).worker  # FLEET_WORKER_* and <home>/fleetd.toml
+    except config.ConfigError as e:
+        parser.error(str(e))
     if not args.nats:
         home_file = args.home / "fleetd.json"
         if not home_file.is_file():
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         args.nats,
         args.home,
         gpu,
-        heartbeat_s=args.heartbeat,
+        heartbeat_s=settings.heartbeat_s,
+        cancel_grace_s=settings.cancel_grace_s,
+        preload=settings.preload,
         threads=args.threads,
     )
     anyio.run(_run_until_signal, worker)

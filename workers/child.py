@@ -21,7 +21,7 @@ from typing import BinaryIO
 import msgspec
 
 from bem.reporter import Cancelled, ScoreRow
-from schemas.messages import Series
+from schemas.messages import FailureReason, Series
 from workers import protocol as p
 
 FLUSH_S, FLUSH_POINTS = 0.25, 1000
@@ -127,7 +127,7 @@ def main() -> int:
     except BaseException as e:
         reporter.flush()
         traceback.print_exc()
-        reason = "oom" if type(e).__name__ == "OutOfMemoryError" else "error"
+        reason: FailureReason = "oom" if type(e).__name__ == "OutOfMemoryError" else "error"
         reporter.send(p.Error(reason, f"{type(e).__name__}: {e}"))
     out.flush()
     return 0

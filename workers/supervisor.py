@@ -1,6 +1,7 @@
 """Runs each task in a child process and turns what the child says into outcomes and messages.
 
-A spare child is started ahead of time (Python and the fleet's modules imported), so the next task
+Each child is a fork of a template process that has the fleet's modules (and torch) imported
+(`workers.forkserver`), and a spare child is forked while the current task runs, so the next task
 starts in milliseconds; each child runs one task and exits. Cancel sends SIGTERM (the job stops at its
 next check) and SIGKILL after a grace period; a timeout does the same; a child that dies without a
 result is a crash, with its last log lines as the error.
@@ -8,93 +9,97 @@ result is a crash, with its last log lines as the error.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
-from subprocess import PIPE
 
 import anyio
 import msgspec
 import structlog
-from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from workers import protocol as p
+from workers.forkserver import Forked, ForkServer, ForkServerError
 
 log = structlog.get_logger("fleet.supervisor")
 Emit = Callable[[p.ChildMsg | list[str]], Awaitable[None]]  # a message, or log lines
 
 
-class Child:
-    def __init__(self, proc: Process) -> None:
-        self.proc = proc
-        assert proc.stdout is not None and proc.stderr is not None
-        self.out = BufferedByteReceiveStream(proc.stdout)
-        self.err = BufferedByteReceiveStream(proc.stderr)
-
-    async def read(self) -> p.ChildMsg | None:
-        try:
-            line = await self.out.receive_until(b"\n", 64 * 1024 * 1024)
-        except (
-            anyio.EndOfStream,
-            anyio.IncompleteRead,
-            anyio.BrokenResourceError,
-            anyio.ClosedResourceError,
-        ):
-            return None
-        return p.decoder.decode(line)
-
-    def signal(self, sig: int) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
+async def _read(child: Forked) -> p.ChildMsg | None:
+    try:
+        line = await child.out.receive_until(b"\n", 64 * 1024 * 1024)
+    except (
+        anyio.EndOfStream,
+        anyio.IncompleteRead,
+        anyio.BrokenResourceError,
+        anyio.ClosedResourceError,
+    ):
+        return None
+    return p.decoder.decode(line)
 
 
 class Supervisor:
-    def __init__(self, env: dict[str, str], cancel_grace_s: float = 5.0) -> None:
-        self.env = env
+    def __init__(
+        self, env: dict[str, str], cancel_grace_s: float = 5.0, preload: list[str] | None = None
+    ) -> None:
         self.cancel_grace_s = cancel_grace_s
-        self._spare: Child | None = None
+        self.forkserver = ForkServer(env, preload or [])
+        self._started = False
+        self._spare: Forked | None = None
 
-    async def _spawn(self) -> Child:
-        proc = await anyio.open_process(
-            [sys.executable, "-m", "workers.child"], stdin=PIPE, stdout=PIPE, stderr=PIPE, env=self.env
-        )
-        child = Child(proc)
-        msg = await child.read()
+    async def _spawn(self) -> Forked:
+        if not self._started:
+            await self.forkserver.start()
+            self._started = True
+        child = await self.forkserver.fork()
+        msg = await _read(child)
         if not isinstance(msg, p.Ready):
-            err = (
-                (await child.err.receive(65536)).decode(errors="replace")
-                if proc.returncode is not None
-                else ""
-            )
-            raise RuntimeError(f"task child did not start: {msg!r} {err}")
+            rc = await child.wait()
+            await child.aclose()
+            raise ForkServerError(f"task child did not start (exit {rc}): {msg!r}")
         return child
 
     async def warm(self) -> None:
         if self._spare is None:
             self._spare = await self._spawn()
 
-    async def close(self) -> None:
-        if self._spare is not None:
+    async def _refill(self) -> None:
+        # Shielded: a half-made child would leak if the task's end cancelled this mid-fork.
+        try:
             with anyio.CancelScope(shield=True):
-                assert self._spare.proc.stdin is not None
-                await self._spare.proc.stdin.aclose()
-                await self._spare.proc.wait()
-            self._spare = None
+                await self.warm()
+        except ForkServerError as e:
+            log.warning("spare_child_failed", error=str(e))  # the next task forks its own
+
+    async def _hand_over(self, line: bytes) -> Forked:
+        """The spare (or a new child) with the Run line sent; a spare that died meanwhile is replaced."""
+        child, self._spare = self._spare, None
+        if child is not None:
+            try:
+                await child.stdin.send(line)
+                return child
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                log.warning("spare_child_gone", pid=child.pid)
+                await child.aclose()
+        child = await self._spawn()
+        await child.stdin.send(line)
+        return child
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._spare is not None:
+                await self._spare.stdin.aclose()  # EOF before a Run: the spare exits
+                await self._spare.wait()
+                await self._spare.aclose()
+                self._spare = None
+            await self.forkserver.aclose()
 
     async def run(self, run: p.Run, emit: Emit, cancel: anyio.Event) -> p.Result | p.Error:
         """Run one task to its end; never raises for anything the task does."""
-        child = self._spare or await self._spawn()
-        self._spare = None
+        child = await self._hand_over(msgspec.json.encode(run) + b"\n")
         tail: deque[str] = deque(maxlen=20)
         outcome: p.Result | p.Error | None = None
         stopped: p.Error | None = None
-        assert child.proc.stdin is not None
-        await child.proc.stdin.send(msgspec.json.encode(run) + b"\n")
 
         async def pump_logs() -> None:
             batch: list[str] = []
@@ -120,7 +125,7 @@ class Supervisor:
             stopped = p.Error(reason, why)  # type: ignore[arg-type]
             child.signal(signal.SIGTERM)
             with anyio.move_on_after(self.cancel_grace_s):
-                await child.proc.wait()
+                await child.wait()
             child.signal(signal.SIGKILL)
 
         async def watch() -> None:
@@ -132,12 +137,13 @@ class Supervisor:
                 await stop("timeout", f"no result within timeout_s={run.assignment.timeout_s:g}")
 
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self._refill)  # the next task's child, forked while this one runs
             tg.start_soon(pump_logs)
             async with anyio.create_task_group() as inner:
                 inner.start_soon(watch)
                 while True:
                     try:
-                        msg = await child.read()
+                        msg = await _read(child)
                     except msgspec.DecodeError as e:
                         log.warning("child_bad_message", error=str(e))
                         continue
@@ -147,11 +153,12 @@ class Supervisor:
                         outcome = msg
                     else:
                         await emit(msg)
-                rc = await child.proc.wait()
+                rc = await child.wait()
                 inner.cancel_scope.cancel()
             tg.cancel_scope.deadline = (
                 anyio.current_time() + 2
             )  # the last log lines, unless stderr is held open
+        await child.aclose()
         if stopped is not None:
             return stopped
         if outcome is not None:

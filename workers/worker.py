@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -47,6 +48,7 @@ class Worker:
         *,
         heartbeat_s: float = 1.0,
         cancel_grace_s: float = 5.0,
+        preload: list[str] | None = None,
         threads: int | None = None,
     ) -> None:
         m.subject_token(worker_id)
@@ -55,7 +57,7 @@ class Worker:
         env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu.uuid  # inside the task, cuda:0 is this GPU
-        self.supervisor = Supervisor(child_env(threads, env), cancel_grace_s)
+        self.supervisor = Supervisor(child_env(threads, env), cancel_grace_s, preload)
         self.running: str | None = None
         self.cancels: dict[tuple[str, int], anyio.Event] = {}
         self.outbox: asyncio.Queue[m.Event] = asyncio.Queue()
@@ -178,7 +180,7 @@ class Worker:
         tlog = log.bind(task=a.task_id, attempt=a.attempt, mission=a.mission_id, worker=self.id)
         seq = 0
 
-        def event(cls: type[m._Event], **fields: object) -> None:
+        def event(cls: type[m.Event], **fields: Any) -> None:
             nonlocal seq
             self.outbox.put_nowait(
                 cls(
@@ -260,9 +262,6 @@ class Worker:
             except (nats.errors.Error, TimeoutError, OSError) as e:
                 tlog.debug("ack_retry", error=repr(e))
                 await anyio.sleep(0.5)
-        # Ack first (with one task in flight the server holds our next assignment until then), then
-        # start the next task's process while fleetd places that task.
-        await self.supervisor.warm()
 
     async def _keep_alive(self, msg: Msg) -> None:
         while True:
