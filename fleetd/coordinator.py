@@ -420,9 +420,9 @@ class Coordinator:
                 self.gates[mission_id] = spec.gates
             ch = Changes()
             self.sched.place(ch)
-            for t in tasks:
-                ch.tasks.pop(t.task_id, None)  # their rows below carry the placed state
-            await self.persist(ch, new_mission=(row, [t.row() for t in tasks]))
+            # Their rows carry the placed state (the new tasks' changes are folded in, not UPDATEs).
+            rows = [{**t.row(), **_db_fields(ch.tasks.pop(t.task_id, {}))} for t in tasks]
+            await self.persist(ch, new_mission=(row, rows))
         log.info("submitted", mission=mission_id, profile=profile, tasks=len(tasks))
         return {"mission_id": mission_id, "profile": profile, "tasks": [t.task_id for t in tasks]}
 

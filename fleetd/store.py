@@ -364,13 +364,24 @@ def _update(con: duckdb.DuckDBPyConnection, table: str, key: str, value: str, fi
 
 
 def _upsert_attempt(con: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
-    cols = list(row)
-    updates = ", ".join(f"{c} = coalesce(excluded.{c}, task_attempts.{c})" for c in cols[2:])
-    con.execute(
-        f"INSERT INTO task_attempts ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
-        f"ON CONFLICT (task_id, attempt) DO UPDATE SET {updates}",
-        [_cell(row[c]) for c in cols],
-    )
+    """Set the row's non-null fields, inserting the attempt if it is new.
+
+    UPDATE, then INSERT when nothing matched (one writer, inside its transaction, so no race): a
+    third of the cost of DuckDB's INSERT ... ON CONFLICT DO UPDATE, on the way from submit to start."""
+    fields = {c: v for c, v in row.items() if c not in ("task_id", "attempt") and v is not None}
+    updated = 0
+    if fields:
+        sets = ", ".join(f"{c} = ?" for c in fields)
+        updated = con.execute(
+            f"UPDATE task_attempts SET {sets} WHERE task_id = ? AND attempt = ?",
+            [*(_cell(v) for v in fields.values()), row["task_id"], row["attempt"]],
+        ).fetchall()[0][0]
+    if not updated:
+        cols = list(row)
+        con.execute(
+            f"INSERT INTO task_attempts ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+            [_cell(row[c]) for c in cols],
+        )
 
 
 def _cell(v: Any) -> Any:

@@ -17,6 +17,10 @@ from msgspec import Struct
 
 SCHEMA_VERSION = 1
 
+# The seq of the failure a restarted worker reports for a redelivered assignment: above any seq a
+# task's own events reach, so it never collides with what the worker's earlier incarnation sent.
+REDELIVERED_SEQ = 1 << 30
+
 FailureReason = Literal["error", "oom", "timeout", "crash", "cancelled", "infra"]
 # Failures that spend the infrastructure budget instead of the task's own attempt budget.
 INFRA_REASONS: frozenset[str] = frozenset({"infra"})

@@ -198,6 +198,9 @@ class Worker:
         cancel = self.cancels.setdefault((a.task_id, a.attempt), anyio.Event())
         if msg.metadata.num_delivered > 1:
             tlog.warning("redelivered", delivered=msg.metadata.num_delivered)
+            # Our earlier incarnation already used seq 0, 1, ... for this attempt (same keys, same
+            # Msg-Ids): this report takes a seq of its own, or it would be dropped as a duplicate.
+            seq = m.REDELIVERED_SEQ + msg.metadata.num_delivered
             event(m.Failed, reason="infra", error="the worker restarted while the task ran")
         elif cancel.is_set():
             event(m.Failed, reason="cancelled", error="cancelled before it started")
