@@ -11,7 +11,7 @@ publishers and the workers. Each part gets a fresh server, home and database.
     - saturated: a fixed number of messages per publisher, sent as fast as they go; the committed
       rate is the points found in DuckDB / (last commit - first publish). Target >= 200,000 points/s.
     - paced: the publishers offer 200,000 points/s together for a fixed time; publish-to-queryable
-      latency is time.time() in `Coordinator.on_commit` (called right after each commit) - ev.ts,
+      latency is time.time() in a `Coordinator.listeners` hook (called after each commit) - ev.ts,
       ev.ts being the publish time. Target p99 <= 1 s.
     Both phases check the metrics table against what the server acknowledged: nothing lost, nothing
     doubled. The baseline is MLflow's `MlflowClient.log_batch` (1,000 metrics per call, the same 4 x
@@ -76,7 +76,7 @@ from rich.table import Table  # noqa: E402
 from fleetd import bus, cli  # noqa: E402
 from fleetd.client import FleetClient  # noqa: E402
 from fleetd.config import FleetConfig  # noqa: E402
-from fleetd.coordinator import Coordinator  # noqa: E402
+from fleetd.coordinator import Commit, Coordinator  # noqa: E402
 from fleetd.natsserver import NatsServer, die_with_parent  # noqa: E402
 from schemas import messages as m  # noqa: E402
 
@@ -280,7 +280,7 @@ def summary(xs: list[float] | np.ndarray) -> dict[str, float]:
 
 @dataclass
 class Ingest:
-    """What on_commit saw for one phase (events with this task-id prefix)."""
+    """What the commit hook saw for one phase (events with this task-id prefix)."""
 
     prefix: str
     points: int = 0
@@ -289,10 +289,10 @@ class Ingest:
     last_commit: float = 0.0
 
 
-def _on_commit(phases: dict[str, Ingest]) -> Callable[[list[m.Event]], None]:
-    def hook(new: list[m.Event]) -> None:
+def _on_commit(phases: dict[str, Ingest]) -> Callable[[Commit], None]:
+    def hook(commit: Commit) -> None:
         now = time.time()
-        for ev in new:
+        for ev in commit.events:
             if isinstance(ev, m.Metrics):
                 ph = phases.get(ev.mission_id)
                 if ph is None:
@@ -390,7 +390,7 @@ async def part_a(args: argparse.Namespace, root: Path, procs: Procs, console: Co
     with nats_server(root) as server:
         async with cli.coordinator(cfg, server.url) as coord, anyio.create_task_group() as tg:
             sat, paced = Ingest("sat"), Ingest("paced")
-            coord.on_commit = _on_commit({"sat": sat, "paced": paced})
+            coord.listeners.append(_on_commit({"sat": sat, "paced": paced}))
             await tg.start(coord.run)
             n = args.publishers
             console.print(

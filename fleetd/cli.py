@@ -22,11 +22,12 @@ import anyio
 import structlog
 from rich.console import Console
 
-from fleetd import bus, config, logs, render
+from fleetd import bus, config, logs, render, sdnotify
 from fleetd.client import FleetClient, FleetError
 from fleetd.coordinator import Coordinator
 from fleetd.natsserver import NatsServer, NatsServerError, die_with_parent
 from fleetd.store import Store
+from web import app as web_app
 from workers import gpus
 from workers.worker import default_id
 
@@ -70,13 +71,22 @@ async def coordinator(cfg: config.FleetConfig, url: str) -> AsyncIterator[Coordi
             store.close()
 
 
-async def _serve(coord: Coordinator, home: Path, url: str) -> None:
-    (home / "fleetd.json").write_text(json.dumps({"nats_url": url, "pid": os.getpid()}))
+async def _serve(coord: Coordinator, home: Path, url: str, console: Console | None = None) -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(coord.run)
+        web_url = await tg.start(web_app.serve, coord, coord.cfg.web)
+        found = {"nats_url": url, "web_url": web_url, "pid": os.getpid()}
+        (home / "fleetd.json").write_text(json.dumps(found))
+        # Bus, store and web are up: systemd's Type=notify start completes here.
+        sdnotify.notify("READY=1", f"STATUS=serving {web_url}, NATS {url}")
+        tg.start_soon(sdnotify.watchdog_loop)
+        log.info("fleetd_ready", web=web_url, nats=url)
+        if console is not None:
+            console.print(f"status page: [bold]{web_url}[/]")
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
                 log.info("shutting_down", signal=signal.Signals(sig).name)
+                sdnotify.notify("STOPPING=1")
                 tg.cancel_scope.cancel()
                 break
 
@@ -192,7 +202,7 @@ async def up_cmd(cfg: config.FleetConfig, args: argparse.Namespace) -> int:
             async with coordinator(cfg, server.url) as coord, anyio.create_task_group() as tg:
                 tg.start_soon(_supervise_nats, server)
                 tg.start_soon(workers.supervise)
-                tg.start_soon(_serve_then_cancel, coord, home, server.url, tg)
+                tg.start_soon(_serve_then_cancel, coord, home, server.url, console, tg)
                 if args.demo:
                     tg.start_soon(_demo, server.url, console, args.exit_when_done, tg)
         finally:
@@ -203,8 +213,10 @@ async def up_cmd(cfg: config.FleetConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_then_cancel(coord: Coordinator, home: Path, url: str, tg: anyio.abc.TaskGroup) -> None:
-    await _serve(coord, home, url)
+async def _serve_then_cancel(
+    coord: Coordinator, home: Path, url: str, console: Console, tg: anyio.abc.TaskGroup
+) -> None:
+    await _serve(coord, home, url, console)
     tg.cancel_scope.cancel()
 
 
@@ -260,10 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     flags: dict[str, Any] = {"home": home}
     if getattr(args, "nats", None):
         flags["nats__url"] = args.nats
-    if getattr(args, "web_port", None):
+    if getattr(args, "web_port", None) is not None:
         flags["web__port"] = args.web_port
     try:
         cfg = config.load(args.config, **flags)
+        if args.command != "config":
+            web_app.load_token(cfg.web)  # refuse a page beyond loopback without a token before starting
     except config.ConfigError as e:
         print(f"fleetd: {e}", file=sys.stderr)
         return 2
@@ -276,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure()
     try:
         return anyio.run(up_cmd, cfg, args) if args.command == "up" else anyio.run(run_cmd, cfg)
-    except (HomeBusy, NatsServerError, FleetError) as e:
+    except (HomeBusy, NatsServerError, FleetError, config.ConfigError) as e:
         print(f"fleetd: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

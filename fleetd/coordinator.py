@@ -37,6 +37,7 @@ from fleetd import bus, judge
 from fleetd.config import FleetConfig
 from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig, Task
 from fleetd.store import SqlRefused, Store
+from fleetd.telemetry import FleetMetrics
 from schemas import messages as m
 from schemas import missions as specs
 from stats.gates import evaluate
@@ -61,6 +62,16 @@ class _Purge:
 
 
 @dataclass(frozen=True)
+class Commit:
+    """What one committed transaction changed: for live views."""
+
+    events: list[m.Event]
+    tasks: set[str]  # task ids whose row changed
+    missions: set[str]  # missions whose row or tasks changed
+    decided: str | None  # a mission whose decisions were written
+
+
+@dataclass(frozen=True)
 class _Command:
     worker: str
     command: m.Command
@@ -80,7 +91,10 @@ class Coordinator:
         self.missions_dir = Path(cfg.missions_dir) if cfg.missions_dir else specs.MISSIONS_DIR
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
         self._tg: anyio.abc.TaskGroup | None = None
-        self.on_commit: Callable[[list[m.Event]], None] | None = None  # benchmarks measure latency here
+        self.metrics = FleetMetrics()
+        self.metrics.bind(self)
+        # Called after each commit (the web page's live feed; benchmarks measure latency here).
+        self.listeners: list[Callable[[Commit], None]] = []
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -99,6 +113,8 @@ class Coordinator:
             await self.write(
                 self.store.dead_letter, f"fleet.dlq.task.{task.task_id}", why, task.task_id.encode()
             )
+        self.metrics.dead_letters.inc(len(ch.dead))
+        started = time.perf_counter()
         written = await self.write(
             self.store.apply,
             events or [],
@@ -108,8 +124,19 @@ class Coordinator:
             current,
             **extra,
         )
-        if events and self.on_commit is not None:
-            self.on_commit(written.new)
+        self.metrics.commit.observe(time.perf_counter() - started)
+        self.metrics.on_commit(written.new, ch.tasks, ch.attempts)
+        if self.listeners:
+            commit = Commit(
+                events=written.new,
+                tasks=set(ch.tasks),
+                missions=set(ch.missions) | {t.mission_id for t in map(tasks.get, ch.tasks) if t},
+                decided=extra["decisions"][0] if extra.get("decisions") else None,
+            )
+            if extra.get("new_mission"):
+                commit.missions.add(extra["new_mission"][0]["mission_id"])
+            for listener in self.listeners:
+                listener(commit)
         for worker in sorted(ch.purge):
             self.effects.put_nowait(_Purge(worker))
         for task, why in ch.dead:
@@ -276,6 +303,7 @@ class Coordinator:
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self.js.publish("fleet.dlq.malformed", msg.data, headers=headers, timeout=5)
         await self.write(self.store.dead_letter, msg.subject, reason, msg.data)
+        self.metrics.dead_letters.inc()
 
     # ---- workers and leases ---------------------------------------------------------------------
 
@@ -364,25 +392,28 @@ class Coordinator:
         self._tg.start_soon(self._answer, msg)
 
     async def _answer(self, msg: Msg) -> None:
-        verb = msg.subject.rsplit(".", 1)[-1]
+        reply = await self.call(msg.subject.rsplit(".", 1)[-1], msg.data)
+        if msg.reply:
+            await msg.respond(msgspec.json.encode(reply))
+
+    async def call(self, verb: str, data: bytes) -> m.Reply:
+        """One control API call (NATS request/reply and the web page's write actions)."""
         handler = getattr(self, f"ctl_{verb}", None)
         try:
             if handler is None:
                 raise _Refused("bad_request", f"unknown verb {verb!r}")
-            reply = m.Reply(ok=True, data=await handler(msg.data))
+            return m.Reply(ok=True, data=await handler(data))
         except _Refused as e:
-            reply = m.Reply(ok=False, error=m.ErrorInfo(e.code, str(e)))
+            return m.Reply(ok=False, error=m.ErrorInfo(e.code, str(e)))
         except specs.SpecError as e:
-            reply = m.Reply(ok=False, error=m.ErrorInfo("invalid_spec", str(e)))
+            return m.Reply(ok=False, error=m.ErrorInfo("invalid_spec", str(e)))
         except SqlRefused as e:
-            reply = m.Reply(ok=False, error=m.ErrorInfo("refused", str(e)))
+            return m.Reply(ok=False, error=m.ErrorInfo("refused", str(e)))
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            reply = m.Reply(ok=False, error=m.ErrorInfo("bad_request", f"{verb}: {e}"))
+            return m.Reply(ok=False, error=m.ErrorInfo("bad_request", f"{verb}: {e}"))
         except Exception as e:
             log.exception("control_failed", verb=verb)
-            reply = m.Reply(ok=False, error=m.ErrorInfo("internal", repr(e)))
-        if msg.reply:
-            await msg.respond(msgspec.json.encode(reply))
+            return m.Reply(ok=False, error=m.ErrorInfo("internal", repr(e)))
 
     async def ctl_submit(self, data: bytes) -> dict[str, Any]:
         req = msgspec.json.decode(data, type=m.SubmitRequest)
@@ -446,11 +477,7 @@ class Coordinator:
             if not missions:
                 raise _Refused("not_found", f"no mission {req.id!r}")
         for r in missions:
-            counts: dict[str, int] = {}
-            for tid in self.sched.missions[r["mission_id"]].task_ids:
-                st = self.sched.tasks[tid].state
-                counts[st] = counts.get(st, 0) + 1
-            r["tasks"] = counts
+            r["tasks"] = self.sched.counts(r["mission_id"])
         shown = {r["mission_id"] for r in missions}
         tasks = [
             {
@@ -492,6 +519,7 @@ class Coordinator:
                     "gpu_name": gpu.name if gpu else "cpu",
                     "total_bytes": gpu.total_bytes if gpu else 0,
                     "free_bytes": gpu.free_bytes if gpu else 0,
+                    "utilization": gpu.utilization if gpu else None,
                 }
             )
         return out

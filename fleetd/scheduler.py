@@ -167,6 +167,17 @@ class Scheduler:
             self.tasks[t.task_id] = t
             mission.task_ids.append(t.task_id)
 
+    def mission_tasks(self, mission_id: str) -> list[Task]:
+        mission = self.missions.get(mission_id)
+        return [self.tasks[tid] for tid in mission.task_ids] if mission else []
+
+    def counts(self, mission_id: str) -> dict[str, int]:
+        """Tasks of a mission by state."""
+        out: dict[str, int] = {}
+        for t in self.mission_tasks(mission_id):
+            out[t.state] = out.get(t.state, 0) + 1
+        return out
+
     # ---- events ---------------------------------------------------------------------------------
 
     def on_event(self, ev: Started | Finished | Failed, ch: Changes) -> None:

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         "--nats", default=os.environ.get("FLEET_NATS_URL", ""), help="NATS URL (default $FLEET_NATS_URL)"
     )
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("FLEET_HOME", ".fleet")))
+    parser.add_argument("--config", type=Path, help="fleetd.toml (default <home>/fleetd.toml if present)")
     parser.add_argument("--threads", type=int, help="CPU threads per task (OMP_NUM_THREADS)")
     parser.add_argument("--log-file", type=Path)
     args = parser.parse_args(argv)
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.configure(path=args.log_file)
     try:
-        settings = config.load(home=str(args.home)).worker  # FLEET_WORKER_* and <home>/fleetd.toml
+        settings = config.load(args.config, home=str(args.home)).worker  # the TOML, then FLEET_WORKER_*
     except config.ConfigError as e:
         parser.error(str(e))
     if not args.nats:

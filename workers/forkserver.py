@@ -224,6 +224,9 @@ def _become_task(fds: list[int], inherited: list[int]) -> None:
 
 def main(argv: list[str]) -> int:
     die_with_parent()  # the worker
+    # Ctrl-C in a terminal reaches the whole process group: the worker decides when we stop (it closes
+    # our socket), and its task processes inherit this, so they too stop only by SIGTERM or SIGKILL.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))
     for name in ["msgspec", "schemas.messages", "bem.reporter", "workers.child", "workers.kinds", *argv[1:]]:
         importlib.import_module(name)

@@ -23,7 +23,7 @@ import nats.errors
 import structlog
 from nats.aio.msg import Msg
 
-from fleetd import bus
+from fleetd import bus, sdnotify
 from schemas import messages as m
 from schemas.messages import GpuInfo
 from workers import gpus
@@ -77,8 +77,10 @@ class Worker:
         await self.nc.subscribe(bus.cmd_subject(self.id), cb=self._on_command)
         await self.supervisor.warm()
         log.info("worker_ready", worker=self.id, gpu=self.gpu.uuid if self.gpu else "cpu")
+        sdnotify.notify("READY=1", f"STATUS=worker {self.id} on {self.gpu.name if self.gpu else 'CPU'}")
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(sdnotify.watchdog_loop)
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._outbox_loop)
                 tg.start_soon(self._task_loop)

@@ -26,6 +26,7 @@ FAST = {  # short leases so a lost worker is noticed in seconds, not the product
     "FLEET_SCHEDULER_ASSIGN_GRACE_S": "3",
     "FLEET_SCHEDULER_HEARTBEAT_POLL_S": "0.2",
     "FLEET_WORKER_HEARTBEAT_S": "0.5",
+    "FLEET_WEB_PORT": "0",  # a free port: tests run side by side
 }
 
 
@@ -89,6 +90,17 @@ class Fleet:
     @property
     def url(self) -> str:
         return self.server.url
+
+    def web_url(self) -> str:
+        """The running fleetd's page (a free port; fleetd writes it to fleetd.json once it listens)."""
+
+        def read() -> str | None:
+            found = json.loads((self.home / "fleetd.json").read_text())
+            return (
+                found["web_url"] if found.get("pid") == (self.fleetd.pid if self.fleetd else None) else None
+            )
+
+        return wait_for(read, 30, "fleetd's web page")  # type: ignore[no-any-return]
 
     def spawn(self, *args: str, log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = (self.home / f"{log}.out").open("ab")

@@ -51,7 +51,7 @@ def running_on(url: str, worker: str) -> bool:
 def test_selftest_completes_on_two_cpu_workers_with_fleetd_up(tmp_path: Path) -> None:
     home = tmp_path / "home"
     up = subprocess.Popen(
-        [sys.executable, "-m", "fleetd", "--home", str(home), "up", "--cpu-workers", "2"],
+        [sys.executable, "-m", "fleetd", "--home", str(home), "up", "--cpu-workers", "2", "--web-port", "0"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,60 @@
+"""The page's DuckDB reads on a real DuckDB file: downsampled curves agree with numpy on the raw points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fleetd.store import Store
+from web import queries
+
+
+def _points(store: Store, task: str, attempt: int, name: str, steps: np.ndarray, values: np.ndarray) -> None:
+    table = pa.table(
+        {
+            "task_id": [task] * len(steps),
+            "attempt": pa.array([attempt] * len(steps), pa.int32()),
+            "name": [name] * len(steps),
+            "step": pa.array(steps, pa.int64()),
+            "value": pa.array(values, pa.float64()),
+            "time": pa.array(np.zeros(len(steps)), pa.float64()),
+        }
+    )
+    store.con.register("_pts", table)
+    store.con.execute("INSERT INTO metrics SELECT * FROM _pts")
+    store.con.unregister("_pts")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "fleet.duckdb")
+
+
+def test_curves_are_bucket_means_mins_and_maxes(store: Store) -> None:
+    rng = np.random.default_rng(0)
+    steps = np.arange(100_000)
+    values = np.cumsum(rng.normal(size=steps.size))
+    _points(store, "m/t", 1, "loss", steps, values)
+    _points(store, "m/t", 2, "loss", steps, -values)  # another attempt: must not leak in
+    _points(store, "m/u", 1, "loss", steps, values + 5)  # another task
+    got = queries.curves(store, [("m/t", 1)], points=250)["m/t"]["loss"]
+    buckets = np.floor(steps * 250 / steps.size).astype(int)
+    assert len(got["step"]) == 250
+    for b in (0, 1, 137, 249):
+        mine = values[buckets == b]
+        i = got["step"].index(int(steps[buckets == b][0]))
+        assert got["value"][i] == pytest.approx(mine.mean())
+        assert got["low"][i] == pytest.approx(mine.min()) and got["high"][i] == pytest.approx(mine.max())
+
+
+def test_short_lines_come_back_whole_and_a_metric_can_be_picked(store: Store) -> None:
+    _points(store, "m/t", 1, "acc", np.array([0, 10, 20]), np.array([0.1, 0.5, 0.9]))
+    _points(store, "m/t", 1, "loss", np.arange(1000), np.ones(1000))
+    got = queries.curves(store, [("m/t", 1)], points=100, metric="acc")
+    assert set(got["m/t"]) == {"acc"}
+    assert got["m/t"]["acc"]["step"] == [0, 10, 20] and got["m/t"]["acc"]["value"] == [0.1, 0.5, 0.9]
+    assert queries.metric_names(store, ["m/t"]) == ["acc", "loss"]
+    assert queries.curves(store, [], points=100) == {}

@@ -1,0 +1,298 @@
+"""fleetd's web page: the fleet, a mission, a task; a JSON API under /api/; SSE; /metrics; /healthz.
+
+Served by fleetd itself on 127.0.0.1:8080 by default, from the coordinator's state and its DuckDB
+file (reads on worker threads, each with its own cursor). Every asset, the charting library
+included, is a file in web/static: nothing is fetched from the network at page load.
+
+Write actions (submit, cancel) go through the same control API as fleetctl. They need the bearer
+token when one is configured, and a JSON body, which a cross-site form cannot send without a CORS
+preflight that this server never grants. Binding beyond loopback without a token is refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from fleetd.config import ConfigError, WebConfig
+from fleetd.coordinator import Coordinator
+from schemas import messages as m
+from web import queries
+from web.live import Hub
+
+log = structlog.get_logger("fleetd.web")
+STATIC = Path(__file__).parent / "static"
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+MAX_CURVE_TASKS = 40  # lines on one mission chart; past that the chart says how many it left out
+HTTP_STATUS = {"bad_request": 400, "invalid_spec": 400, "not_found": 404, "refused": 403}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def load_token(cfg: WebConfig, env: dict[str, str] | None = None) -> str | None:
+    """The bearer token for write actions: $FLEET_WEB_TOKEN, else the file web.token_file names."""
+    env = dict(os.environ) if env is None else env
+    token = env.get("FLEET_WEB_TOKEN", "").strip()
+    if not token and cfg.token_file:
+        try:
+            token = Path(cfg.token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"web.token_file: cannot read {cfg.token_file}: {e.strerror}") from None
+    if cfg.host not in LOOPBACK and not token:
+        raise ConfigError(
+            f"web.host = {cfg.host!r} serves beyond loopback: set web.token_file or FLEET_WEB_TOKEN"
+        )
+    return token or None
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json({"error": {"code": code, "message": message}}, status)
+
+
+class Site:
+    def __init__(self, coord: Coordinator, token: str | None) -> None:
+        self.coord, self.token = coord, token
+        self.hub = Hub(coord)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard_writes])
+        page = self._page
+        app.add_routes(
+            [
+                web.get("/", page("fleet.html")),
+                web.get("/missions/{mission_id}", page("mission.html")),
+                web.get("/tasks/{mission_id}/{name}", page("task.html")),
+                web.static("/static", STATIC),
+                web.get("/api/fleet", self.fleet),
+                web.get("/api/missions", self.missions),
+                web.post("/api/missions", self.submit),
+                web.get("/api/missions/{mission_id}", self.mission),
+                web.get("/api/missions/{mission_id}/curves", self.mission_curves),
+                web.post("/api/missions/{mission_id}/cancel", self.cancel),
+                web.get("/api/tasks/{mission_id}/{name}", self.task),
+                web.get("/api/tasks/{mission_id}/{name}/curves", self.task_curves),
+                web.post("/api/tasks/{mission_id}/{name}/cancel", self.cancel),
+                web.get("/api/workers", self.workers),
+                web.get("/api/events", self.hub.stream),
+                web.get("/metrics", self.metrics),
+                web.get("/healthz", self.healthz),
+            ]
+        )
+        return app
+
+    # ---- guards -----------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _guard_writes(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return await handler(request)
+        if self.token is not None:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return _error(401, "unauthorized", "this action needs the fleet's bearer token")
+        if request.content_type != "application/json":
+            return _error(415, "bad_request", "send the request body as application/json")
+        return await handler(request)
+
+    def _page(self, name: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return web.FileResponse(STATIC / name)
+
+        return handler
+
+    # ---- JSON API -------------------------------------------------------------------------------
+
+    async def fleet(self, request: web.Request) -> web.Response:
+        """Everything the fleet page shows: workers, the queue with reasons, dead letters, missions."""
+        coord = self.coord
+        queue = [
+            _task_json(t)
+            for t in sorted(coord.sched.tasks.values(), key=lambda t: t.order)
+            if t.state in ("pending", "assigned", "running")
+        ]
+        missions = await coord.read(queries.missions, coord.store)
+        for ms in missions:
+            ms["tasks"] = coord.sched.counts(ms["mission_id"])
+        return _json(
+            {
+                "workers": coord.workers_view(),
+                "queue": queue[:500],
+                "queue_total": len(queue),
+                "recent": await coord.read(queries.recent_tasks, coord.store),
+                "dead_letters": await coord.read(queries.dead_letters, coord.store),
+                "missions": missions,
+            }
+        )
+
+    async def missions(self, request: web.Request) -> web.Response:
+        coord = self.coord
+        rows = await coord.read(queries.missions, coord.store)
+        for ms in rows:
+            ms["tasks"] = coord.sched.counts(ms["mission_id"])
+        return _json(rows)
+
+    async def mission(self, request: web.Request) -> web.Response:
+        coord, mission_id = self.coord, request.match_info["mission_id"]
+        row = await coord.read(queries.mission_row, coord.store, mission_id)
+        if row is None:
+            return _error(404, "not_found", f"no mission {mission_id!r}")
+        tasks = [_task_json(t) for t in coord.sched.mission_tasks(mission_id)]
+        row["tasks"] = tasks
+        row["counts"] = coord.sched.counts(mission_id)
+        row["arms"] = sorted({t["arm"] for t in tasks if t["arm"] is not None})
+        row["seeds"] = sorted({t["seed"] for t in tasks if t["seed"] is not None})
+        row["decisions"] = await coord.read(queries.decisions, coord.store, mission_id)
+        return _json(row)
+
+    async def mission_curves(self, request: web.Request) -> web.Response:
+        """One metric across the mission's tasks (the ones that ran, most recent first, up to 40)."""
+        coord, mission_id = self.coord, request.match_info["mission_id"]
+        ran = [t for t in coord.sched.mission_tasks(mission_id) if t.state not in ("pending", "assigned")]
+        shown = ran[-MAX_CURVE_TASKS:]
+        names = await coord.read(queries.metric_names, coord.store, [t.task_id for t in shown])
+        metric = request.query.get("metric") or (names[0] if names else None)
+        lines = await coord.read(
+            queries.curves, coord.store, [(t.task_id, t.attempt) for t in shown], _points(request), metric
+        )
+        return _json(
+            {
+                "metric": metric,
+                "metrics": names,
+                "tasks": {t.task_id: {"name": t.name, "arm": t.arm, "seed": t.seed} for t in shown},
+                "lines": {tid: by_metric.get(metric or "", {}) for tid, by_metric in lines.items()},
+                "left_out": len(ran) - len(shown),
+            }
+        )
+
+    async def task(self, request: web.Request) -> web.Response:
+        coord, task_id = self.coord, _task_id(request)
+        task = coord.sched.tasks.get(task_id)
+        if task is None:
+            return _error(404, "not_found", f"no task {task_id!r}")
+        detail = await coord.read(queries.task_detail, coord.store, task_id)
+        return _json({**_task_json(task), **detail})
+
+    async def task_curves(self, request: web.Request) -> web.Response:
+        coord, task_id = self.coord, _task_id(request)
+        task = coord.sched.tasks.get(task_id)
+        if task is None:
+            return _error(404, "not_found", f"no task {task_id!r}")
+        attempt = int(request.query.get("attempt", task.attempt))
+        lines = await coord.read(queries.curves, coord.store, [(task_id, attempt)], _points(request))
+        return _json({"task_id": task_id, "attempt": attempt, "metrics": lines.get(task_id, {})})
+
+    async def workers(self, request: web.Request) -> web.Response:
+        return _json(self.coord.workers_view())
+
+    async def submit(self, request: web.Request) -> web.Response:
+        try:
+            req = msgspec.json.decode(await request.read(), type=m.SubmitRequest)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            return _error(400, "bad_request", f"submit: {e}")
+        return self._reply(await self.coord.call("submit", msgspec.json.encode(req)))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("name")
+        target = _task_id(request) if name else request.match_info["mission_id"]
+        return self._reply(await self.coord.call("cancel", msgspec.json.encode(m.IdRequest(id=target))))
+
+    def _reply(self, reply: m.Reply) -> web.Response:
+        if reply.ok:
+            return _json(reply.data)
+        assert reply.error is not None
+        return _error(HTTP_STATUS.get(reply.error.code, 500), reply.error.code, reply.error.message)
+
+    # ---- operations -----------------------------------------------------------------------------
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = self.coord.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """200 when NATS, JetStream and DuckDB answer and at least one worker holds its lease."""
+        coord = self.coord
+        checks: dict[str, Any] = {"nats": coord.nc.is_connected}
+        checks["jetstream"] = await _answers(coord.js.account_info(), 1.0)
+        checks["duckdb"] = await _answers(coord.read(coord.store.query, "SELECT 1"), 2.0)
+        alive = sum(w["alive"] for w in coord.workers_view())
+        checks["workers"] = alive > 0
+        ok = all(checks.values())
+        return _json({"ok": ok, "checks": checks, "workers_alive": alive}, 200 if ok else 503)
+
+
+async def _answers(call: Awaitable[Any], timeout: float) -> bool:
+    try:
+        with anyio.fail_after(timeout):
+            await call
+        return True
+    except Exception:  # any failure is "not healthy"; the detail is in fleetd's own log
+        return False
+
+
+def _task_id(request: web.Request) -> str:
+    return f"{request.match_info['mission_id']}/{request.match_info['name']}"
+
+
+def _points(request: web.Request) -> int:
+    try:
+        return max(10, min(int(request.query.get("points", 400)), 5000))
+    except ValueError:
+        return 400
+
+
+def _task_json(t: Any) -> dict[str, Any]:
+    return {
+        "task_id": t.task_id,
+        "mission_id": t.mission_id,
+        "name": t.name,
+        "stage": t.stage,
+        "kind": t.kind,
+        "arm": t.arm,
+        "seed": t.seed,
+        "state": t.state,
+        "pending_reason": t.pending_reason,
+        "attempt": t.attempt,
+        "worker": t.worker,
+        "error": t.error,
+        "vram_gb": t.vram_gb,
+    }
+
+
+async def serve(
+    coord: Coordinator,
+    cfg: WebConfig,
+    *,
+    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; `task_status` gets the page's URL once it listens."""
+    site = Site(coord, load_token(cfg))
+    runner = web.AppRunner(site.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        tcp = web.TCPSite(runner, cfg.host, cfg.port)
+        try:
+            await tcp.start()
+        except OSError as e:
+            raise ConfigError(
+                f"web: cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); set web.port or --web-port"
+            ) from None
+        host, port = runner.addresses[0][:2]
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        log.info("web_ready", url=url, token=site.token is not None)
+        task_status.started(url)
+        await site.hub.watch_workers()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await runner.cleanup()
