@@ -377,4 +377,4 @@ def ppo_update(
         if kl > cfg.kl_stop * cfg.kl_target:
             stopped = True
             break
-    return PPOStats(epochs, stopped, kl, float(policy_loss), float(value_loss))
+    return PPOStats(epochs, stopped, kl, policy_loss.item(), value_loss.item())

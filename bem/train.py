@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from bem.tasks import Example
+
+class TextPair(Protocol):
+    """What training reads from an example: the prompt and the target (bem.tasks, bem.skills)."""
+
+    @property
+    def prompt(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...
+
 
 IGNORE = -100
 
@@ -28,7 +38,7 @@ class LMBatch:
         )
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> LMBatch:
+def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[TextPair]) -> LMBatch:
     """prompt + target + EOS per row; the loss covers the target and EOS, never the prompt."""
     eos = tokenizer.eos_token_id
     rows = []

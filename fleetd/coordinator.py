@@ -371,7 +371,8 @@ class Coordinator:
             try:
                 scores = await self.read(self.store.scores_frame, mission_id)
                 spec = judge.gate_spec(gates, mission.name)
-                verdict = await anyio.to_thread.run_sync(evaluate, spec, scores)
+                values = judge.task_values(await self.read(self.store.task_results, mission_id))
+                verdict = await anyio.to_thread.run_sync(evaluate, spec, scores, values)
                 rows = judge.decision_rows(mission_id, verdict, spec.level)
                 fields = {"verdict": verdict.verdict, "reason": verdict.reason}
             except Exception as e:  # a judge bug must not take the coordinator down

@@ -91,3 +91,13 @@ def decision_rows(mission_id: str, verdict: Verdict, level: float) -> list[dict[
         }
     )
     return rows
+
+
+def task_values(results: list[dict[str, Any] | None]) -> dict[str, float]:
+    """Exact values for `value` guards (say adapter_param_ratio): each task's `result["values"]`,
+    averaged over the tasks that report the key (seeds of one arm measure the same design)."""
+    seen: dict[str, list[float]] = {}
+    for result in results:
+        for key, value in ((result or {}).get("values") or {}).items():
+            seen.setdefault(key, []).append(float(value))
+    return {key: sum(vs) / len(vs) for key, vs in seen.items()}

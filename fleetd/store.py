@@ -279,6 +279,13 @@ class Store:
 
     # ---- reads (any thread: each call takes its own cursor) -------------------------------------
 
+    def task_results(self, mission_id: str) -> list[dict[str, Any] | None]:
+        """The result dicts of a mission's succeeded tasks."""
+        rows = self.query(
+            "SELECT result FROM tasks WHERE mission_id = ? AND state = 'succeeded'", [mission_id]
+        )
+        return [r["result"] if not isinstance(r["result"], str) else json.loads(r["result"]) for r in rows]
+
     def scores_frame(self, mission_id: str) -> Any:
         """The mission's per-example scores in stats.table's columns, for the gates."""
         cur = self.con.cursor()

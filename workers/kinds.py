@@ -23,6 +23,7 @@ KINDS: dict[str, str] = {
     "selftest.score": "workers.selftest:score",
     "demo.base": "workers.demo:base",
     "demo.validate": "workers.demo:validate",
+    "mission_a.run": "workers.mission_a:run",
 }
 
 

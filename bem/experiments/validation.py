@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
@@ -36,7 +37,7 @@ from bem.metrics import score_example
 from bem.models import load_model
 from bem.reporter import Reporter, ScoreRow, check_cancelled
 from bem.tasks import TASKS, Example, make_dataset
-from bem.train import LMBatch, encode, lm_loss, minibatches
+from bem.train import LMBatch, TextPair, encode, lm_loss, minibatches
 
 ARMS = ("bem", "random", "fixed_json", "fixed_sum", "equal", "multitask", "oracle", "base")
 LORA_RANK, LORA_ALPHA = 8, 16.0
@@ -88,7 +89,7 @@ def block_code(weights: Tensor) -> Tensor:
 def train_lora(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    examples: list[Example],
+    examples: Sequence[TextPair],
     *,
     rank: int,
     steps: int,

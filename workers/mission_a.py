@@ -1,0 +1,27 @@
+"""Mission A's kind: one seed trains the skill experts, the fused adapter and the router (AR0, AR1),
+then decodes and scores every arm (BEM_SPEC section 6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.demo import _base
+from workers.kinds import TaskContext
+
+
+def run(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    from bem.experiments.mission_a import run_mission_a
+
+    summary = run_mission_a(
+        _base(params, ctx),
+        profile=str(params.get("profile", "smoke")),
+        seed=int(params["seed"]),
+        out_dir=ctx.out_dir,
+        reporter=ctx.reporter,
+        device=ctx.device,
+    )
+    # `values` feed the mission's exact-value guards (adapter parity); the rest is for people.
+    return {
+        k: summary[k]
+        for k in ("arms", "index_swap_pass", "kv_hit_ratio", "fused_rank", "parity", "timings_s", "values")
+    }
