@@ -84,3 +84,32 @@ def test_teacher_follows_the_regions_and_profiles() -> None:
         scope, spans, ranks, _ = ma.TEACHER[skill]
         assert ma.EXPERTS[act.expert] == skill and planner.SCOPES[act.scope] == scope
         assert act.chunks in spans and act.rank_budget in ranks and 0.1 <= act.bias <= 2.0
+
+
+def test_cached_decoding_equals_rereading_everything(base_dir) -> None:
+    """Chunk-constant codes keep the KV cache valid: the cached decode is the no-cache decode."""
+    model, tok = load_model(base_dir)
+    torch.manual_seed(0)
+    factors = {
+        name: {site: (torch.randn(8, linear_dims(model.get_submodule(site))[0]),
+                      torch.randn(linear_dims(model.get_submodule(site))[1], 8) * 0.3)
+               for site, _ in role_sites(model)}
+        for name in (*ma.EXPERTS, "fused")
+    }  # fmt: skip
+    att, blocks = ma.load_blocks(model, factors)
+    ex = skills.make_examples("lookup_sum", "test", 1, 0)[0]
+    n = len(tok(ex.prompt, add_special_tokens=False)["input_ids"])
+    actions = [planner.MacroAction(k % 3, k % 2, 0, 0, 0.5 + 0.3 * k) for k in range(n // ma.CHUNK + 2)]
+    chunk_codes = ma.plan_codes(blocks, actions)
+    got = ma.decode(model, tok, att, ex.prompt, chunk_codes, 12)
+    ids = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+    codes = ma.token_codes(chunk_codes, n + 12, torch.float32)
+    with torch.no_grad():
+        for _ in range(12):
+            with att.codes({k: v[:, : len(ids)] for k, v in codes.items()}):
+                nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+    assert got == tok.decode(ids[n:], skip_special_tokens=True).split("\n")[0].strip()
+    assert len(set(map(str, (c["model.layers.0.mlp.down_proj"] for c in chunk_codes)))) > 1  # codes do change
