@@ -17,6 +17,7 @@ Recipe, one seed:
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -31,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from bem import planner, skills
 from bem.attach import Attachment, attach_bems
 from bem.cache import RouterDecision, cache_safety_rate, codes_constant_in_chunks, kv_hit_ratio
-from bem.experiments.validation import LORA_RANK, lora_factors, train_lora
+from bem.experiments.validation import LORA_RANK, lora_factors, train_lora, write_scores
 from bem.metrics import exact_match, token_f1
 from bem.models import load_model
 from bem.parity import Cost, adapter_parameters, linear_flops, parity
@@ -531,6 +532,10 @@ def run_mission_a(
         "timings_s": timings,
         "values": {"adapter_param_ratio": par.parameter_ratio},
     }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    reporter.artifact(out / "summary.json", "summary")
+    write_scores(rows, out / "scores.parquet")
+    reporter.artifact(out / "scores.parquet", "scores")
     return summary
 
 
