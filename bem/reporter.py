@@ -23,6 +23,14 @@ class ScoreRow:
     value: float
 
 
+@dataclass(frozen=True)
+class Command:
+    """An instruction to a running job from whoever runs it (Mission B: promote, rollback)."""
+
+    id: str
+    action: str
+
+
 class Cancelled(Exception):
     """Raised inside a job at its next check once the reporter says it was cancelled."""
 
@@ -33,6 +41,14 @@ class Reporter(Protocol):
     def scores(self, rows: Sequence[ScoreRow]) -> None: ...
     def artifact(self, path: Path, kind: str) -> None: ...
     def cancelled(self) -> bool: ...
+
+
+class Commanded(Protocol):
+    """A reporter that can also deliver commands: the job polls at its step boundaries, applies them,
+    and acknowledges each one (the fleet's reply to the sender waits for this)."""
+
+    def commands(self) -> list[Command]: ...
+    def acknowledge(self, command: Command, ok: bool, detail: str) -> None: ...
 
 
 def check_cancelled(reporter: Reporter) -> None:
@@ -48,7 +64,16 @@ class MemoryReporter:
     progress_log: list[tuple[str, int, int]] = field(default_factory=list)
     rows: list[ScoreRow] = field(default_factory=list)
     artifacts: list[tuple[Path, str]] = field(default_factory=list)
+    pending: list[Command] = field(default_factory=list)  # tests push commands here
+    acks: list[tuple[Command, bool, str]] = field(default_factory=list)
     _cancelled: bool = False
+
+    def commands(self) -> list[Command]:
+        out, self.pending = self.pending, []
+        return out
+
+    def acknowledge(self, command: Command, ok: bool, detail: str) -> None:
+        self.acks.append((command, ok, detail))
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
         self.metrics.append((name, value, step))

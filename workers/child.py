@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from bem.reporter import Cancelled, ScoreRow
+from bem.reporter import Cancelled, Command, ScoreRow
 from schemas.messages import FailureReason, Series
 from workers import protocol as p
 
@@ -42,6 +43,30 @@ class PipeReporter:
         self._last_flush = time.monotonic()
         self._step: dict[str, int] = {}
         self.cancel_requested = False
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+
+    def listen(self, stdin: BinaryIO) -> None:
+        """Read command lines from the worker until it closes stdin (a daemon thread)."""
+
+        def loop() -> None:
+            for line in stdin:
+                try:
+                    msg = msgspec.json.decode(line, type=p.CommandMsg)
+                except msgspec.DecodeError:
+                    continue
+                self._commands.put(Command(msg.id, msg.action))
+
+        threading.Thread(target=loop, name="commands", daemon=True).start()
+
+    def commands(self) -> list[Command]:
+        out = []
+        while not self._commands.empty():
+            out.append(self._commands.get_nowait())
+        return out
+
+    def acknowledge(self, command: Command, ok: bool, detail: str) -> None:
+        self.flush()  # what the job reported before applying the command goes out first
+        self.send(p.CommandDone(command.id, ok, detail))
 
     def send(self, msg: msgspec.Struct) -> None:
         with self._lock:
@@ -111,6 +136,7 @@ def main() -> int:
     if not line:
         return 0  # the worker is shutting down its spare
     run = msgspec.json.decode(line, type=p.Run)
+    reporter.listen(sys.stdin.buffer)
     a = run.assignment
     from workers.kinds import TaskContext, resolve
 

@@ -21,6 +21,7 @@ KINDS: dict[str, str] = {
     "selftest.flaky": "workers.selftest:flaky",
     "selftest.crash": "workers.selftest:crash",
     "selftest.score": "workers.selftest:score",
+    "selftest.obey": "workers.selftest:obey",
     "demo.base": "workers.demo:base",
     "demo.validate": "workers.demo:validate",
     "mission_a.run": "workers.mission_a:run",

@@ -1,7 +1,8 @@
 """Messages between a worker and its task's child process: one msgspec JSON line each, over pipes.
 
 The child writes on a private copy of its stdout (what the task itself prints goes to stderr, which
-the worker forwards as log lines); the worker writes one `Run` line on the child's stdin.
+the worker forwards as log lines); the worker writes one `Run` line on the child's stdin, then any
+`CommandMsg` lines for the running job, which the child answers with `CommandDone`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ class Error(Struct, frozen=True, tag="error"):
     error: str
 
 
-ChildMsg = Ready | MetricBatch | ProgressMsg | ScoresMsg | ArtifactMsg | Result | Error
+class CommandMsg(Struct, frozen=True, tag="command"):
+    """Worker -> child, on stdin after the Run line: a command for the running job."""
+
+    id: str
+    action: str
+
+
+class CommandDone(Struct, frozen=True, tag="command_done"):
+    """Child -> worker: the job applied (or refused) a command."""
+
+    id: str
+    ok: bool
+    detail: str
+
+
+ChildMsg = Ready | MetricBatch | ProgressMsg | ScoresMsg | ArtifactMsg | Result | Error | CommandDone
 decoder = msgspec.json.Decoder(ChildMsg)
 encoder = msgspec.json.Encoder()

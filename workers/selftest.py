@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, cast
 
-from bem.reporter import ScoreRow, check_cancelled
+from bem.reporter import Commanded, ScoreRow, check_cancelled
 from workers.kinds import TaskContext
 
 
@@ -59,3 +59,22 @@ def score(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     values = np.clip(difficulty + (effect if arm == "b" else 0.0) + noise, 0, 1)
     ctx.reporter.scores([ScoreRow(f"ex{i:04d}", arm, seed, "score", float(v)) for i, v in enumerate(values)])
     return {"mean": float(values.mean())}
+
+
+def obey(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """Steps that apply commands at step boundaries and acknowledge them (the shape of Mission B's
+    online learner): `promote` and `rollback` are applied, anything else refused."""
+    steps, applied = int(params.get("steps", 100)), []
+    commands = cast(Commanded, ctx.reporter)
+    for step in range(steps):
+        for command in commands.commands():
+            if command.action in ("promote", "rollback"):
+                applied.append({"action": command.action, "step": step})
+                ctx.reporter.metric(f"applied/{command.action}", 1.0, step)
+                commands.acknowledge(command, True, f"{command.action} applied at step {step}")
+            else:
+                commands.acknowledge(command, False, f"{command.action} is not a command this job knows")
+        time.sleep(float(params.get("step_s", 0.05)))
+        ctx.reporter.progress("obey", step + 1, steps)
+        check_cancelled(ctx.reporter)
+    return {"applied": applied}

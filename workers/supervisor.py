@@ -46,6 +46,8 @@ class Supervisor:
         self.forkserver = ForkServer(env, preload or [])
         self._started = False
         self._spare: Forked | None = None
+        self._current: Forked | None = None
+        self._done: dict[str, tuple[anyio.Event, list[p.CommandDone]]] = {}
 
     async def _spawn(self) -> Forked:
         if not self._started:
@@ -85,6 +87,22 @@ class Supervisor:
         await child.stdin.send(line)
         return child
 
+    async def command(self, command_id: str, action: str, timeout: float) -> p.CommandDone:
+        """Hand a command to the running job and wait until it says it applied it (or refused)."""
+        child = self._current
+        if child is None:
+            return p.CommandDone(command_id, False, "no task is running")
+        event, box = self._done[command_id] = (anyio.Event(), [])
+        try:
+            await child.stdin.send(msgspec.json.encode(p.CommandMsg(command_id, action)) + b"\n")
+            with anyio.move_on_after(timeout):
+                await event.wait()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return p.CommandDone(command_id, False, "the task process is gone")
+        finally:
+            self._done.pop(command_id, None)
+        return box[0] if box else p.CommandDone(command_id, False, f"not applied within {timeout:g} s")
+
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
             if self._spare is not None:
@@ -96,7 +114,7 @@ class Supervisor:
 
     async def run(self, run: p.Run, emit: Emit, cancel: anyio.Event) -> p.Result | p.Error:
         """Run one task to its end; never raises for anything the task does."""
-        child = await self._hand_over(msgspec.json.encode(run) + b"\n")
+        child = self._current = await self._hand_over(msgspec.json.encode(run) + b"\n")
         tail: deque[str] = deque(maxlen=20)
         outcome: p.Result | p.Error | None = None
         stopped: p.Error | None = None
@@ -151,6 +169,10 @@ class Supervisor:
                         break
                     if isinstance(msg, p.Result | p.Error):
                         outcome = msg
+                    elif isinstance(msg, p.CommandDone):
+                        if waiting := self._done.get(msg.id):
+                            waiting[1].append(msg)
+                            waiting[0].set()
                     else:
                         await emit(msg)
                 rc = await child.wait()
@@ -158,6 +180,7 @@ class Supervisor:
             tg.cancel_scope.deadline = (
                 anyio.current_time() + 2
             )  # the last log lines, unless stderr is held open
+        self._current = None
         await child.aclose()
         if stopped is not None:
             return stopped

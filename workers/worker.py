@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ class Worker:
         m.subject_token(worker_id)
         self.id, self.url, self.home, self.gpu = worker_id, url, home, gpu
         self.heartbeat_s = heartbeat_s
+        self.command_timeout_s = 30.0
         env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu.uuid  # inside the task, cuda:0 is this GPU
@@ -74,12 +76,14 @@ class Worker:
             stream=bus.TASKS_STREAM,
             config=bus.worker_consumer(self.id),
         )
-        await self.nc.subscribe(bus.cmd_subject(self.id), cb=self._on_command)
         await self.supervisor.warm()
         log.info("worker_ready", worker=self.id, gpu=self.gpu.uuid if self.gpu else "cpu")
         sdnotify.notify("READY=1", f"STATUS=worker {self.id} on {self.gpu.name if self.gpu else 'CPU'}")
         try:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
+                # Each command in its own task: a rollback waiting for its step must not hold up a cancel.
+                await self.nc.subscribe(bus.cmd_subject(self.id), cb=self._command_received)
                 tg.start_soon(sdnotify.watchdog_loop)
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._outbox_loop)
@@ -141,6 +145,9 @@ class Worker:
 
     # ---- commands -------------------------------------------------------------------------------
 
+    async def _command_received(self, msg: Msg) -> None:
+        self._tg.start_soon(self._on_command, msg)
+
     async def _on_command(self, msg: Msg) -> None:
         try:
             cmd = msgspec.json.decode(msg.data, type=m.Command)
@@ -148,11 +155,19 @@ class Worker:
             log.warning("bad_command", error=str(e))
             await msg.respond(m.encode(m.CommandAck(False, f"malformed command: {e}")))
             return
-        if cmd.action != "cancel":
-            await msg.respond(m.encode(m.CommandAck(False, f"{cmd.action} is not handled by this task kind")))
+        if cmd.action == "cancel":
+            self.cancels.setdefault((cmd.task_id, cmd.attempt), anyio.Event()).set()
+            await msg.respond(m.encode(m.CommandAck(True, "cancelling")))
             return
-        self.cancels.setdefault((cmd.task_id, cmd.attempt), anyio.Event()).set()
-        await msg.respond(m.encode(m.CommandAck(True, "cancelling")))
+        if self.running != f"{cmd.task_id}:{cmd.attempt}":
+            await msg.respond(
+                m.encode(m.CommandAck(False, f"{cmd.task_id}:{cmd.attempt} is not running here"))
+            )
+            return
+        # The job applies it at its next step boundary; the reply waits for that (Mission B's
+        # services need to know the rollback happened, not only that it was asked for).
+        done = await self.supervisor.command(secrets.token_hex(8), cmd.action, self.command_timeout_s)
+        await msg.respond(m.encode(m.CommandAck(done.ok, done.detail)))
 
     # ---- tasks ----------------------------------------------------------------------------------
 
