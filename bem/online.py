@@ -5,19 +5,18 @@
   and replay; the diagonal Fisher comes from per-sample gradients of log p(y|x) (vmap of grad);
 - a reservoir replay buffer with optional prioritised sampling (p ∝ prio^α, importance weights);
 - accepted states as safetensors with a content hash, so a rollback is checkably exact;
-- drift signals (KL per token on probes) and the monitor's and canary gate's decision rules, as plain
-  objects the fleet's services drive.
+- the drift signal KL per token on probes (the monitor's and canary gate's rules are torch-free, in
+  `bem.online_rules`, so fleetd's services run them without importing torch).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 T = TypeVar("T")
-Level = Literal["ok", "warning", "critical", "emergency"]
-LEVELS: tuple[Level, ...] = ("ok", "warning", "critical", "emergency")
 
 
 # ---- the trainable set --------------------------------------------------------------------------
@@ -206,7 +203,7 @@ def restore(params: Mapping[str, nn.Parameter], state: Mapping[str, Tensor]) -> 
         p.copy_(state[name].to(device=p.device, dtype=p.dtype))
 
 
-# ---- drift ------------------------------------------------------------------------------------------
+# ---- drift (the monitor's and the canary gate's rules: bem.online_rules) ------------------------------
 
 
 def kl_per_token(ref_logits: Tensor, cur_logits: Tensor, mask: Tensor | None = None) -> float:
@@ -222,102 +219,6 @@ def kl_per_token(ref_logits: Tensor, cur_logits: Tensor, mask: Tensor | None = N
     if tokens == 0:
         raise ValueError("no probe tokens")
     return float(F.kl_div(cur, ref, log_target=True, reduction="sum") / tokens)
-
-
-# Thresholds per signal: warning, critical, emergency (BEM_SPEC section 7).
-DRIFT_THRESHOLDS: dict[str, tuple[float, float, float]] = {
-    "kl_per_token": (0.05, 0.1, 0.2),
-    "param_distance": (0.5, 1.0, 2.0),
-    "sigma_max": (1.5, 2.0, 3.0),
-    "probe_drop": (0.02, 0.05, 0.10),
-    "grad_norm": (5.0, 10.0, 20.0),
-}
-
-
-def drift_level(signals: Mapping[str, float]) -> tuple[Level, dict[str, Level]]:
-    """Each signal's level and the worst of them."""
-    per: dict[str, Level] = {}
-    for name, value in signals.items():
-        warn, crit, emerg = DRIFT_THRESHOLDS[name]
-        per[name] = LEVELS[sum(value >= t for t in (warn, crit, emerg))]
-    worst: Level = max(per.values(), key=LEVELS.index, default="ok")
-    return worst, per
-
-
-@dataclass
-class DriftMonitor:
-    """Rollback on any emergency, or ≥ 3 criticals or ≥ 5 warnings among the last 20 checks."""
-
-    window: int = 20
-    history: deque[Level] = field(default_factory=lambda: deque(maxlen=20))
-
-    def check(self, signals: Mapping[str, float]) -> tuple[Level, str | None]:
-        level, per = drift_level(signals)
-        self.history.append(level)
-        if level == "emergency":
-            worst = [n for n, lv in per.items() if lv == "emergency"]
-            return level, f"emergency drift: {', '.join(worst)}"
-        criticals = sum(lv == "critical" for lv in self.history)
-        warnings = sum(lv == "warning" for lv in self.history)
-        if criticals >= 3:
-            return level, f"{criticals} critical drift checks in the last {len(self.history)}"
-        if warnings >= 5:
-            return level, f"{warnings} drift warnings in the last {len(self.history)}"
-        return level, None
-
-    def reset(self) -> None:
-        self.history.clear()
-
-
-# ---- canary gate --------------------------------------------------------------------------------------
-
-CANARY_MINIMUMS = {"basic": 0.95, "safety": 0.98, "performance": 0.90, "format": 0.95}
-
-
-def canary_pass_rate(results: Mapping[str, list[tuple[float, float]]], tolerance: float = 0.05) -> float:
-    """Suite -> [(score, baseline)]: a test passes iff score ≥ its suite's minimum and baseline − score
-    ≤ tolerance; the rate is passed / total over every suite."""
-    passed = total = 0
-    for suite, tests in results.items():
-        minimum = CANARY_MINIMUMS[suite]
-        for score, baseline in tests:
-            total += 1
-            passed += score >= minimum and baseline - score <= tolerance
-    if total == 0:
-        raise ValueError("no canary tests")
-    return passed / total
-
-
-Decision = Literal["accept", "reject", "promote", "rollback"]
-
-
-@dataclass
-class CanaryGate:
-    """Accept an update at ≥ .90, roll back below .85; promote after ≥ .95 three runs in a row, at least
-    `min_prompts` prompts since the last promotion, and no critical drift."""
-
-    accept_at: float = 0.90
-    promote_at: float = 0.95
-    rollback_below: float = 0.85
-    passes_to_promote: int = 3
-    min_prompts: int = 1000
-    streak: int = 0
-
-    def decide(self, rate: float, prompts_since_promotion: int, critical_drift: bool) -> tuple[Decision, str]:
-        if rate < self.rollback_below:
-            self.streak = 0
-            return "rollback", f"canary pass rate {rate:.3f} < {self.rollback_below}"
-        self.streak = self.streak + 1 if rate >= self.promote_at else 0
-        if (
-            self.streak >= self.passes_to_promote
-            and prompts_since_promotion >= self.min_prompts
-            and not critical_drift
-        ):
-            self.streak = 0
-            return "promote", f"canary ≥ {self.promote_at} {self.passes_to_promote} times in a row"
-        if rate >= self.accept_at:
-            return "accept", f"canary pass rate {rate:.3f} ≥ {self.accept_at}"
-        return "reject", f"canary pass rate {rate:.3f} < {self.accept_at}"
 
 
 def as_state(params: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -36,6 +36,7 @@ from nats.js.kv import KeyValue
 from fleetd import bus, judge
 from fleetd.config import FleetConfig
 from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig, Task
+from fleetd.services import Services
 from fleetd.store import SqlRefused, Store
 from fleetd.telemetry import FleetMetrics
 from schemas import messages as m
@@ -95,6 +96,9 @@ class Coordinator:
         self.metrics.bind(self)
         # Called after each commit (the web page's live feed; benchmarks measure latency here).
         self.listeners: list[Callable[[Commit], None]] = []
+        self.services = Services(
+            js, nc, self.write, store.record_service_decision, store.ack_service_decision
+        )
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -182,6 +186,7 @@ class Coordinator:
                 tg.start_soon(self.dispatch_loop)
                 tg.start_soon(self.recorder_loop)
                 tg.start_soon(self.lease_loop)
+                tg.start_soon(self.services.run)
                 tg.start_soon(self.reconcile_after_catch_up)
                 task_status.started()
         finally:
@@ -497,6 +502,12 @@ class Coordinator:
         ]
         out: dict[str, Any] = {"missions": missions, "tasks": tasks, "workers": self.workers_view()}
         if req.id is not None:
+            out["service_decisions"] = await self.read(
+                self.store.query,
+                "SELECT task_id, attempt, service, step, decision, level, value, reason, acked, detail "
+                "FROM service_decisions WHERE mission_id = ? ORDER BY decided_at DESC LIMIT 50",
+                [req.id],
+            )
             out["decisions"] = await self.read(
                 self.store.query,
                 "SELECT * EXCLUDE (mission_id) FROM decisions WHERE mission_id = ? ORDER BY rowid",

@@ -89,6 +89,18 @@ def status_tables(status: dict[str, Any]) -> list[Table]:
             name = t["task_id"].removeprefix(t["mission_id"] + "/") if single else t["task_id"]
             tt.add_row(name, t["state"], str(t["attempt"]), t["worker"] or "", note or "")
         out.append(tt)
+    if status.get("service_decisions"):
+        st = Table(title="service decisions (newest first)", title_justify="left")
+        for col in ("task", "service", "step", "decision", "acked"):
+            st.add_column(col, no_wrap=True)
+        st.add_column("reason / reply", overflow="fold", ratio=1)
+        for d in status["service_decisions"]:
+            acked = "pending" if d["acked"] is None else ("yes" if d["acked"] else "no")
+            note = d["reason"] + (f"; {d['detail']}" if d["detail"] else "")
+            st.add_row(
+                d["task_id"].rsplit("/", 1)[-1], d["service"], str(d["step"]), d["decision"], acked, note
+            )
+        out.append(st)
     out.append(workers_table(status["workers"]))
     return out
 

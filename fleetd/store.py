@@ -60,6 +60,13 @@ MIGRATIONS: list[str] = [
     CREATE TABLE dead_letters (
         subject VARCHAR, reason VARCHAR, body VARCHAR, recorded_at DOUBLE);
     """,
+    # 2: what Mission B's reactive services decided, with the worker's acknowledgement.
+    """
+    CREATE TABLE service_decisions (
+        mission_id VARCHAR, task_id VARCHAR, attempt INTEGER, service VARCHAR, step BIGINT,
+        decision VARCHAR, level VARCHAR, value DOUBLE, reason VARCHAR, acked BOOLEAN, detail VARCHAR,
+        decided_at DOUBLE, PRIMARY KEY (task_id, attempt, service, step));
+    """,
 ]
 
 TABLES = (
@@ -276,6 +283,23 @@ class Store:
         finally:
             self.con.unregister("_keys")
         return {(t, a, s) for t, a, s in rows}
+
+    def record_service_decision(self, row: dict[str, Any]) -> bool:
+        """One decision per (task, attempt, service, step): False if it was already there (a replay)."""
+        cols = list(row)
+        inserted = self.con.execute(
+            f"INSERT INTO service_decisions ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+            "ON CONFLICT DO NOTHING RETURNING step",
+            [row[c] for c in cols],
+        ).fetchall()
+        return bool(inserted)
+
+    def ack_service_decision(self, key: tuple[str, int, str, int], acked: bool, detail: str) -> None:
+        self.con.execute(
+            "UPDATE service_decisions SET acked = ?, detail = ? "
+            "WHERE task_id = ? AND attempt = ? AND service = ? AND step = ?",
+            [acked, detail, *key],
+        )
 
     # ---- reads (any thread: each call takes its own cursor) -------------------------------------
 

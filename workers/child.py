@@ -32,18 +32,28 @@ class PipeReporter:
     """The fleet's Reporter: metrics batched (every 250 ms or 1,000 points), everything else sent at once.
 
     A training step never waits on the bus: it appends to a buffer; only a full or stale buffer costs
-    one encode and one pipe write, and the worker publishes asynchronously from there.
+    one encode and one pipe write, and the worker publishes asynchronously from there. A background
+    thread flushes a stale buffer too, so a job's last points (a drift check, say) never wait for its
+    next metric call.
     """
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._series: dict[str, tuple[list[int], list[float], list[float]]] = {}
         self._points = 0
         self._last_flush = time.monotonic()
         self._step: dict[str, int] = {}
         self.cancel_requested = False
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        threading.Thread(target=self._flush_stale, name="flush", daemon=True).start()
+
+    def _flush_stale(self) -> None:
+        while True:
+            time.sleep(FLUSH_S)
+            with self._lock:
+                if self._series and time.monotonic() - self._last_flush >= FLUSH_S:
+                    self.flush()
 
     def listen(self, stdin: BinaryIO) -> None:
         """Read command lines from the worker until it closes stdin (a daemon thread)."""
@@ -74,23 +84,25 @@ class PipeReporter:
             self._out.flush()
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
-        if step is None:
-            step = self._step.get(name, -1) + 1
-        self._step[name] = step
-        steps, values, times = self._series.setdefault(name, ([], [], []))
-        steps.append(step)
-        values.append(float(value))
-        times.append(time.time())
-        self._points += 1
-        if self._points >= FLUSH_POINTS or time.monotonic() - self._last_flush >= FLUSH_S:
-            self.flush()
+        with self._lock:
+            if step is None:
+                step = self._step.get(name, -1) + 1
+            self._step[name] = step
+            steps, values, times = self._series.setdefault(name, ([], [], []))
+            steps.append(step)
+            values.append(float(value))
+            times.append(time.time())
+            self._points += 1
+            if self._points >= FLUSH_POINTS or time.monotonic() - self._last_flush >= FLUSH_S:
+                self.flush()
 
     def flush(self) -> None:
-        if self._series:
-            batch = {k: Series(*v) for k, v in self._series.items()}
-            self._series, self._points = {}, 0
-            self.send(p.MetricBatch(batch))
-        self._last_flush = time.monotonic()
+        with self._lock:
+            if self._series:
+                batch = {k: Series(*v) for k, v in self._series.items()}
+                self._series, self._points = {}, 0
+                self.send(p.MetricBatch(batch))
+            self._last_flush = time.monotonic()
 
     def progress(self, stage: str, done: int, total: int) -> None:
         self.send(p.ProgressMsg(stage, done, total))

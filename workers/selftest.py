@@ -66,7 +66,17 @@ def obey(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     online learner): `promote` and `rollback` are applied, anything else refused."""
     steps, applied = int(params.get("steps", 100)), []
     commands = cast(Commanded, ctx.reporter)
+    # Scripted checks, as an online learner streams them: {"step": 10, "drift": {"grad_norm": 25.0}}
+    # or {"step": 20, "canary": 0.97, "prompts_since_promotion": 1500}.
+    checks = {int(c["step"]): c for c in params.get("checks", [])}
     for step in range(steps):
+        check = checks.get(step, {})
+        for name, value in check.get("drift", {}).items():
+            ctx.reporter.metric(f"drift/{name}", float(value), step)
+        if "canary" in check:
+            since = float(check.get("prompts_since_promotion", 0))
+            ctx.reporter.metric("canary/prompts_since_promotion", since, step)
+            ctx.reporter.metric("canary/pass_rate", float(check["canary"]), step)
         for command in commands.commands():
             if command.action in ("promote", "rollback"):
                 applied.append({"action": command.action, "step": step})

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bem import online
+from bem import online, online_rules
 
 
 class Toy(nn.Module):
@@ -155,7 +155,7 @@ def test_kl_per_token_sums_the_vocabulary_and_averages_tokens() -> None:
 
 
 def test_drift_window_rule() -> None:
-    mon = online.DriftMonitor()
+    mon = online_rules.DriftMonitor()
     ok = {"kl_per_token": 0.01, "grad_norm": 1.0}
     warn = {"kl_per_token": 0.06, "grad_norm": 1.0}
     crit = {"kl_per_token": 0.12, "grad_norm": 1.0}
@@ -177,9 +177,11 @@ def test_drift_window_rule() -> None:
 
 def test_canary_gate_promotes_only_after_three_passes_in_a_row() -> None:
     results = {"basic": [(0.97, 0.97)] * 9 + [(0.90, 0.97)], "format": [(0.99, 0.95)] * 10}
-    assert online.canary_pass_rate(results) == pytest.approx(19 / 20)
-    assert online.canary_pass_rate({"safety": [(0.99, 1.0), (0.99, 1.06)]}) == 0.5  # baseline − score > .05
-    gate = online.CanaryGate()
+    assert online_rules.canary_pass_rate(results) == pytest.approx(19 / 20)
+    assert (
+        online_rules.canary_pass_rate({"safety": [(0.99, 1.0), (0.99, 1.06)]}) == 0.5
+    )  # baseline − score > .05
+    gate = online_rules.CanaryGate()
     assert gate.decide(0.96, 5000, False)[0] == "accept"
     assert gate.decide(0.96, 5000, False)[0] == "accept"
     assert gate.decide(0.96, 5000, False)[0] == "promote"
@@ -188,7 +190,7 @@ def test_canary_gate_promotes_only_after_three_passes_in_a_row() -> None:
     for _ in range(3):
         decision, _ = gate.decide(0.97, 500, False)  # too few prompts since the last promotion
     assert decision == "accept"
-    gate = online.CanaryGate()
+    gate = online_rules.CanaryGate()
     for _ in range(3):
         decision, _ = gate.decide(0.97, 5000, True)  # critical drift blocks promotion
     assert decision == "accept"

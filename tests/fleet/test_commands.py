@@ -67,3 +67,53 @@ def test_a_running_job_applies_a_command_and_only_then_acknowledges(fleet: Fleet
         fleet.url, f"SELECT step FROM metrics WHERE task_id = '{task}' AND name = 'applied/rollback'"
     )
     assert [p["step"] for p in points] == [step]
+
+
+CHECKED = """
+name = "checked"
+[[stages]]
+name = "learner"
+kind = "selftest.obey"
+params = { steps = 130, step_s = 0.1, checks = [
+    { step = 5, drift = { kl_per_token = 0.01, grad_norm = 1.0 } },
+    { step = 20, drift = { kl_per_token = 0.01, grad_norm = 25.0 } },
+    { step = 40, canary = 0.97, prompts_since_promotion = 1500 },
+    { step = 60, canary = 0.96, prompts_since_promotion = 1550 },
+    { step = 80, canary = 0.99, prompts_since_promotion = 1600 },
+    { step = 100, canary = 0.80, prompts_since_promotion = 20 },
+] }
+"""
+NEXT_CHECK = {20: 40, 80: 100, 100: 130}  # the step of the learner's next check (or its end)
+
+
+def test_services_roll_back_and_promote_through_the_real_bus(fleet: Fleet, tmp_path: Path) -> None:
+    """An emergency drift check, three canary passes in a row, then a canary failure: the drift monitor
+    and the canary gate (in fleetd) decide, command the worker, and store each decision and its ack."""
+    fleet.env["FLEET_MISSIONS_DIR"] = str(mission_dir(tmp_path, "checked", CHECKED))
+    fleet.start_fleetd()
+    fleet.start_worker("w0")
+    fleet.wait_workers(1)
+    mission = submit(fleet.url, "checked")
+    st = wait_mission(fleet.url, mission, timeout=90)
+    assert st["missions"][0]["state"] == "succeeded"
+    rows = sql(
+        fleet.url,
+        f"SELECT service, step, decision, acked, detail, reason FROM service_decisions "
+        f"WHERE mission_id = '{mission}' ORDER BY step",
+    )
+    assert [(r["service"], r["step"], r["decision"]) for r in rows] == [
+        ("drift", 20, "rollback"),
+        ("canary", 80, "promote"),
+        ("canary", 100, "rollback"),
+    ], rows
+    assert all(r["acked"] for r in rows), rows
+    assert "emergency drift: grad_norm" in rows[0]["reason"]
+    result = sql(fleet.url, f"SELECT result FROM tasks WHERE mission_id = '{mission}'")[0]["result"]
+    applied = msgspec.json.decode(result)["applied"] if isinstance(result, str) else result["applied"]
+    assert [a["action"] for a in applied] == ["rollback", "promote", "rollback"]
+    for a, r in zip(applied, rows, strict=True):
+        # Applied before the learner's next check: the rule is "within one check".
+        assert r["step"] < a["step"] < NEXT_CHECK[r["step"]], (a, r)
+        assert r["detail"] == f"{a['action']} applied at step {a['step']}"
+    shown = status(fleet.url, mission)["service_decisions"]
+    assert {(d["service"], d["step"]) for d in shown} == {("drift", 20), ("canary", 80), ("canary", 100)}
