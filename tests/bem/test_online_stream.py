@@ -1,0 +1,56 @@
+"""Mission B's prompt stream and time-to-fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bem.online_stream import SCENARIOS, probe_set, prompt_stream, time_to_fix
+
+
+def test_injections_change_what_a_right_answer_is_from_their_prompt_on() -> None:
+    schedule = [(10, "format_change"), (20, "domain_shift"), (30, "new_api_signature")]
+    items = list(prompt_stream(40, seed=1, schedule=schedule))
+    assert items == list(prompt_stream(40, seed=1, schedule=schedule))
+    assert len({i.example_id for i in items}) == 40
+    for it in items:
+        answer = json.loads(it.target)
+        assert ("result" in answer) == (it.index >= 10) and len(answer) == 1
+        assert ("fetch(" in it.prompt) == (it.index >= 30) and ("lookup(" in it.prompt) == (it.index < 30)
+        shifted = any(w in it.prompt for w in ("height", "weight"))
+        assert shifted == (it.index >= 20)
+        assert it.active == tuple(sorted(s for at, s in schedule if it.index >= at))
+        # The answer is the asked row's value in the table (the stream is answerable).
+        value = next(iter(answer.values()))
+        assert f" {value}" in it.prompt.split("\n")[0]
+    with pytest.raises(ValueError, match="unknown scenario"):
+        list(prompt_stream(5, 0, [(1, "nope")]))
+    with pytest.raises(ValueError, match="outside the stream"):
+        list(prompt_stream(5, 0, [(9, SCENARIOS[0])]))
+
+
+def test_probes_are_fixed_and_clean() -> None:
+    probes = probe_set(32)
+    assert probes == probe_set(32) and all(not p.active for p in probes)
+    stream_ids = {i.example_id for i in prompt_stream(200, seed=0)}
+    assert not stream_ids & {p.example_id for p in probes}
+
+
+def test_time_to_fix() -> None:
+    before = [0.8] * 100
+    broken = [0.2] * 50
+    recovering = [0.8] * 200
+    metric = before + broken + recovering
+    ok = [True] * len(metric)
+    k = time_to_fix(metric, 100, ok)
+    # The mean of the last min(k, 100) prompts is within .02 of .8 once at most 2 of 100 are broken.
+    window = lambda k: metric[100 + k - min(k, 100) : 100 + k]  # noqa: E731
+    assert abs(sum(window(k)) / len(window(k)) - 0.8) <= 0.02
+    assert abs(sum(window(k - 1)) / len(window(k - 1)) - 0.8) > 0.02
+    assert k == 147  # 150 − k broken prompts in the window: .6·(150 − k)/100 ≤ .02
+    failing = ok[:]
+    for i in range(100, 260):
+        failing[i] = False  # the canary must pass too
+    assert time_to_fix(metric, 100, failing) == 161
+    assert time_to_fix(before + broken * 30, 100, [True] * 1600) == 1000  # censored
