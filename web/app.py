@@ -278,7 +278,8 @@ async def serve(
 ) -> None:
     """Serve until cancelled; `task_status` gets the page's URL once it listens."""
     site = Site(coord, load_token(cfg))
-    runner = web.AppRunner(site.app(), access_log=None, handle_signals=False)
+    # A stop must not wait for open pages: their streams are ended first, the rest gets 3 s.
+    runner = web.AppRunner(site.app(), access_log=None, handle_signals=False, shutdown_timeout=3.0)
     await runner.setup()
     try:
         tcp = web.TCPSite(runner, cfg.host, cfg.port)
@@ -294,5 +295,6 @@ async def serve(
         task_status.started(url)
         await site.hub.watch_workers()
     finally:
+        site.hub.close()
         with anyio.CancelScope(shield=True):
             await runner.cleanup()

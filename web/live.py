@@ -30,6 +30,7 @@ class Hub:
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
         self.clients: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.closing = False
         coord.listeners.append(self.on_commit)
 
     def on_commit(self, commit: Commit) -> None:
@@ -45,6 +46,14 @@ class Hub:
                 "decided": commit.decided,
             }
         )
+
+    def close(self) -> None:
+        """End every open stream (fleetd is stopping): a browser holding one must not delay that."""
+        self.closing = True
+        for q in self.clients:
+            while not q.empty():
+                q.get_nowait()
+            q.put_nowait({"type": "bye"})
 
     def broadcast(self, note: dict[str, Any]) -> None:
         for q in self.clients:
@@ -77,6 +86,8 @@ class Hub:
         )
         await resp.prepare(request)
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE)
+        if self.closing:
+            return resp
         self.clients.add(q)
         try:
             await resp.write(b"retry: 1000\n\n")
@@ -86,6 +97,8 @@ class Hub:
                 if scope.cancelled_caught:
                     await resp.write(b": keepalive\n\n")
                     continue
+                if note["type"] == "bye":
+                    break
                 await resp.write(f"event: {note['type']}\ndata: {json.dumps(note)}\n\n".encode())
         except ConnectionResetError:
             pass  # the browser went away

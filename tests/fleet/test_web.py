@@ -190,3 +190,17 @@ def test_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2 and "web.host = '0.0.0.0'" in proc.stderr, proc.stderr
     assert not (tmp_path / "h" / "fleet.duckdb").exists()  # refused before anything was created
+
+
+def test_an_open_page_does_not_hold_up_a_stop(fleet: Fleet) -> None:
+    fleet.start_fleetd()
+    web = fleet.web_url()
+    stream = urllib.request.urlopen(f"{web}/api/events", timeout=30)
+    assert stream.readline().startswith(b"retry:")
+    assert fleet.fleetd is not None
+    started = time.monotonic()
+    fleet.fleetd.terminate()
+    fleet.fleetd.wait(timeout=30)
+    assert time.monotonic() - started < 10  # was the HTTP server's 60 s shutdown wait
+    assert fleet.fleetd.returncode == 0
+    stream.close()
