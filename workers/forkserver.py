@@ -26,7 +26,7 @@ from subprocess import DEVNULL
 
 import anyio
 import structlog
-from anyio.abc import Process, UNIXSocketStream
+from anyio.abc import Process, SocketAttribute, UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from fleetd.natsserver import die_with_parent
@@ -59,6 +59,19 @@ class Forked:
                 except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
                     self.returncode = -int(signal.SIGKILL)  # the template died: so did the child
         return self.returncode
+
+    def alive(self) -> bool:
+        """Without waiting: True unless the template already reported an exit or itself went away."""
+        if self.returncode is not None:
+            return False
+        raw = self._streams[3].extra(SocketAttribute.raw_socket)
+        try:
+            raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing to read: the child still runs
+        except OSError:
+            return False
+        return False  # an exit code, or EOF (the template is gone, and the child with it)
 
     def signal(self, sig: int) -> None:
         if self.returncode is None:  # once reaped, the pid may belong to someone else

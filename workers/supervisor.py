@@ -76,6 +76,10 @@ class Supervisor:
     async def _hand_over(self, line: bytes) -> Forked:
         """The spare (or a new child) with the Run line sent; a spare that died meanwhile is replaced."""
         child, self._spare = self._spare, None
+        if child is not None and not child.alive():
+            log.warning("spare_child_gone", pid=child.pid)
+            await child.aclose()
+            child = None
         if child is not None:
             try:
                 await child.stdin.send(line)
