@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bem import governance
+
 SCOPES = ("local", "global")
 SPANS = (1, 2, 3, 4)
 RANKS = (8, 16, 32, 64)
@@ -248,6 +250,29 @@ def token_experts(episode: Episode, chunk_size: int, seq_len: int) -> Tensor:
 # ---- composition ---------------------------------------------------------------------------------
 
 
+def factored_svd(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of ΔW = A·B (A: d_out×r, B: r×d_in) without forming ΔW: QR of both factors, SVD of the
+    small core. Returns (U: d_out×k, σ: k, V: d_in×k), σ descending, in float64 for float64 input and
+    float32 otherwise."""
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32
+    qa, ra = torch.linalg.qr(A.to(work))
+    qb, rb = torch.linalg.qr(B.to(work).T)
+    u, s, vh = torch.linalg.svd(ra @ rb.T, full_matrices=False)
+    return qa @ u, s, qb @ vh.T
+
+
+def action_singular_values(
+    sigma: Tensor, action: MacroAction, *, sigma_max: float = 2.0, tau_f: float = 5.0
+) -> Tensor:
+    """An expert's singular values under a macro-action: directions past the rank budget dropped,
+    ×bias (×.8 when local), each clamped at σ_max, then all shrunk so ‖ΔW'‖_F ≤ τ_F (`governance`'s
+    σ-clamp and trust region, with the scale folded in: s = 1)."""
+    s = sigma.clone()
+    s[action.rank_budget :] = 0.0
+    s = governance.sigma_clamp(s * action.scale, sigma_max, 1.0)
+    return governance.trust_region(s, tau_f, 1.0)
+
+
 def compose(
     A: Tensor,
     B: Tensor,
@@ -256,23 +281,13 @@ def compose(
     sigma_max: float = 2.0,
     tau_f: float = 5.0,
 ) -> tuple[Tensor, Tensor]:
-    """Expert ΔW = A·B (A: d_out×r, B: r×d_in) -> factors (P, Q) with the branch ΔW' = P·Qᵀ.
-
-    QR of both factors, SVD of the r×r core, keep the top `rank_budget` directions, scale by the
-    action's bias (×.8 when local), clamp each singular value at σ_max, then shrink all of them so
-    ‖ΔW'‖_F ≤ τ_F. Without the clamps this is the best rank-k approximation (Eckart-Young).
-    """
-    work = torch.float64 if A.dtype == torch.float64 else torch.float32
-    qa, ra = torch.linalg.qr(A.to(work))
-    qb, rb = torch.linalg.qr(B.to(work).T)
-    u, s, vh = torch.linalg.svd(ra @ rb.T)
-    k = min(action.rank_budget, s.numel())
-    s = (s[:k] * action.scale).clamp(max=sigma_max)
-    fro = torch.linalg.vector_norm(s)
-    s = s * torch.clamp(tau_f / fro.clamp_min(1e-12), max=1.0)
-    P = (qa @ u[:, :k]) * s
-    Q = qb @ vh[:k].T
-    return P.to(A.dtype), Q.to(A.dtype)
+    """Expert ΔW = A·B -> factors (P, Q) with the branch ΔW' = P·Qᵀ: the top `rank_budget` directions
+    of ΔW with `action_singular_values`. Without the clamps this is the best rank-k approximation
+    (Eckart-Young)."""
+    U, sigma, V = factored_svd(A, B)
+    k = min(action.rank_budget, sigma.numel())
+    s = action_singular_values(sigma, action, sigma_max=sigma_max, tau_f=tau_f)[:k]
+    return (U[:, :k] * s).to(A.dtype), V[:, :k].to(A.dtype)
 
 
 # ---- AR0: behaviour cloning ----------------------------------------------------------------------

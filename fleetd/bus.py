@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import nats
+import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -28,6 +29,9 @@ log = structlog.get_logger("fleet.bus")
 
 TASKS_STREAM = "FLEET_TASKS"
 EVENTS_STREAM = "FLEET_EVENTS"
+# What a pull `fetch` raises when nothing arrived in time: nats-py's own TimeoutError, or the builtin
+# one from an internal wait. The builtin is an OSError, so it must be caught before OSError is.
+FETCH_EMPTY = (nats.errors.TimeoutError, TimeoutError)
 DLQ_STREAM = "FLEET_DLQ"
 WORKERS_BUCKET = "fleet_workers"
 RECORDER_DURABLE = "recorder"
@@ -127,6 +131,18 @@ def worker_consumer(worker: str, *, ack_wait: float = 30.0) -> ConsumerConfig:
         ack_wait=ack_wait,
         max_deliver=-1,
         max_ack_pending=1,
+    )
+
+
+def service_consumer(name: str) -> ConsumerConfig:
+    """A reactive service's durable consumer: metric events only, its own position in the stream."""
+    return ConsumerConfig(
+        durable_name=name,
+        filter_subject="fleet.evt.*.*.metrics",
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=60.0,
+        max_deliver=-1,
+        max_ack_pending=1000,
     )
 
 

@@ -269,7 +269,7 @@ class Coordinator:
         while True:
             try:
                 msgs = await sub.fetch(BATCH, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except bus.FETCH_EMPTY:
                 self.caught_up.set()
                 continue
             except (nats.errors.Error, OSError) as e:
@@ -486,17 +486,7 @@ class Coordinator:
             r["tasks"] = self.sched.counts(r["mission_id"])
         shown = {r["mission_id"] for r in missions}
         tasks = [
-            {
-                "task_id": t.task_id,
-                "mission_id": t.mission_id,
-                "stage": t.stage,
-                "state": t.state,
-                "pending_reason": t.pending_reason,
-                "attempt": t.attempt,
-                "worker": t.worker,
-                "error": t.error,
-                "vram_gb": t.vram_gb,
-            }
+            t.view()
             for t in sorted(self.sched.tasks.values(), key=lambda t: t.order)
             if t.mission_id in shown and (req.id is not None or t.state not in TERMINAL)
         ]

@@ -94,6 +94,24 @@ class Task:
         fields["deps"] = list(row["deps"] or [])
         return cls(**fields, order=order, since=time.monotonic())
 
+    def view(self) -> dict[str, Any]:
+        """What status readers (fleetctl, the web page) show of a task."""
+        return {
+            "task_id": self.task_id,
+            "mission_id": self.mission_id,
+            "name": self.name,
+            "stage": self.stage,
+            "kind": self.kind,
+            "arm": self.arm,
+            "seed": self.seed,
+            "state": self.state,
+            "pending_reason": self.pending_reason,
+            "attempt": self.attempt,
+            "worker": self.worker,
+            "error": self.error,
+            "vram_gb": self.vram_gb,
+        }
+
     def assignment(self) -> Assignment:
         return Assignment(
             task_id=self.task_id,

@@ -22,7 +22,6 @@ import msgspec
 import nats.errors
 import structlog
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from bem.online_rules import CanaryGate, DriftMonitor, Level
 from fleetd import bus
@@ -30,17 +29,6 @@ from schemas import messages as m
 
 log = structlog.get_logger("fleetd.services")
 COMMAND_TIMEOUT_S = 35.0  # the worker waits up to 30 s for the job's step boundary
-
-
-def consumer(name: str) -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=name,
-        filter_subject="fleet.evt.*.*.metrics",
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=60.0,
-        max_deliver=-1,
-        max_ack_pending=1000,
-    )
 
 
 @dataclass
@@ -120,12 +108,12 @@ class Services:
 
     async def _consume(self, name: str, rule: Callable[[TaskWatch, m.Metrics], list[Action]]) -> None:
         sub = await self.js.pull_subscribe(
-            "fleet.evt.*.*.metrics", durable=name, stream=bus.EVENTS_STREAM, config=consumer(name)
+            "fleet.evt.*.*.metrics", durable=name, stream=bus.EVENTS_STREAM, config=bus.service_consumer(name)
         )
         while True:
             try:
                 msgs = await sub.fetch(200, timeout=1.0)
-            except (nats.errors.TimeoutError, TimeoutError):  # nothing new within the second
+            except bus.FETCH_EMPTY:
                 continue
             except (nats.errors.Error, OSError) as e:
                 log.warning("service_fetch_failed", service=name, error=repr(e))

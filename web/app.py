@@ -118,7 +118,7 @@ class Site:
         """Everything the fleet page shows: workers, the queue with reasons, dead letters, missions."""
         coord = self.coord
         queue = [
-            _task_json(t)
+            t.view()
             for t in sorted(coord.sched.tasks.values(), key=lambda t: t.order)
             if t.state in ("pending", "assigned", "running")
         ]
@@ -148,7 +148,7 @@ class Site:
         row = await coord.read(queries.mission_row, coord.store, mission_id)
         if row is None:
             return _error(404, "not_found", f"no mission {mission_id!r}")
-        tasks = [_task_json(t) for t in coord.sched.mission_tasks(mission_id)]
+        tasks = [t.view() for t in coord.sched.mission_tasks(mission_id)]
         row["tasks"] = tasks
         row["counts"] = coord.sched.counts(mission_id)
         row["arms"] = sorted({t["arm"] for t in tasks if t["arm"] is not None})
@@ -182,7 +182,7 @@ class Site:
         if task is None:
             return _error(404, "not_found", f"no task {task_id!r}")
         detail = await coord.read(queries.task_detail, coord.store, task_id)
-        return _json({**_task_json(task), **detail})
+        return _json({**task.view(), **detail})
 
     async def task_curves(self, request: web.Request) -> web.Response:
         coord, task_id = self.coord, _task_id(request)
@@ -250,24 +250,6 @@ def _points(request: web.Request) -> int:
         return max(10, min(int(request.query.get("points", 400)), 5000))
     except ValueError:
         return 400
-
-
-def _task_json(t: Any) -> dict[str, Any]:
-    return {
-        "task_id": t.task_id,
-        "mission_id": t.mission_id,
-        "name": t.name,
-        "stage": t.stage,
-        "kind": t.kind,
-        "arm": t.arm,
-        "seed": t.seed,
-        "state": t.state,
-        "pending_reason": t.pending_reason,
-        "attempt": t.attempt,
-        "worker": t.worker,
-        "error": t.error,
-        "vram_gb": t.vram_gb,
-    }
 
 
 async def serve(

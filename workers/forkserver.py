@@ -116,6 +116,8 @@ class ForkServer:
 
     async def fork(self) -> Forked:
         async with self._lock:
+            if self._proc is None:
+                await self.start()  # the first fork starts the template
             try:
                 return await self._fork()
             except ForkServerError as e:  # the template died (the OOM killer?): a new one, once

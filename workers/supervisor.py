@@ -44,15 +44,11 @@ class Supervisor:
     ) -> None:
         self.cancel_grace_s = cancel_grace_s
         self.forkserver = ForkServer(env, preload or [])
-        self._started = False
         self._spare: Forked | None = None
         self._current: Forked | None = None
         self._done: dict[str, tuple[anyio.Event, list[p.CommandDone]]] = {}
 
     async def _spawn(self) -> Forked:
-        if not self._started:
-            await self.forkserver.start()
-            self._started = True
         child = await self.forkserver.fork()
         msg = await _read(child)
         if not isinstance(msg, p.Ready):

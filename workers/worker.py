@@ -175,7 +175,7 @@ class Worker:
         while True:
             try:
                 msgs = await self.sub.fetch(1, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except bus.FETCH_EMPTY:
                 continue
             except (nats.errors.Error, OSError) as e:
                 log.debug("fetch_failed", error=repr(e))

@@ -32,7 +32,8 @@ from transformers import PreTrainedTokenizerBase
 from bem import planner, skills
 from bem.attach import Attachment, attach_bems
 from bem.cache import RouterDecision, cache_safety_rate, codes_constant_in_chunks, kv_hit_ratio
-from bem.experiments.validation import LORA_RANK, lora_factors, train_lora, write_scores
+from bem.chunked import read_hidden
+from bem.experiments.validation import LORA_RANK, Laps, lora_factors, train_lora, write_scores
 from bem.metrics import exact_match, token_f1
 from bem.models import load_model
 from bem.parity import Cost, adapter_parameters, linear_flops, parity
@@ -124,14 +125,12 @@ def load_blocks(
             blocks.sigma[site_name] = {}
             for block in widths:
                 a, b = factors[block][site_name]  # ΔW = b·a (b: d_out×r, a: r×d_in)
-                qa, ra = torch.linalg.qr(b.double())
-                qb, rb = torch.linalg.qr(a.double().T)
-                u, s, vh = torch.linalg.svd(ra @ rb.T, full_matrices=False)
+                u, s, v = planner.factored_svd(b.double(), a.double())
                 # A rank above min(d_in, d_out) has only that many directions; the rest stay 0.
                 cols = blocks.cols(block)
                 live = slice(cols.start, cols.start + s.numel())
-                site.U[:, live] = (qa @ u).to(site.U.dtype)
-                site.V[live] = (qb @ vh.T).T.to(site.V.dtype)
+                site.U[:, live] = u.to(site.U.dtype)
+                site.V[live] = v.T.to(site.V.dtype)
                 blocks.sigma[site_name][block] = torch.cat([s, s.new_zeros(widths[block] - s.numel())])
             site.scaling = 1.0
             site.U.requires_grad_(False)
@@ -147,11 +146,9 @@ def action_code(
     out = {}
     for site, per_block in blocks.sigma.items():
         code = torch.zeros(blocks.total, dtype=torch.float64)
-        s = per_block[expert].clone()
-        s[action.rank_budget :] = 0.0
-        s = (s * action.scale).clamp(max=sigma_max)
-        s = s * torch.clamp(tau_f / torch.linalg.vector_norm(s).clamp_min(1e-12), max=1.0)
-        code[blocks.cols(expert)] = s
+        code[blocks.cols(expert)] = planner.action_singular_values(
+            per_block[expert], action, sigma_max=sigma_max, tau_f=tau_f
+        )
         out[site] = code
     return out
 
@@ -234,12 +231,10 @@ def chunk_features(
     """
     device = next(model.parameters()).device
     ids = torch.tensor([tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]], device=device)
-    with att.codes(None):
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]
-    means = lag_chunks(chunk_means(hidden.float(), CHUNK))[0]
+    chunks = chunk_means(read_hidden(model, att, ids, None, layer).float(), CHUNK)
+    means = lag_chunks(chunks)[0]
     if means.shape[0] < n_chunks:
-        last = chunk_means(hidden.float(), CHUNK)[0, -1:]
-        means = torch.cat([means, last.expand(n_chunks - means.shape[0], -1)])
+        means = torch.cat([means, chunks[0, -1:].expand(n_chunks - means.shape[0], -1)])
     return means[:n_chunks].cpu()
 
 
@@ -308,13 +303,7 @@ def run_mission_a(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        timings[name] = round(time.perf_counter() - clock, 2)
-        clock = time.perf_counter()
+    laps = Laps()
 
     model, tokenizer = load_model(base_path, device=device)
     model.requires_grad_(False)
@@ -349,7 +338,7 @@ def run_mission_a(
     )  # fmt: skip
     factors["fused"] = lora_factors(peft_model)
     del peft_model
-    lap("train_adapters")
+    laps.lap("train_adapters")
 
     att, blocks = load_blocks(model, factors)
     sites = [(a.shape[1], b.shape[0]) for a, b in factors[EXPERTS[0]].values()]
@@ -404,7 +393,7 @@ def run_mission_a(
         check_cancelled(reporter)
     policy.eval()
     ar0 = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    lap("train_ar0")
+    laps.lap("train_ar0")
 
     # 3. AR1: PPO on the task reward, starting from AR0.
     ppo_opt = torch.optim.Adam(policy.parameters(), lr=prof.policy_lr)
@@ -431,7 +420,7 @@ def run_mission_a(
         reporter.progress("train AR1", it + 1, prof.ppo_iterations)
         check_cancelled(reporter)
     ar1 = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    lap("train_ar1")
+    laps.lap("train_ar1")
 
     # 4. Evaluate every arm on the composite test set, then the index swaps.
     rows: list[ScoreRow] = []
@@ -440,6 +429,7 @@ def run_mission_a(
     per_arm: dict[str, dict[str, float]] = {}
     swap_rate: dict[str, float] = {}
     fused_code = fixed_code(blocks, "fused")
+    kv_features: dict[str, Tensor] = {}
     swap_set = [ex for kind in skills.COMPOSITE for ex in [e for e in test if e.kind == kind][: prof.n_swap]]
     for arm in ARMS:
         if arm != "fused":
@@ -493,9 +483,10 @@ def run_mission_a(
                 if arm == "fused":
                     codes = [fused_code] * k
                 else:
-                    codes = plan_codes(
-                        blocks, planner.rollout(policy, episode_inputs(req)[0], greedy=True).actions
-                    )
+                    if req.prompt not in kv_features:  # the router's state does not depend on the arm
+                        kv_features[req.prompt] = episode_inputs(req)[0]
+                    plan = planner.rollout(policy, kv_features[req.prompt], greedy=True)
+                    codes = plan_codes(blocks, plan.actions)
                 streams[arm].append((ids, [_code_bytes(c) for c in codes[:k]]))
         by_swap: dict[str, list[float]] = {s: [] for s in skills.SWAPS}
         for ex in swap_set:
@@ -506,7 +497,7 @@ def run_mission_a(
         swap_rate[arm] = skills.pass_rate(checks)
         reporter.progress("evaluate", ARMS.index(arm) + 1, len(ARMS))
         check_cancelled(reporter)
-    lap("evaluate")
+    laps.lap("evaluate")
 
     run_id = f"run-seed{seed}"
     kv = {arm: kv_hit_ratio(streams[arm], streams["fused"], CHUNK) for arm in ARMS}
@@ -529,7 +520,7 @@ def run_mission_a(
         "parity": {"parameter_ratio": par.parameter_ratio, "flops_ratio": par.flops_ratio},
         "bc_loss": bc_losses,
         "ppo": ppo_stats,
-        "timings_s": timings,
+        "timings_s": laps.timings,
         "values": {"adapter_param_ratio": par.parameter_ratio},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -293,14 +293,7 @@ def run_validation(
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 2)
-        clock = now
+    laps = Laps()
 
     torch.manual_seed(seed)  # dropout masks; every other draw uses an explicit generator
     gen = torch.Generator().manual_seed(seed)
@@ -309,7 +302,7 @@ def run_validation(
     layer = read_layer if read_layer is not None else model.config.num_hidden_layers // 2
     data = make_dataset(DATA_SEED, prof.sizes)
     train, test = data["train"], data["test"]
-    lap("setup")
+    laps.lap("setup")
 
     loras = {}
     for name, examples, rank, steps in (
@@ -325,7 +318,7 @@ def run_validation(
         reporter.artifact(out / f"lora_{name}", "peft_lora")
         loras[name] = lora_factors(peft_model)
         del peft_model
-    lap("train_loras")
+    laps.lap("train_loras")
 
     att = compose(model, loras)
     train_batch = encode(tokenizer, train)
@@ -340,7 +333,7 @@ def run_validation(
     )
     save_bem(att, out / "bem", {"controller": ctrl})
     reporter.artifact(out / "bem", "bem_checkpoint")
-    lap("train_controller")
+    laps.lap("train_controller")
 
     test_batch = encode(tokenizer, test).to(device)
     task_index = torch.tensor([TASKS.index(e.task) for e in test])
@@ -351,7 +344,7 @@ def run_validation(
 
     codes = block_code(torch.cat([arm_weights(arm, bem_weights, task_index, gen) for arm in ARMS]))
     predictions = decode_arms(model, tokenizer, att, test, codes, train, prof.eval_batch)
-    lap("evaluate")
+    laps.lap("evaluate")
 
     rows: list[ScoreRow] = []
     per_arm: dict[str, dict[str, float]] = {}
@@ -382,13 +375,26 @@ def run_validation(
         "routing_accuracy": routing_accuracy,
         "arms": per_arm,
         "bem_minus_equal": {"estimate": float(diff.mean()), "low": low, "high": high, "n": len(diff)},
-        "timings_s": timings,
+        "timings_s": laps.timings,
         "config": {**asdict(prof), "read_layer": layer, "data_seed": DATA_SEED, "base": str(base_path)},
         "samples": {"prompts": [test[i].prompt for i in shown], **samples},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     reporter.artifact(out / "summary.json", "summary")
     return summary
+
+
+class Laps:
+    """Wall time of each named phase of a run, in seconds, for its summary."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._clock, 2)
+        self._clock = now
 
 
 def write_scores(rows: list[ScoreRow], path: Path) -> None:

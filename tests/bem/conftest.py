@@ -1,8 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from bem.attach import Attachment
-from bem.models import build_tiny_llama, tiny_gpt2, tiny_llama_config
+from bem.models import build_tiny_llama, byte_tokenizer, save_model, tiny_gpt2, tiny_llama_config
 
 
 @pytest.fixture
@@ -26,3 +28,11 @@ def randomize(attachment: Attachment, scale: float = 0.3) -> None:
         for site in attachment.sites.values():
             site.U.normal_(0, scale)
             site.V.normal_(0, scale)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ~90k-parameter test base saved to disk, so experiments load it through the real loading code."""
+    path = tmp_path_factory.mktemp("base")
+    save_model(build_tiny_llama(tiny_llama_config(), seed=0), byte_tokenizer(), path)
+    return path

@@ -12,15 +12,8 @@ from bem import planner, skills
 from bem.attach import role_sites
 from bem.experiments import mission_a as ma
 from bem.layers import linear_dims
-from bem.models import build_tiny_llama, byte_tokenizer, load_model, save_model, tiny_llama_config
+from bem.models import byte_tokenizer, load_model
 from bem.reporter import MemoryReporter
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base")
-    save_model(build_tiny_llama(tiny_llama_config(), seed=0), byte_tokenizer(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

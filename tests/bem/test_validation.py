@@ -16,7 +16,6 @@ from peft import LoraConfig, get_peft_model
 from bem import __main__ as cli
 from bem.attach import role_sites
 from bem.experiments import validation as val
-from bem.models import build_tiny_llama, byte_tokenizer, save_model, tiny_llama_config
 from bem.reporter import Cancelled, MemoryReporter, ScoreRow
 
 MICRO = val.Profile(
@@ -28,13 +27,6 @@ MICRO = val.Profile(
     controller_lr=1e-3,
     eval_batch=32,
 )
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base")
-    save_model(build_tiny_llama(tiny_llama_config(), seed=0), byte_tokenizer(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
