@@ -1,11 +1,16 @@
 """Mission B's prompt stream (BEM_SPEC.md section 7): the traffic an online learner serves, with
 failures injected on a schedule.
 
-The stream draws Mission A's table questions (`bem.skills`), answered in JSON. From its prompt index
-on, an injected scenario changes what a right answer is, as production traffic does:
-- format_change: the JSON key is renamed (`{"answer": ...}` becomes `{"result": ...}`);
+Each prompt is a small table and a question; the answer is JSON holding the tool call that fetches
+the fact and its value, `{"call": "lookup(ada, age)", "answer": 12}`, with the tool's signature
+named in the prompt. From its prompt index on, an injected scenario changes what a right answer is,
+as production traffic does:
+- format_change: the answer key is renamed (`"answer"` becomes `"result"`), with no cue in the prompt;
 - domain_shift: a new topic and vocabulary (other names, other attributes);
-- new_api_signature: the tool call's name and argument order change (`fetch(attr, name)`).
+- new_api_signature: the tool's name and argument order change (`fetch(age, ada)`), announced in the
+  prompt's tools line.
+Targets come as kinded pieces (structure, call, value), so a scorer can tell a wrong key from a wrong
+tool call from a wrong value.
 Scenarios stack in schedule order; every item says which are active, so time-to-fix is measured from
 each injection. Everything is seeded: the same arguments give the same stream.
 """
@@ -13,10 +18,9 @@ each injection. Everything is seeded: the same arguments give the same stream.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SCENARIOS = ("format_change", "domain_shift", "new_api_signature")
 NAMES = ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal", "ivy", "jo")
@@ -26,35 +30,81 @@ SHIFTED_ATTRIBUTES = ("height", "weight")
 
 
 @dataclass(frozen=True)
+class Fact:
+    """What a prompt asks: a table, and the row and attribute whose value answers it."""
+
+    table: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
+    name: str
+    attr: str
+    value: int
+
+
+@dataclass(frozen=True)
 class StreamItem:
     index: int
     example_id: str
+    fact: Fact
     prompt: str
-    target: str
+    pieces: tuple[tuple[str, str], ...]  # (kind, text): kinds "structure", "call", "value"
     active: tuple[str, ...]  # the injected scenarios in force at this prompt
 
-
-def _render(item: dict[str, object], active: set[str]) -> tuple[str, str]:
-    table: list[tuple[str, dict[str, int]]] = item["table"]  # type: ignore[assignment]
-    name, attr, value = item["name"], item["attr"], item["value"]
-    context = "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in a.items()) for n, a in table)
-    call = f"fetch({attr}, {name})" if "new_api_signature" in active else f"lookup({name}, {attr})"
-    key = "result" if "format_change" in active else "answer"
-    prompt = f"context: {context}\ncall: {call}\njson: "
-    return prompt, json.dumps({key: value}, separators=(", ", ": "))
+    @property
+    def target(self) -> str:
+        return "".join(text for _, text in self.pieces)
 
 
-def _draw(rng: random.Random, shifted: bool) -> dict[str, object]:
+def _render(
+    fact: Fact, active: set[str] | tuple[str, ...], key: str | None = None
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    name, attr, value = fact.name, fact.attr, fact.value
+    context = "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in a) for n, a in fact.table)
+    new_api = "new_api_signature" in active
+    tool = "fetch(attr, name)" if new_api else "lookup(name, attr)"
+    call = f"fetch({attr}, {name})" if new_api else f"lookup({name}, {attr})"
+    key = key or ("result" if "format_change" in active else "answer")
+    prompt = f"tools: {tool}\ncontext: {context}\nquestion: what is {name}'s {attr}?\njson: "
+    pieces = (
+        ("structure", '{"call": "'),
+        ("call", call),
+        ("structure", f'", "{key}": '),
+        ("value", str(value)),
+        ("structure", "}"),
+    )
+    return prompt, pieces
+
+
+INSTRUCTED_KEYS = ("result", "value", "output")
+
+
+def instructed(item: StreamItem, key: str) -> StreamItem:
+    """The same fact with the answer key named in the prompt ("reply key: value"). Deployment trains on
+    some of these, so the model can write other keys when told; the stream never tells it."""
+    prompt, pieces = _render(item.fact, item.active, key)
+    return replace(
+        item, example_id=f"{item.example_id}-{key}", prompt=f"reply key: {key}\n{prompt}", pieces=pieces
+    )
+
+
+def _draw(rng: random.Random, shifted: bool, rows: int) -> Fact:
     names = SHIFTED_NAMES if shifted else NAMES
     attrs = SHIFTED_ATTRIBUTES if shifted else ATTRIBUTES
-    rows = [(n, {a: rng.randint(1, 60) for a in attrs}) for n in rng.sample(names, 3)]
-    name, values = rng.choice(rows)
+    table = tuple((n, tuple((a, rng.randint(1, 60)) for a in attrs)) for n in rng.sample(names, rows))
+    name, values = rng.choice(table)
     attr = rng.choice(attrs)
-    return {"table": rows, "name": name, "attr": attr, "value": values[attr]}
+    return Fact(table, name, attr, dict(values)[attr])
 
 
-def prompt_stream(n: int, seed: int, schedule: Sequence[tuple[int, str]] = ()) -> Iterator[StreamItem]:
-    """`n` prompts; `schedule` is [(prompt index, scenario)], each scenario injected once."""
+def rerender(item: StreamItem, active: tuple[str, ...]) -> StreamItem:
+    """The same fact asked under other scenarios (a canary kept in step with the current contract)."""
+    prompt, pieces = _render(item.fact, active)
+    return StreamItem(item.index, f"{item.example_id}-{'-'.join(active)}", item.fact, prompt, pieces, active)
+
+
+def prompt_stream(
+    n: int, seed: int, schedule: Sequence[tuple[int, str]] = (), rows: int = 3
+) -> Iterator[StreamItem]:
+    """`n` prompts over tables of `rows` rows; `schedule` is [(prompt index, scenario)], each scenario
+    injected once."""
     for at, scenario in schedule:
         if scenario not in SCENARIOS:
             raise ValueError(f"unknown scenario {scenario!r}; scenarios: {SCENARIOS}")
@@ -66,22 +116,25 @@ def prompt_stream(n: int, seed: int, schedule: Sequence[tuple[int, str]] = ()) -
     for i in range(n):
         if i in starts:
             active.add(starts[i])
-        prompt, target = _render(_draw(rng, "domain_shift" in active), active)
+        fact = _draw(rng, "domain_shift" in active, rows)
+        prompt, pieces = _render(fact, active)
+        target = "".join(text for _, text in pieces)
         digest = hashlib.sha1(f"{prompt}\0{target}".encode()).hexdigest()[:8]
-        yield StreamItem(i, f"stream-{seed}-{i:06d}-{digest}", prompt, target, tuple(sorted(active)))
+        yield StreamItem(i, f"stream-{seed}-{i:06d}-{digest}", fact, prompt, pieces, tuple(sorted(active)))
 
 
-def probe_set(n: int = 256, seed: int = 0) -> list[StreamItem]:
+def probe_set(n: int = 256, seed: int = 0, rows: int = 3) -> list[StreamItem]:
     """The fixed probes drift is measured on: clean traffic, never trained on (its own seed space)."""
-    return list(prompt_stream(n, seed=10_000 + seed))
+    return list(prompt_stream(n, seed=10_000 + seed, rows=rows))
 
 
 def time_to_fix(
     metric: Sequence[float], injected_at: int, canary_ok: Sequence[bool], censor: int = 1000
-) -> int:
+) -> int | None:
     """Prompts after an injection until the metric is back: the least k ≥ 20 with
     |mean(last min(k, 100) post-injection prompts) − mean(100 prompts before)| ≤ .02 and the latest
-    canary passing; `censor` (a failure) if that never happens within it."""
+    canary passing; None (censored, a failure) if that does not happen within `censor` prompts or
+    before the metric ends."""
     pre = metric[max(0, injected_at - 100) : injected_at]
     if not pre:
         raise ValueError("time-to-fix needs prompts before the injection")
@@ -90,4 +143,4 @@ def time_to_fix(
         window = metric[injected_at + k - min(k, 100) : injected_at + k]
         if abs(sum(window) / len(window) - m_pre) <= 0.02 and canary_ok[injected_at + k - 1]:
             return k
-    return censor
+    return None

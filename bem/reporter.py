@@ -6,7 +6,7 @@ events over NATS; `MemoryReporter` keeps everything in lists for library use and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +37,10 @@ class Cancelled(Exception):
 
 class Reporter(Protocol):
     def metric(self, name: str, value: float, step: int | None = None) -> None: ...
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        """Points of one check at one step, delivered together (services judge a check as a whole)."""
+        ...
+
     def progress(self, stage: str, done: int, total: int) -> None: ...
     def scores(self, rows: Sequence[ScoreRow]) -> None: ...
     def artifact(self, path: Path, kind: str) -> None: ...
@@ -60,7 +64,7 @@ def check_cancelled(reporter: Reporter) -> None:
 class MemoryReporter:
     """Keeps everything it is told; `cancel()` makes the job stop at its next check."""
 
-    metrics: list[tuple[str, float, int | None]] = field(default_factory=list)
+    points: list[tuple[str, float, int | None]] = field(default_factory=list)
     progress_log: list[tuple[str, int, int]] = field(default_factory=list)
     rows: list[ScoreRow] = field(default_factory=list)
     artifacts: list[tuple[Path, str]] = field(default_factory=list)
@@ -76,7 +80,10 @@ class MemoryReporter:
         self.acks.append((command, ok, detail))
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
-        self.metrics.append((name, value, step))
+        self.points.append((name, value, step))
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        self.points.extend((name, value, step) for name, value in values.items())
 
     def progress(self, stage: str, done: int, total: int) -> None:
         self.progress_log.append((stage, done, total))

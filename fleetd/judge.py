@@ -6,6 +6,7 @@ verdict (`kind = 'verdict'`), and the verdict onto the mission.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -94,10 +95,11 @@ def decision_rows(mission_id: str, verdict: Verdict, level: float) -> list[dict[
 
 
 def task_values(results: list[dict[str, Any] | None]) -> dict[str, float]:
-    """Exact values for `value` guards (say adapter_param_ratio): each task's `result["values"]`,
-    averaged over the tasks that report the key (seeds of one arm measure the same design)."""
+    """Exact values for `value` guards (adapter_param_ratio, a time-to-fix): each task's
+    `result["values"]`, the median over the tasks that report the key (seeds replicate one design;
+    a median keeps one censored seed from deciding a time-to-fix gate)."""
     seen: dict[str, list[float]] = {}
     for result in results:
         for key, value in ((result or {}).get("values") or {}).items():
             seen.setdefault(key, []).append(float(value))
-    return {key: sum(vs) / len(vs) for key, vs in seen.items()}
+    return {key: statistics.median(vs) for key, vs in seen.items()}

@@ -3,7 +3,9 @@
 Each is its own durable consumer of FLEET_EVENTS, so it resumes where it stopped and never slows the
 recorder. A learner streams its checks as metric points: `drift/<signal>` (kl_per_token,
 param_distance, sigma_max, probe_drop, grad_norm; one point per signal at the check's step) and
-`canary/prompts_since_promotion` then `canary/pass_rate` at the same step. The services apply the rules
+`canary/prompts_since_promotion` then `canary/pass_rate` at the same step, optionally with
+`canary/min_prompts` (the learner's declared minimum of prompts between promotions; 1,000 otherwise).
+The services apply the rules
 of `bem.online_rules` per (task, attempt), store every decision that acts (rollback, promote) in
 `service_decisions` with its reason, then command the worker running the task and store its
 acknowledgement. The key (task, attempt, service, step) makes a replayed event a no-op, so a restart
@@ -23,7 +25,7 @@ import nats.errors
 import structlog
 from nats.aio.msg import Msg
 
-from bem.online_rules import CanaryGate, DriftMonitor, Level
+from bem.online_rules import CanaryGate, DriftMonitor, Level, drift_level
 from fleetd import bus
 from schemas import messages as m
 
@@ -70,15 +72,26 @@ def drift_actions(watch: TaskWatch, ev: m.Metrics) -> list[Action]:
 def canary_actions(watch: TaskWatch, ev: m.Metrics) -> list[Action]:
     """A learner reports prompts_since_promotion before (or with) each pass rate; batches may split
     them, so the latest count is kept per task."""
+    minimum = ev.series.get("canary/min_prompts")
+    if minimum is not None and minimum.values:
+        watch.gate.min_prompts = int(minimum.values[-1])
     since = ev.series.get("canary/prompts_since_promotion")
     if since is not None:
         watch.prompts.update(zip(since.steps, since.values, strict=True))
     rates = ev.series.get("canary/pass_rate")
     if rates is None:
         return []
+    # A drift check at the same step travels in the same batch (the learner sends them together);
+    # judge it here rather than trust the drift monitor's consumer to have read it already.
+    same_step: dict[int, dict[str, float]] = {}
+    for name, series in ev.series.items():
+        if name.startswith("drift/"):
+            for step, value in zip(series.steps, series.values, strict=True):
+                same_step.setdefault(step, {})[name.removeprefix("drift/")] = value
     out = []
     for step, rate in zip(rates.steps, rates.values, strict=True):
-        critical = watch.level in ("critical", "emergency")
+        level = drift_level(same_step[step])[0] if step in same_step else watch.level
+        critical = level in ("critical", "emergency")
         prompts = watch.prompts.get(step, max(watch.prompts.values(), default=0.0))
         decision, why = watch.gate.decide(rate, int(prompts), critical)
         if decision in ("rollback", "promote"):

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -85,16 +85,29 @@ class PipeReporter:
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
         with self._lock:
-            if step is None:
-                step = self._step.get(name, -1) + 1
-            self._step[name] = step
-            steps, values, times = self._series.setdefault(name, ([], [], []))
-            steps.append(step)
-            values.append(float(value))
-            times.append(time.time())
-            self._points += 1
-            if self._points >= FLUSH_POINTS or time.monotonic() - self._last_flush >= FLUSH_S:
-                self.flush()
+            self._append(name, value, step)
+            self._flush_if_due()
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        """One check's points (a drift check, a canary run) always leave in the same batch."""
+        with self._lock:
+            for name, value in values.items():
+                self._append(name, value, step)
+            self._flush_if_due()
+
+    def _append(self, name: str, value: float, step: int | None) -> None:
+        if step is None:
+            step = self._step.get(name, -1) + 1
+        self._step[name] = step
+        steps, values, times = self._series.setdefault(name, ([], [], []))
+        steps.append(step)
+        values.append(float(value))
+        times.append(time.time())
+        self._points += 1
+
+    def _flush_if_due(self) -> None:
+        if self._points >= FLUSH_POINTS or time.monotonic() - self._last_flush >= FLUSH_S:
+            self.flush()
 
     def flush(self) -> None:
         with self._lock:

@@ -25,6 +25,7 @@ KINDS: dict[str, str] = {
     "demo.base": "workers.demo:base",
     "demo.validate": "workers.demo:validate",
     "mission_a.run": "workers.mission_a:run",
+    "online.stream": "workers.mission_b:stream",
 }
 
 

@@ -16,14 +16,25 @@ def test_injections_change_what_a_right_answer_is_from_their_prompt_on() -> None
     assert len({i.example_id for i in items}) == 40
     for it in items:
         answer = json.loads(it.target)
-        assert ("result" in answer) == (it.index >= 10) and len(answer) == 1
+        assert ("result" in answer) == (it.index >= 10) and len(answer) == 2
         assert ("fetch(" in it.prompt) == (it.index >= 30) and ("lookup(" in it.prompt) == (it.index < 30)
+        assert answer["call"].startswith("fetch(" if it.index >= 30 else "lookup(")
         shifted = any(w in it.prompt for w in ("height", "weight"))
         assert shifted == (it.index >= 20)
         assert it.active == tuple(sorted(s for at, s in schedule if it.index >= at))
         # The answer is the asked row's value in the table (the stream is answerable).
-        value = next(iter(answer.values()))
-        assert f" {value}" in it.prompt.split("\n")[0]
+        value = answer["result" if it.index >= 10 else "answer"]
+        name, attr = it.prompt.split("what is ")[1].split("?")[0].split("'s ")
+        row = next(
+            r for r in it.prompt.split("context: ")[1].split("\n")[0].split("; ") if r.startswith(name)
+        )
+        assert f"{attr} {value}" in row
+        assert set(answer["call"].split("(")[1][:-1].split(", ")) == {name, attr}
+        assert "".join(t for _, t in it.pieces) == it.target and {k for k, _ in it.pieces} == {
+            "structure",
+            "call",
+            "value",
+        }
     with pytest.raises(ValueError, match="unknown scenario"):
         list(prompt_stream(5, 0, [(1, "nope")]))
     with pytest.raises(ValueError, match="outside the stream"):
@@ -53,4 +64,4 @@ def test_time_to_fix() -> None:
     for i in range(100, 260):
         failing[i] = False  # the canary must pass too
     assert time_to_fix(metric, 100, failing) == 161
-    assert time_to_fix(before + broken * 30, 100, [True] * 1600) == 1000  # censored
+    assert time_to_fix(before + broken * 30, 100, [True] * 1600) is None  # censored

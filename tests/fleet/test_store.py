@@ -87,23 +87,26 @@ def test_sql_is_read_only(tmp_path: Path, sql: str) -> None:
     assert cols == ["kind"] and [r[0] for r in rows] == ["started", "metrics", "scores"] and truncated
 
 
-def test_task_values_average_each_key_over_the_tasks_that_report_it(tmp_path: Path) -> None:
+def test_task_values_take_the_median_of_each_key_over_the_tasks_that_report_it(tmp_path: Path) -> None:
     from fleetd.judge import task_values
     from fleetd.scheduler import Task
     from schemas import missions as specs
 
     store = Store(tmp_path / "fleet.duckdb")
     spec = specs.load(specs.find("selftest", specs.MISSIONS_DIR), {})
-    tasks = [Task.from_plan("mi", p, i) for i, p in enumerate(specs.expand(spec, "smoke", "mi"))][:4]
+    tasks = [Task.from_plan("mi", p, i) for i, p in enumerate(specs.expand(spec, "smoke", "mi"))][:5]
     mission = {
         "mission_id": "mi", "name": "selftest", "profile": "smoke", "state": "running", "verdict": None,
         "reason": None, "spec": "{}", "overrides": "{}", "submitted_at": 1.0, "finished_at": None,
     }  # fmt: skip
     store.apply(new_mission=(mission, [t.row() for t in tasks]))
-    results = [{"values": {"ratio": 1.0, "other": 3.0}}, {"values": {"ratio": 0.5}}, {"x": 1}, None]
+    results = [
+        {"values": {"ratio": 1.0, "other": 3.0}}, {"values": {"ratio": 0.5}}, {"values": {"ratio": 0.6}},
+        {"x": 1}, None,
+    ]  # fmt: skip
     for t, result in zip(tasks, results, strict=True):
         state = "failed" if result is None else "succeeded"
         store.apply(task_updates=[(t.task_id, {"state": state, "result": result})])
     got = store.task_results("mi")
-    assert sorted(map(str, got)) == sorted(map(str, results[:3]))  # the failed task's result is left out
-    assert task_values(got) == {"ratio": 0.75, "other": 3.0}
+    assert sorted(map(str, got)) == sorted(map(str, results[:4]))  # the failed task's result is left out
+    assert task_values(got) == {"ratio": 0.6, "other": 3.0}  # the median: one outlying seed does not decide

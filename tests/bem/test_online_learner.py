@@ -1,0 +1,120 @@
+"""Mission B's shadow learner on the tiny base: scoring, the trainable set, and the safety net in process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bem.experiments.mission_b import PROFILES, run_mission_b
+from bem.models import load_model
+from bem.online_learner import AGGREGATE_WEIGHTS, PIECE_KINDS, encode_items, prompt_scores
+from bem.online_rules import CanaryGate
+from bem.online_stream import prompt_stream
+from bem.reporter import MemoryReporter
+from bem.train import IGNORE
+
+
+def test_success_is_greedy_exact_match_and_scores_follow_their_definitions(base_dir: Path) -> None:
+    model, tok = load_model(base_dir)
+    items = list(prompt_stream(6, seed=3, rows=1))
+    enc = encode_items(tok, items)
+    with torch.no_grad():
+        logits = model(input_ids=enc.batch.input_ids, attention_mask=enc.batch.attention_mask).logits
+    # Make some rows exactly right at every target position, others right except one kind of piece.
+    labels = enc.batch.labels[:, 1:]
+    forced = logits.clone()
+    for row in range(len(items)):
+        for t in range(labels.shape[1]):
+            if labels[row, t] == IGNORE:
+                continue
+            kind = int(enc.kinds[row, t + 1])
+            wrong = (row == 1 and kind == PIECE_KINDS["call"]) or (row == 2 and kind == PIECE_KINDS["value"])
+            target = int(labels[row, t]) if not wrong else (int(labels[row, t]) + 1) % logits.shape[-1]
+            forced[row, t] = -10.0
+            forced[row, t, target] = 10.0
+    scores = prompt_scores(forced, enc)
+    assert scores["success"].tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert scores["tool"].tolist() == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert scores["satisfaction"].tolist() == [1.0] * 6  # only the call or the value is wrong
+    # quality: the share of target tokens right, counted independently here
+    for row, it in enumerate(items):
+        n = len(tok(it.target, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+        wrong = {1: len(tok(it.pieces[1][1], add_special_tokens=False)["input_ids"]),
+                 2: len(tok(it.pieces[3][1], add_special_tokens=False)["input_ids"])}.get(row, 0)  # fmt: skip
+        assert scores["quality"][row].item() == pytest.approx((n - wrong) / n)
+    expected = sum(w * scores[k] for k, w in AGGREGATE_WEIGHTS.items())
+    assert torch.allclose(scores["aggregate"], expected)
+
+    # On the model's own logits, teacher forcing and greedy decoding agree token by token up to and
+    # including the first wrong token; so `success` (every argmax right) is greedy exact match.
+    argmax = logits[:, :-1].argmax(-1)
+    success = prompt_scores(logits, enc)["success"]
+    for row, it in enumerate(items):
+        prompt = tok(it.prompt, add_special_tokens=False)["input_ids"]
+        target = tok(it.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        forced_out = argmax[row, len(prompt) - 1 : len(prompt) - 1 + len(target)].tolist()
+        k = next((i for i, (a, b) in enumerate(zip(forced_out, target, strict=True)) if a != b), len(target))
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(min(k + 1, len(target))):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert ids[len(prompt) :] == forced_out[: k + 1]
+        assert success[row].item() == float(k == len(target))
+
+
+def _run(base_dir: Path, tmp_path: Path, **kw):
+    reporter = MemoryReporter()
+    summary = run_mission_b(
+        base_dir, profile="tiny", seed=1, out_dir=tmp_path, reporter=reporter, local_services=True, **kw
+    )
+    return summary, reporter
+
+
+def test_a_bad_update_is_caught_and_rolled_back_exactly_within_one_check(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    cfg = PROFILES["tiny"].learner
+    check = cfg.drift_every * cfg.update_every  # prompts between drift checks
+    clean, _ = _run(base_dir, tmp_path / "clean")
+    assert clean["rollbacks"] == 0, clean["decisions"]  # the same run without the bad update is quiet
+
+    sabotage = 2 * check + 2
+    summary, _ = _run(base_dir, tmp_path / "bad", sabotage_at=sabotage)
+    first_check = (sabotage // check + 1) * check
+    decisions = summary["decisions"]
+    assert decisions and decisions[0]["decision"] == "rollback" and decisions[0]["step"] == first_check
+    event = summary["events"][0]
+    assert event["action"] == "rollback" and first_check <= event["prompt"] < first_check + check
+    # restored from the live checkpoint (safetensors) to the very weights it holds
+    assert event["to"] == event["live"] != event["from"]
+    promoted = [
+        e["live"] for e in summary["events"] if e["action"] == "promote" and e["prompt"] < event["prompt"]
+    ]
+    assert event["live"] == (promoted[-1] if promoted else summary["deployed_controller"])
+    assert decisions[0]["acked"] is True
+
+
+def test_promotions_follow_the_gate_and_only_the_controller_learns(base_dir: Path, tmp_path: Path) -> None:
+    summary, reporter = _run(base_dir, tmp_path, learner_overrides={"lr": 3e-3})
+    cfg = PROFILES["tiny"].learner
+    promotions = [e["prompt"] for e in summary["events"] if e["action"] == "promote"]
+    assert promotions, "the tiny run should promote at least once"
+    canary = dict((p, r) for p, r in summary["canary"])
+    last = 0
+    for at in promotions:
+        # commands land at the next update boundary after the canary run that decided them
+        decided = max(p for p in canary if p <= at)
+        runs = [canary[p] for p in sorted(canary) if p <= decided][-CanaryGate.passes_to_promote :]
+        assert len(runs) == CanaryGate.passes_to_promote and all(r >= CanaryGate.promote_at for r in runs)
+        assert decided - last >= cfg.promote_after
+        last = at
+    # Only the controller moved: the LM and its BEM bases are the deployed ones throughout.
+    assert summary["lm_state"]["deployed"] == summary["lm_state"]["end"]
+    assert summary["events"][-1]["live"] != summary["deployed_controller"]
+    names = {n for n, _, _ in reporter.points}
+    assert {"drift/kl_per_token", "canary/pass_rate", "train/ewc", "train/prox"} <= names
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["updates"] == summary["updates"] > 0

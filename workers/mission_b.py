@@ -1,0 +1,30 @@
+"""Mission B's kind: an online learner serves a prompt stream (or a clean soak) and obeys the fleet's
+drift monitor and canary gate, whose promote and rollback commands reach it through the reporter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.demo import _base
+from workers.kinds import TaskContext
+
+
+def stream(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    from bem.experiments.mission_b import run_mission_b
+
+    sabotage = params.get("sabotage_at")
+    summary = run_mission_b(
+        _base(params, ctx),
+        mode=params.get("mode", "stream"),
+        profile=str(params.get("profile", "smoke")),
+        seed=int(params.get("seed", 1)),
+        out_dir=ctx.out_dir,
+        reporter=ctx.reporter,
+        device=ctx.device,
+        learner_overrides=params.get("learner"),
+        sabotage_at=None if sabotage is None else int(sabotage),
+        pace_s=float(params.get("pace_s", 0.0)),
+    )
+    # `values` feed the mission's value guards (time-to-fix, soak); the rest is for people.
+    keep = ("mode", "prompts", "aggregate", "aggregate_gain", "updates", "promotions", "rollbacks")
+    return {k: summary[k] for k in (*keep, "events", "time_to_fix", "timings_s", "values") if k in summary}
