@@ -24,6 +24,7 @@ def stream(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         learner_overrides=params.get("learner"),
         sabotage_at=None if sabotage is None else int(sabotage),
         pace_s=float(params.get("pace_s", 0.0)),
+        soak_s=None if params.get("soak_s") is None else float(params["soak_s"]),
     )
     # `values` feed the mission's value guards (time-to-fix, soak); the rest is for people.
     keep = ("mode", "prompts", "aggregate", "aggregate_gain", "updates", "promotions", "rollbacks")

@@ -15,6 +15,7 @@ aggregate gain is a paired comparison on the same prompts.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -80,8 +81,8 @@ PROFILES = {
     ),
     "smoke": Profile(
         1, 16, 32, 120, 16, 3e-3, 150, 350, 600, 50, 0.3,
-        LearnerConfig(lr=3e-4, replay_capacity=2000, replay_min=100, fisher_samples=64, n_probes=64,
-                      checkpoint_every=50, promote_after=150),
+        LearnerConfig(lr=1e-3, lambda_ewc=0.01, replay_capacity=2000, replay_min=100, fisher_samples=64,
+                      n_probes=64, checkpoint_every=50, promote_after=150),
     ),
     "full": Profile(
         3, 16, 256, 2000, 16, 1e-3, 1000, 1500, 2000, 100, 0.3, LearnerConfig(),
@@ -106,11 +107,13 @@ def run_mission_b(
     learner_overrides: dict[str, Any] | None = None,
     sabotage_at: int | None = None,
     pace_s: float = 0.0,
+    soak_s: float | None = None,
 ) -> dict[str, Any]:
     """Deploy, then serve and learn over the stream (or the soak). `local_services` runs the drift
     monitor and canary gate in process (no fleet); `sabotage_at` makes the update at that prompt use a
     learning rate 1,000 times too large (the test of the safety net); `pace_s` is the least time a step
-    of `update_every` prompts takes, as when traffic arrives at a given rate."""
+    of `update_every` prompts takes, as when traffic arrives at a given rate; `soak_s` makes a soak run
+    for that long instead of the profile's prompt count (the full profile's 24-hour soak)."""
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     if learner_overrides:
         prof = replace(prof, learner=replace(prof.learner, **learner_overrides))
@@ -136,7 +139,12 @@ def run_mission_b(
     n = prof.soak if mode == "soak" else prof.warmup + len(SCENARIOS) * prof.spacing
     plan = [] if mode == "soak" else schedule(prof)
     stream_seed = seed if mode == "stream" else 1000 + seed
-    items = list(prompt_stream(n, stream_seed, plan, rows=prof.rows))
+    timed = mode == "soak" and soak_s is not None
+    if timed:
+        n = 10**9  # drawn lazily, until the time is up
+    source = prompt_stream(n, stream_seed, plan, rows=prof.rows)
+    items: list[StreamItem] = []
+    started = time.monotonic()
     cfg = prof.learner
     text = pydoc_corpus_ids(tok)
     g = random.Random(f"canary-text/{seed}")
@@ -163,7 +171,10 @@ def run_mission_b(
     for steps, start in enumerate(range(0, n, cfg.update_every), start=1):
         began = time.perf_counter()
         learner.obey(start)
-        chunk = items[start : start + cfg.update_every]
+        if timed and time.monotonic() - started >= soak_s:  # type: ignore[operator]
+            break
+        chunk = list(itertools.islice(source, cfg.update_every))
+        items.extend(chunk)
         sabotage = sabotage_at is not None and start <= sabotage_at < start + len(chunk)
         if sabotage:
             for group in learner.optimizer.param_groups:
@@ -192,10 +203,13 @@ def run_mission_b(
             for arm in ("live", "frozen", "shadow"):
                 for k in ("aggregate", "success", "quality"):
                     rep.metric(f"{arm}/{k}", sum(served[arm][k][-prof.window :]) / prof.window, prompt)
-            rep.progress(mode, prompt, n)
+            if timed:
+                rep.progress(mode, int(time.monotonic() - started), int(soak_s))  # type: ignore[arg-type]
+            else:
+                rep.progress(mode, prompt, n)
             check_cancelled(rep)
         time.sleep(max(0.0, pace_s - (time.perf_counter() - began)))
-    learner.obey(n)
+    learner.obey(len(items))
     laps.lap("stream")
 
     rows = [
