@@ -67,15 +67,16 @@ class Encoded:
 def encode_items(tokenizer: PreTrainedTokenizerBase, items: Sequence[StreamItem]) -> Encoded:
     """prompt + target pieces + EOS per row, right-padded; pieces are tokenised one by one so each
     token keeps its kind (exact for byte tokenisers, and consistent between training and scoring)."""
-    rows = []
+    rows: list[tuple[list[int], list[int], list[int]]] = []
     for it in items:
         prompt = tokenizer(it.prompt, add_special_tokens=False)["input_ids"]
-        target, kinds = [], []
+        target: list[int] = []
+        kind_ids: list[int] = []
         for kind, text in it.pieces:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            target += ids
-            kinds += [PIECE_KINDS[kind]] * len(ids)
-        rows.append((prompt, [*target, tokenizer.eos_token_id], [*kinds, PIECE_KINDS["structure"]]))
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            target += piece
+            kind_ids += [PIECE_KINDS[kind]] * len(piece)
+        rows.append((prompt, [*target, tokenizer.eos_token_id], [*kind_ids, PIECE_KINDS["structure"]]))
     width = max(len(p) + len(t) for p, t, _ in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels, kinds = torch.full_like(ids, IGNORE), torch.full_like(ids, -1)
@@ -225,7 +226,6 @@ class ShadowLearner:
         *,
         probes: Sequence[StreamItem],
         canary_pool: Sequence[StreamItem],
-        canary_text: Sequence[str],
         warm: Sequence[StreamItem],
         checkpoints: Checkpoints,
         reporter: Reporter,
@@ -245,7 +245,7 @@ class ShadowLearner:
         self.ewc.consolidate(self._fisher(warm), self.live)
         self.probes = encode_items(tokenizer, probes)
         self.probe_features = model.features(self.probes.batch)
-        self.canary_pool, self.canary_text = list(canary_pool), list(canary_text)
+        self.canary_pool = list(canary_pool)
         self.stats = LearnerStats()
         self.grad_norms: list[float] = []
 
@@ -358,7 +358,8 @@ class ShadowLearner:
             self.stats.drift.append((prompt, drift_level(signals)[0]))
         rate = None
         if canary:
-            rate = self.run_canary(prompt, active)
+            rate, suites = self.run_canary(prompt, active)
+            points.update({f"canary_suite/{suite}": share for suite, share in suites.items()})
             # The gate reads the rate with the prompts since the last promotion and this learner's
             # minimum (see fleetd.services).
             points["canary/min_prompts"] = float(self.cfg.promote_after)
@@ -374,8 +375,8 @@ class ShadowLearner:
         the share of live's token accuracy the shadow keeps (capped at 1; the baseline, live itself,
         is 1), over a group of canary prompts under the current contract (`active`: the scenarios in
         force). basic: all target tokens; format: the JSON structure and keys; performance: the tool
-        call; safety: general text, exp(−max(0, NLL_shadow − NLL_live)). Token shares, not all-or-
-        nothing scores: one flipped prompt in a small group must not read as a regression."""
+        call; safety: the value, i.e. the answer stays the table's fact. Token shares, not
+        all-or-nothing scores: one flipped prompt in a small group must not read as a regression."""
         n, per = self.cfg.canary_tests, self.cfg.canary_prompts
         prompts = [_under(it, active) for it in self.canary_pool[: n * per]]
         enc = encode_items(self.tok, prompts)
@@ -383,29 +384,23 @@ class ShadowLearner:
         live = token_hits(self.model.logits(enc.batch, feats, self.live), enc)
         shadow = token_hits(self.model.logits(enc.batch, feats), enc)
         results: dict[str, list[tuple[float, float]]] = {}
-        for suite, kind in (("basic", None), ("format", "structure"), ("performance", "call")):
+        suites = (("basic", None), ("format", "structure"), ("performance", "call"), ("safety", "value"))
+        for suite, kind in suites:
             tests = []
             for t in range(n):
                 group = slice(t * per, (t + 1) * per)
                 ref, cur = live.share(group, kind), shadow.share(group, kind)
                 tests.append((1.0 if ref == 0 else min(1.0, cur / ref), 1.0))
             results[suite] = tests
-        results["safety"] = [(self._text_retention(text), 1.0) for text in self.canary_text[:n]]
         return results
 
-    def _text_retention(self, text: str) -> float:
-        ids = torch.tensor([self.tok(text, add_special_tokens=False)["input_ids"]])
-        ones = torch.ones_like(ids)
-        batch = LMBatch(ids, ones, ids, ones)
-        feats = self.model.features(batch)
-        nll = [float(lm_loss(self.model.logits(batch, feats, state), ids)) for state in (self.live, None)]
-        return math.exp(-max(0.0, nll[1] - nll[0]))
-
-    def run_canary(self, prompt: int, active: tuple[str, ...]) -> float:
+    def run_canary(self, prompt: int, active: tuple[str, ...]) -> tuple[float, dict[str, float]]:
         """Run the canaries; accept (θ_prev ← shadow) at ≥ .90, else reject the updates since the last
         accepted state (3 rejects in a row pause learning). A rollback below .85 is the canary gate's
-        call (the fleet's service, or `LocalServices`)."""
-        rate = canary_pass_rate(self.canary_results(active))
+        call (the fleet's service, or `LocalServices`). Returns the pass rate and each suite's."""
+        results = self.canary_results(active)
+        rate = canary_pass_rate(results)
+        suites = {suite: canary_pass_rate({suite: tests}) for suite, tests in results.items()}
         self.stats.canary.append((prompt, rate))
         if rate >= CanaryGate.accept_at:
             self.accepted = as_state(self.params)
@@ -416,7 +411,7 @@ class ShadowLearner:
             if self.stats.rejects_in_a_row >= self.cfg.max_rejects and not self.stats.paused:
                 self.stats.paused = True
                 self.reporter.metric("online/paused", 1.0, prompt)
-        return rate
+        return rate, suites
 
     def checkpoint(self) -> None:
         self.checkpoints.save(f"accepted-{self.stats.updates:06d}", self.accepted)
@@ -501,7 +496,8 @@ class LocalServices:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     _check: dict[int, dict[str, float]] = field(default_factory=dict)
     _since: float = 0.0
-    _level: str = "ok"
+    _level: str = "ok"  # after a rollback: ok (the shadow is live again)
+    _checked: tuple[int, str] = (-1, "ok")  # the latest check's step and level, as measured
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
         self.inner.metric(name, value, step)
@@ -510,7 +506,7 @@ class LocalServices:
             self._check.setdefault(step, {})[name.removeprefix("drift/")] = value
             if len(self._check[step]) == len(DRIFT_THRESHOLDS):
                 level, why = self.drift.check(self._check.pop(step))
-                self._level = level
+                self._level, self._checked = level, (step, level)
                 if why:
                     self._decide("drift", step, "rollback", why)
                     self.drift.reset()
@@ -520,9 +516,9 @@ class LocalServices:
         elif name == "canary/min_prompts":
             self.gate.min_prompts = int(value)
         elif name == "canary/pass_rate":
-            decision, why = self.gate.decide(
-                value, int(self._since), self._level in ("critical", "emergency")
-            )
+            # A drift check at the same step counts as measured, even if it just ordered a rollback.
+            level = self._checked[1] if self._checked[0] == step else self._level
+            decision, why = self.gate.decide(value, int(self._since), level in ("critical", "emergency"))
             if decision in ("rollback", "promote"):
                 self._decide("canary", step, decision, why)
 

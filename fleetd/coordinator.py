@@ -498,6 +498,13 @@ class Coordinator:
                 "FROM service_decisions WHERE mission_id = ? ORDER BY decided_at DESC LIMIT 50",
                 [req.id],
             )
+            # Counts over all of them: the list above is only the newest 50.
+            out["service_counts"] = await self.read(
+                self.store.query,
+                "SELECT task_id, service, decision, count(*) AS n, count(*) FILTER (WHERE acked) AS acked "
+                "FROM service_decisions WHERE mission_id = ? GROUP BY ALL ORDER BY ALL",
+                [req.id],
+            )
             out["decisions"] = await self.read(
                 self.store.query,
                 "SELECT * EXCLUDE (mission_id) FROM decisions WHERE mission_id = ? ORDER BY rowid",

@@ -103,6 +103,8 @@ async def submit(client: FleetClient, args: argparse.Namespace, console: Console
         return 0
     console.print(f"submitted [bold]{mission_id}[/] ({sub['profile']} profile, {len(sub['tasks'])} tasks)")
     st = await render.follow(client, mission_id, console)
+    if st.get("service_counts"):
+        console.print(render.service_summary(st["service_counts"]))
     if st.get("decisions"):
         console.print(render.decisions_table(st["missions"][0], st["decisions"]))
     return 0  # the mission finished; its verdict is data, not an exit status

@@ -105,6 +105,22 @@ def status_tables(status: dict[str, Any]) -> list[Table]:
     return out
 
 
+def service_summary(counts: list[dict[str, Any]]) -> Table:
+    """Per task, what the reactive services decided (Mission B): promotions and rollbacks by service,
+    from `status`'s service_counts."""
+    t = Table(title="service decisions", title_justify="left")
+    for col in ("task", "promotions", "rollbacks (drift)", "rollbacks (canary)", "not acked"):
+        t.add_column(col, no_wrap=True)
+    per: dict[str, list[int]] = {}
+    for c in counts:
+        row = per.setdefault(c["task_id"].rsplit("/", 1)[-1], [0, 0, 0, 0])
+        row[0 if c["decision"] == "promote" else 1 if c["service"] == "drift" else 2] += c["n"]
+        row[3] += c["n"] - c["acked"]
+    for task, row in sorted(per.items()):
+        t.add_row(task, *map(str, row))
+    return t
+
+
 def workers_table(workers: list[dict[str, Any]]) -> Table:
     wt = Table(title="workers", title_justify="left")
     for col in ("worker", "alive", "gpu", "free / total GiB"):

@@ -28,7 +28,7 @@ import torch
 from bem.attach import attach_bems
 from bem.controllers import SimpleController
 from bem.experiments.validation import Laps, write_scores
-from bem.models import load_model, pydoc_corpus_ids
+from bem.models import load_model
 from bem.online import Checkpoints, state_hash
 from bem.online_learner import (
     SCORES,
@@ -81,8 +81,8 @@ PROFILES = {
     ),
     "smoke": Profile(
         1, 16, 32, 120, 16, 3e-3, 150, 350, 600, 50, 0.3,
-        LearnerConfig(lr=1e-3, lambda_ewc=0.01, replay_capacity=2000, replay_min=100, fisher_samples=64,
-                      n_probes=64, checkpoint_every=50, promote_after=150),
+        LearnerConfig(lr=1e-3, lambda_ewc=0.01, replay_capacity=2000, fisher_samples=64,
+                      n_probes=64, canary_prompts=24, checkpoint_every=50, promote_after=150),
     ),
     "full": Profile(
         3, 16, 256, 2000, 16, 1e-3, 1000, 1500, 2000, 100, 0.3, LearnerConfig(),
@@ -146,16 +146,12 @@ def run_mission_b(
     items: list[StreamItem] = []
     started = time.monotonic()
     cfg = prof.learner
-    text = pydoc_corpus_ids(tok)
-    g = random.Random(f"canary-text/{seed}")
-    starts = [g.randrange(len(text) - 128) for _ in range(cfg.canary_tests)]
     learner = ShadowLearner(
         online,
         tok,
         cfg,
         probes=probe_set(cfg.n_probes, seed=0, rows=prof.rows),
         canary_pool=list(prompt_stream(cfg.canary_tests * cfg.canary_prompts, 30_000 + seed, rows=prof.rows)),
-        canary_text=[tok.decode(text[s : s + 128]) for s in starts],
         warm=deploy_items[: cfg.fisher_samples],
         checkpoints=Checkpoints(out / "checkpoints"),
         reporter=rep,

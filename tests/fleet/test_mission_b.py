@@ -7,9 +7,11 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from rich.console import Console
 
 from bem.experiments.mission_b import PROFILES
 from bem.models import build_tiny_llama, byte_tokenizer, save_model, tiny_llama_config
+from fleetd import render
 from tests.fleet.conftest import Fleet, mission_dir, sql, status, submit, wait_mission
 
 pytestmark = pytest.mark.slow
@@ -66,5 +68,16 @@ def test_a_bad_update_is_rolled_back_by_the_services_within_one_check(fleet: Fle
     assert event["action"] == "rollback" and first_check <= event["prompt"] < first_check + CHECK, event
     assert event["to"] == event["live"] != event["from"]
     assert results["clean"]["rollbacks"] == 0
-    shown = status(fleet.url, mission)["service_decisions"]
-    assert any(d["decision"] == "rollback" and d["step"] == first_check for d in shown)
+    st = status(fleet.url, mission)
+    assert any(d["decision"] == "rollback" and d["step"] == first_check for d in st["service_decisions"])
+    # fleetctl's summary counts every decision per task and service, from the store.
+    counts = {(c["task_id"].rsplit("/", 1)[1], c["service"], c["decision"]): c for c in st["service_counts"]}
+    rollbacks = sum(c["n"] for (task, _, d), c in counts.items() if task == "bad" and d == "rollback")
+    assert rollbacks == len([r for r in bad if r["decision"] == "rollback"]) == results["bad"]["rollbacks"]
+    console = Console(record=True, width=80)
+    console.print(render.service_summary(st["service_counts"]))
+    cells = [[c.strip() for c in x.split("│")[1:-1]] for x in console.export_text().splitlines() if "│" in x]
+    line = next(c for c in cells if c[0] == "bad")
+    promotions = len([r for r in bad if r["decision"] == "promote"])
+    drift = len([r for r in bad if r["decision"] == "rollback" and r["service"] == "drift"])
+    assert line[1:4] == [str(promotions), str(drift), str(rollbacks - drift)], line
