@@ -184,10 +184,12 @@ def run_mission_b(
             for k in SCORES:
                 served[arm][k].extend(per[k].tolist())
         prompt = start + len(chunk)
+        # No check after the last prompt: no update boundary follows at which to obey its decision.
+        last = prompt >= n
         rate = learner.check(
             prompt,
-            drift=steps % cfg.drift_every == 0,
-            canary=prompt % cfg.canary_every == 0,
+            drift=steps % cfg.drift_every == 0 and not last,
+            canary=prompt % cfg.canary_every == 0 and not last,
             active=chunk[-1].active,
         )
         if rate is not None:
