@@ -64,9 +64,12 @@ class Encoded:
     kinds: Tensor  # [B, T]: the piece kind of each labelled position (EOS counts as structure), -1 elsewhere
 
 
-def encode_items(tokenizer: PreTrainedTokenizerBase, items: Sequence[StreamItem]) -> Encoded:
-    """prompt + target pieces + EOS per row, right-padded; pieces are tokenised one by one so each
-    token keeps its kind (exact for byte tokenisers, and consistent between training and scoring)."""
+def encode_items(
+    tokenizer: PreTrainedTokenizerBase, items: Sequence[StreamItem], device: torch.device | str = "cpu"
+) -> Encoded:
+    """prompt + target pieces + EOS per row, right-padded, on `device`; pieces are tokenised one by one
+    so each token keeps its kind (exact for byte tokenisers, and consistent between training and
+    scoring). Padding is masked out, so tokenisers without a pad token pad with EOS."""
     rows: list[tuple[list[int], list[int], list[int]]] = []
     for it in items:
         prompt = tokenizer(it.prompt, add_special_tokens=False)["input_ids"]
@@ -78,7 +81,8 @@ def encode_items(tokenizer: PreTrainedTokenizerBase, items: Sequence[StreamItem]
             kind_ids += [PIECE_KINDS[kind]] * len(piece)
         rows.append((prompt, [*target, tokenizer.eos_token_id], [*kind_ids, PIECE_KINDS["structure"]]))
     width = max(len(p) + len(t) for p, t, _ in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     labels, kinds = torch.full_like(ids, IGNORE), torch.full_like(ids, -1)
     mask, prompt_mask = torch.zeros_like(ids), torch.zeros_like(ids)
     for i, (p, t, k) in enumerate(rows):
@@ -88,7 +92,7 @@ def encode_items(tokenizer: PreTrainedTokenizerBase, items: Sequence[StreamItem]
         kinds[i, len(p) : n] = torch.tensor(k)
         mask[i, :n] = 1
         prompt_mask[i, : len(p)] = 1
-    return Encoded(LMBatch(ids, mask, labels, prompt_mask), kinds)
+    return Encoded(LMBatch(ids, mask, labels, prompt_mask).to(device), kinds.to(device))
 
 
 def prompt_scores(logits: Tensor, enc: Encoded) -> dict[str, Tensor]:
@@ -233,21 +237,28 @@ class ShadowLearner:
     ) -> None:
         self.model, self.tok, self.cfg, self.reporter = model, tokenizer, config, reporter
         self.params = trainable(model, "controller")
+        self.device = next(iter(self.params.values())).device
         self.optimizer = self._optimizer()
         self.live = as_state(self.params)
         self.frozen = as_state(self.params)
         self.previous_live = as_state(self.params)
         self.accepted = as_state(self.params)  # θ_prev: the last accepted update
+        # The shadow as of its latest canary run at ≥ .95: what a promote command promotes, since the
+        # shadow keeps learning while the command travels. Cleared by a rollback.
+        self.candidate: dict[str, Tensor] | None = None
         self.checkpoints = checkpoints
         self.live_digest = self.checkpoints.save("live", self.live)
         self.replay: Replay[StreamItem] = Replay(config.replay_capacity, config.replay_min, seed=seed)
         self.ewc = OnlineEWC(lam=config.lambda_ewc)
         self.ewc.consolidate(self._fisher(warm), self.live)
-        self.probes = encode_items(tokenizer, probes)
+        self.probes = self._encode(probes)
         self.probe_features = model.features(self.probes.batch)
         self.canary_pool = list(canary_pool)
         self.stats = LearnerStats()
         self.grad_norms: list[float] = []
+
+    def _encode(self, items: Sequence[StreamItem]) -> Encoded:
+        return encode_items(self.tok, items, self.device)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         opt = torch.optim.AdamW(self.params.values(), lr=self.cfg.lr, weight_decay=0.0)
@@ -259,7 +270,7 @@ class ShadowLearner:
     def step(self, items: Sequence[StreamItem], prompt: int) -> dict[str, dict[str, Tensor]]:
         """Serve `items` (live and frozen), score the shadow on the same traffic, then update the
         shadow on them plus replay. Returns per-prompt scores per arm: live, frozen, shadow."""
-        new = encode_items(self.tok, items)
+        new = self._encode(items)
         feats = self.model.features(new.batch)
         with torch.no_grad():
             scores = {
@@ -268,7 +279,7 @@ class ShadowLearner:
             }
         n_replay = round(len(items) * self.cfg.replay_fraction / (1 - self.cfg.replay_fraction))
         replayed = self.replay.sample(n_replay)[0] if self.replay.ready else []
-        batch = encode_items(self.tok, [*items, *replayed]) if replayed else new
+        batch = self._encode([*items, *replayed]) if replayed else new
         logits = self.model.logits(batch.batch, self.model.features(batch.batch) if replayed else feats)
         with torch.no_grad():
             shadow = prompt_scores(logits[: len(items), : new.batch.input_ids.shape[1]], new)
@@ -308,7 +319,7 @@ class ShadowLearner:
         items = list(items)[: self.cfg.fisher_samples]
         total = {n: torch.zeros_like(p) for n, p in self.params.items()}
         for it in items:
-            enc = encode_items(self.tok, [it])
+            enc = self._encode([it])
             logits = self.model.logits(enc.batch, self.model.features(enc.batch))
             labels = enc.batch.labels[:, 1:]
             keep = labels != IGNORE
@@ -379,7 +390,7 @@ class ShadowLearner:
         all-or-nothing scores: one flipped prompt in a small group must not read as a regression."""
         n, per = self.cfg.canary_tests, self.cfg.canary_prompts
         prompts = [_under(it, active) for it in self.canary_pool[: n * per]]
-        enc = encode_items(self.tok, prompts)
+        enc = self._encode(prompts)
         feats = self.model.features(enc.batch)
         live = token_hits(self.model.logits(enc.batch, feats, self.live), enc)
         shadow = token_hits(self.model.logits(enc.batch, feats), enc)
@@ -402,6 +413,7 @@ class ShadowLearner:
         rate = canary_pass_rate(results)
         suites = {suite: canary_pass_rate({suite: tests}) for suite, tests in results.items()}
         self.stats.canary.append((prompt, rate))
+        self.candidate = as_state(self.params) if rate >= CanaryGate.promote_at else None
         if rate >= CanaryGate.accept_at:
             self.accepted = as_state(self.params)
             self.stats.rejects_in_a_row = 0
@@ -437,8 +449,12 @@ class ShadowLearner:
 
     def rollback(self, prompt: int) -> tuple[bool, str]:
         """shadow ← live, exactly, from the live checkpoint on disk; the optimizer starts afresh (its
-        moments belong to the abandoned path)."""
+        moments belong to the abandoned path). A shadow that already equals live (two services
+        rolling back the same bad update) is not rolled back or counted twice."""
         before = state_hash(self.params)
+        self.candidate = None
+        if before == self.live_digest:
+            return True, f"rollback at prompt {prompt}: shadow already equals live {before[:12]}"
         restore(self.params, self.checkpoints.load("live"))
         self.accepted = as_state(self.params)
         self.optimizer = self._optimizer()
@@ -447,29 +463,29 @@ class ShadowLearner:
         s.rollbacks += 1
         s.rollbacks_since_promotion += 1
         s.rejects_in_a_row, s.paused = 0, False
-        if s.rollbacks_since_promotion >= self.cfg.max_rollbacks:
-            s.stopped = True
+        if s.rollbacks_since_promotion >= self.cfg.max_rollbacks and not s.stopped:
+            s.stopped = True  # for good: learning that keeps failing needs a person (alert)
             self.reporter.metric("online/stopped", 1.0, prompt)
         s.events.append({"action": "rollback", "prompt": prompt, "from": before, "to": after, "live": live})
         self.reporter.metric("online/rollbacks", float(s.rollbacks), prompt)
-        return (
-            after == live,
-            f"rollback at prompt {prompt}: shadow {before[:12]} -> {after[:12]} (live {live[:12]})",
-        )
+        detail = f"rollback at prompt {prompt}: shadow {before[:12]} -> {after[:12]} (live {live[:12]})"
+        return after == live, detail
 
     def promote(self, prompt: int) -> tuple[bool, str]:
-        """live ← shadow (the old live is kept); θ* ← the promoted weights, with a fresh Fisher."""
+        """live ← the shadow the canaries approved (its latest run at ≥ .95; the old live is kept);
+        θ* ← the promoted weights, with a fresh Fisher. Refused when no approved state differs from
+        live, or a rollback came after the approval."""
+        if self.candidate is None or state_hash(self.candidate) == self.live_digest:
+            return False, f"nothing to promote at prompt {prompt}: no approved shadow that differs from live"
         self.previous_live = self.live
         self.checkpoints.save("previous-live", self.previous_live)
-        self.live = as_state(self.params)
-        self.accepted = as_state(self.params)
+        self.live, self.candidate = self.candidate, None
         digest = self.live_digest = self.checkpoints.save("live", self.live)
         self.ewc.consolidate(self._fisher(self.replay.sample(self.cfg.fisher_samples)[0]), self.live)
         s = self.stats
         s.promotions += 1
         s.prompts_since_promotion = 0
         s.rollbacks_since_promotion = 0
-        s.paused = s.stopped = False
         s.events.append({"action": "promote", "prompt": prompt, "live": digest})
         self.reporter.metric("online/promotions", float(s.promotions), prompt)
         return True, f"promoted at prompt {prompt}: live {digest[:12]}"
@@ -509,16 +525,14 @@ class LocalServices:
                 self._level, self._checked = level, (step, level)
                 if why:
                     self._decide("drift", step, "rollback", why)
-                    self.drift.reset()
-                    self._level = "ok"
         elif name == "canary/prompts_since_promotion":
             self._since = value
         elif name == "canary/min_prompts":
             self.gate.min_prompts = int(value)
         elif name == "canary/pass_rate":
             # A drift check at the same step counts as measured, even if it just ordered a rollback.
-            level = self._checked[1] if self._checked[0] == step else self._level
-            decision, why = self.gate.decide(value, int(self._since), level in ("critical", "emergency"))
+            seen = self._checked[1] if self._checked[0] == step else self._level
+            decision, why = self.gate.decide(value, int(self._since), seen in ("critical", "emergency"))
             if decision in ("rollback", "promote"):
                 self._decide("canary", step, decision, why)
 
@@ -529,6 +543,10 @@ class LocalServices:
     def _decide(self, service: str, step: int, decision: str, reason: str) -> None:
         self.decisions.append({"service": service, "step": step, "decision": decision, "reason": reason})
         self.pending.append(Command(f"{service}-{step}", decision))
+        if decision == "rollback":  # as fleetd.services.reset_after_rollback
+            self.drift.reset()
+            self._level = "ok"
+            self.gate.streak = 0
 
     def commands(self) -> list[Command]:
         out, self.pending = self.pending, []

@@ -64,8 +64,7 @@ def drift_actions(watch: TaskWatch, ev: m.Metrics) -> list[Action]:
         watch.level = level
         if why is not None:
             out.append(Action("drift", step, "rollback", level, max(checks[step].values()), why))
-            watch.drift.reset()  # the rollback restores accepted weights: a new window, no drift
-            watch.level = "ok"
+            reset_after_rollback(watch)
     return out
 
 
@@ -95,8 +94,18 @@ def canary_actions(watch: TaskWatch, ev: m.Metrics) -> list[Action]:
         prompts = watch.prompts.get(step, max(watch.prompts.values(), default=0.0))
         decision, why = watch.gate.decide(rate, int(prompts), critical)
         if decision in ("rollback", "promote"):
-            out.append(Action("canary", step, decision, watch.level, rate, why))
+            out.append(Action("canary", step, decision, level, rate, why))
+        if decision == "rollback":
+            reset_after_rollback(watch)
     return out
+
+
+def reset_after_rollback(watch: TaskWatch) -> None:
+    """A rollback makes the shadow equal live again: a new drift window, and canary passes from
+    before it no longer count toward a promotion (whichever service ordered it)."""
+    watch.drift.reset()
+    watch.level = "ok"
+    watch.gate.streak = 0
 
 
 class Services:

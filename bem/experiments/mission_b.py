@@ -129,9 +129,7 @@ def run_mission_b(
     d_model = int(model.config.hidden_size)
     controller = SimpleController(d_model, attachment.total_rank, hidden=prof.controller_hidden, dropout=0.0)
     online = OnlineModel(model, attachment, controller.to(device), READ_LAYER)
-    deploy_items = list(
-        prompt_stream(max(prof.deploy_steps * prof.deploy_batch, 256), 20_000 + seed, rows=prof.rows)
-    )
+    deploy_items = deployment_data(max(prof.deploy_steps * prof.deploy_batch, 256), seed, prof)
     deploy(online, tok, deploy_items, prof, seed, rep)
     laps.lap("deploy")
     lm_deployed = lm_state(online)
@@ -189,7 +187,7 @@ def run_mission_b(
         rate = learner.check(
             prompt,
             drift=steps % cfg.drift_every == 0 and not last,
-            canary=prompt % cfg.canary_every == 0 and not last,
+            canary=prompt // cfg.canary_every > start // cfg.canary_every and not last,
             active=chunk[-1].active,
         )
         if rate is not None:
@@ -197,7 +195,7 @@ def run_mission_b(
         canary_ok.extend([latest_ok] * len(chunk))
         if steps % cfg.checkpoint_every == 0:
             learner.checkpoint()
-        if prompt % prof.window == 0:
+        if prompt // prof.window > start // prof.window:
             for arm in ("live", "frozen", "shadow"):
                 for k in ("aggregate", "success", "quality"):
                     rep.metric(f"{arm}/{k}", sum(served[arm][k][-prof.window :]) / prof.window, prompt)
@@ -251,9 +249,10 @@ def deploy(
     """Train the BEM bases and the controller on clean traffic (the model as shipped), then freeze the
     bases: from here on only the controller learns."""
     att, controller = online.attachment, online.controller
+    device = next(controller.parameters()).device
     with torch.no_grad():
         feats = torch.cat(
-            [online.features(encode_items(tok, items[i : i + 64]).batch) for i in range(0, 256, 64)]
+            [online.features(encode_items(tok, items[i : i + 64], device).batch) for i in range(0, 256, 64)]
         )
     controller.fit_features(feats)
     params = [*controller.parameters(), *att.parameters()]
@@ -263,7 +262,7 @@ def deploy(
     g = random.Random(f"deploy/{seed}")
     online.train()
     for step in range(prof.deploy_steps):
-        batch = encode_items(tok, g.sample(items, prof.deploy_batch)).batch
+        batch = encode_items(tok, g.sample(items, prof.deploy_batch), device).batch
         loss = lm_loss(online.logits(batch, online.features(batch)), batch.labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()

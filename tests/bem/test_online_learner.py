@@ -103,14 +103,20 @@ def test_promotions_follow_the_gate_and_only_the_controller_learns(base_dir: Pat
     promotions = [e["prompt"] for e in summary["events"] if e["action"] == "promote"]
     assert promotions, "the tiny run should promote at least once"
     canary = dict((p, r) for p, r in summary["canary"])
+    rollbacks = [e["prompt"] for e in summary["events"] if e["action"] == "rollback"]
     last = 0
     for at in promotions:
         # commands land at the next update boundary after the canary run that decided them
         decided = max(p for p in canary if p <= at)
-        runs = [canary[p] for p in sorted(canary) if p <= decided][-CanaryGate.passes_to_promote :]
-        assert len(runs) == CanaryGate.passes_to_promote and all(r >= CanaryGate.promote_at for r in runs)
+        runs = [p for p in sorted(canary) if p <= decided][-CanaryGate.passes_to_promote :]
+        assert len(runs) == CanaryGate.passes_to_promote and all(
+            canary[p] >= CanaryGate.promote_at for p in runs
+        )
+        assert not [r for r in rollbacks if runs[0] <= r <= decided], "a rollback restarts the streak"
         assert decided - last >= cfg.promote_after
         last = at
+    lives = [e["live"] for e in summary["events"] if e["action"] == "promote"]
+    assert len(set(lives)) == len(lives) and summary["deployed_controller"] not in lives
     # Only the controller moved: the LM and its BEM bases are the deployed ones throughout.
     assert summary["lm_state"]["deployed"] == summary["lm_state"]["end"]
     assert summary["events"][-1]["live"] != summary["deployed_controller"]
@@ -118,3 +124,17 @@ def test_promotions_follow_the_gate_and_only_the_controller_learns(base_dir: Pat
     assert {"drift/kl_per_token", "canary/pass_rate", "train/ewc", "train/prox"} <= names
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["updates"] == summary["updates"] > 0
+
+
+def test_three_rollbacks_without_a_promotion_stop_learning_for_good(base_dir: Path, tmp_path: Path) -> None:
+    summary, reporter = _run(base_dir, tmp_path, learner_overrides={"lr": 3e-2})
+    assert summary["stopped"], summary["events"]
+    rollbacks = [e["prompt"] for e in summary["events"] if e["action"] == "rollback"]
+    stopped_at = rollbacks[2]  # the third, with no promotion between (asserted next)
+    assert not [e for e in summary["events"] if e["action"] == "promote" and e["prompt"] <= stopped_at]
+    # nothing is learnt, promoted or rolled back after the stop
+    assert len(rollbacks) == 3
+    assert not [e for e in summary["events"] if e["prompt"] > stopped_at]
+    updates_after = [st for n, _, st in reporter.points if n == "train/loss"]
+    cfg = PROFILES["tiny"].learner
+    assert max(updates_after) <= stopped_at // cfg.update_every + 1
