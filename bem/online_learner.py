@@ -44,7 +44,7 @@ from bem.online import (
     state_hash,
     trainable,
 )
-from bem.online_rules import DRIFT_THRESHOLDS, CanaryGate, DriftMonitor, canary_pass_rate, drift_level
+from bem.online_rules import DRIFT_THRESHOLDS, CanaryGate, LearnerWatch, Level, canary_pass_rate, drift_level
 from bem.online_stream import StreamItem, rerender
 from bem.reporter import Command, Reporter
 from bem.train import IGNORE, LMBatch, lm_loss
@@ -241,7 +241,6 @@ class ShadowLearner:
         self.optimizer = self._optimizer()
         self.live = as_state(self.params)
         self.frozen = as_state(self.params)
-        self.previous_live = as_state(self.params)
         self.accepted = as_state(self.params)  # θ_prev: the last accepted update
         # The shadow as of its latest canary run at ≥ .95: what a promote command promotes, since the
         # shadow keeps learning while the command travels. Cleared by a rollback.
@@ -477,8 +476,7 @@ class ShadowLearner:
         live, or a rollback came after the approval."""
         if self.candidate is None or state_hash(self.candidate) == self.live_digest:
             return False, f"nothing to promote at prompt {prompt}: no approved shadow that differs from live"
-        self.previous_live = self.live
-        self.checkpoints.save("previous-live", self.previous_live)
+        self.checkpoints.save("previous-live", self.live)
         self.live, self.candidate = self.candidate, None
         digest = self.live_digest = self.checkpoints.save("live", self.live)
         self.ewc.consolidate(self._fisher(self.replay.sample(self.cfg.fisher_samples)[0]), self.live)
@@ -503,17 +501,16 @@ def _under(item: StreamItem, active: tuple[str, ...]) -> StreamItem:
 @dataclass
 class LocalServices:
     """The drift monitor and canary gate in process, for runs without fleetd: wraps a reporter, reads
-    the same metric points the fleet's services read and queues their commands for the learner."""
+    the same metric points the fleet's services read, judges them through the same `LearnerWatch`
+    and queues the commands for the learner."""
 
     inner: Reporter
-    drift: DriftMonitor = field(default_factory=DriftMonitor)
-    gate: CanaryGate = field(default_factory=CanaryGate)
+    watch: LearnerWatch = field(default_factory=LearnerWatch)
     pending: list[Command] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
     _check: dict[int, dict[str, float]] = field(default_factory=dict)
     _since: float = 0.0
-    _level: str = "ok"  # after a rollback: ok (the shadow is live again)
-    _checked: tuple[int, str] = (-1, "ok")  # the latest check's step and level, as measured
+    _checked: tuple[int, Level] = (-1, "ok")  # the latest drift check's step and level, as measured
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
         self.inner.metric(name, value, step)
@@ -521,18 +518,17 @@ class LocalServices:
         if name.startswith("drift/"):
             self._check.setdefault(step, {})[name.removeprefix("drift/")] = value
             if len(self._check[step]) == len(DRIFT_THRESHOLDS):
-                level, why = self.drift.check(self._check.pop(step))
-                self._level, self._checked = level, (step, level)
+                level, why = self.watch.on_drift(self._check.pop(step))
+                self._checked = (step, level)
                 if why:
                     self._decide("drift", step, "rollback", why)
         elif name == "canary/prompts_since_promotion":
             self._since = value
         elif name == "canary/min_prompts":
-            self.gate.min_prompts = int(value)
+            self.watch.gate.min_prompts = int(value)
         elif name == "canary/pass_rate":
-            # A drift check at the same step counts as measured, even if it just ordered a rollback.
-            seen = self._checked[1] if self._checked[0] == step else self._level
-            decision, why = self.gate.decide(value, int(self._since), seen in ("critical", "emergency"))
+            same_step = self._checked[1] if self._checked[0] == step else None
+            decision, why, _ = self.watch.on_canary(value, int(self._since), same_step)
             if decision in ("rollback", "promote"):
                 self._decide("canary", step, decision, why)
 
@@ -543,10 +539,6 @@ class LocalServices:
     def _decide(self, service: str, step: int, decision: str, reason: str) -> None:
         self.decisions.append({"service": service, "step": step, "decision": decision, "reason": reason})
         self.pending.append(Command(f"{service}-{step}", decision))
-        if decision == "rollback":  # as fleetd.services.reset_after_rollback
-            self.drift.reset()
-            self._level = "ok"
-            self.gate.streak = 0
 
     def commands(self) -> list[Command]:
         out, self.pending = self.pending, []

@@ -107,3 +107,38 @@ class CanaryGate:
         if rate >= self.accept_at:
             return "accept", f"canary pass rate {rate:.3f} ≥ {self.accept_at}"
         return "reject", f"canary pass rate {rate:.3f} < {self.accept_at}"
+
+
+@dataclass
+class LearnerWatch:
+    """Both services' state for one learner, shared so that a rollback ordered by either one starts
+    a new drift window and restarts the gate's streak (the shadow is live again). fleetd's services
+    and `bem.online_learner.LocalServices` both judge through it."""
+
+    drift: DriftMonitor = field(default_factory=DriftMonitor)
+    gate: CanaryGate = field(default_factory=CanaryGate)
+    level: Level = "ok"  # the latest drift check's level; ok again after a rollback
+
+    def on_drift(self, signals: Mapping[str, float]) -> tuple[Level, str | None]:
+        """One drift check: its level, and the reason to roll back if the rule fires."""
+        level, why = self.drift.check(signals)
+        self.level = level
+        if why is not None:
+            self.after_rollback()
+        return level, why
+
+    def on_canary(
+        self, rate: float, prompts_since_promotion: int, same_step: Level | None = None
+    ) -> tuple[Decision, str, Level]:
+        """One canary run; `same_step` is the level of a drift check taken at the same step, which
+        counts even when that check just ordered a rollback."""
+        level = same_step or self.level
+        decision, why = self.gate.decide(rate, prompts_since_promotion, level in ("critical", "emergency"))
+        if decision == "rollback":
+            self.after_rollback()
+        return decision, why, level
+
+    def after_rollback(self) -> None:
+        self.drift.reset()
+        self.level = "ok"
+        self.gate.streak = 0

@@ -25,7 +25,7 @@ import nats.errors
 import structlog
 from nats.aio.msg import Msg
 
-from bem.online_rules import CanaryGate, DriftMonitor, Level, drift_level
+from bem.online_rules import LearnerWatch, drift_level
 from fleetd import bus
 from schemas import messages as m
 
@@ -34,10 +34,7 @@ COMMAND_TIMEOUT_S = 35.0  # the worker waits up to 30 s for the job's step bound
 
 
 @dataclass
-class TaskWatch:
-    drift: DriftMonitor = field(default_factory=DriftMonitor)
-    gate: CanaryGate = field(default_factory=CanaryGate)
-    level: Level = "ok"
+class TaskWatch(LearnerWatch):
     prompts: dict[int, float] = field(default_factory=dict)  # step -> prompts since the last promotion
 
 
@@ -51,20 +48,23 @@ class Action:
     reason: str
 
 
-def drift_actions(watch: TaskWatch, ev: m.Metrics) -> list[Action]:
-    """Group the batch's drift/* points by step: one check per step, in step order."""
+def drift_checks(ev: m.Metrics) -> dict[int, dict[str, float]]:
+    """The batch's drift/* points grouped by step: one check per step."""
     checks: dict[int, dict[str, float]] = {}
     for name, series in ev.series.items():
         if name.startswith("drift/"):
             for step, value in zip(series.steps, series.values, strict=True):
                 checks.setdefault(step, {})[name.removeprefix("drift/")] = value
+    return checks
+
+
+def drift_actions(watch: TaskWatch, ev: m.Metrics) -> list[Action]:
+    checks = drift_checks(ev)
     out = []
     for step in sorted(checks):
-        level, why = watch.drift.check(checks[step])
-        watch.level = level
+        level, why = watch.on_drift(checks[step])
         if why is not None:
             out.append(Action("drift", step, "rollback", level, max(checks[step].values()), why))
-            reset_after_rollback(watch)
     return out
 
 
@@ -82,30 +82,14 @@ def canary_actions(watch: TaskWatch, ev: m.Metrics) -> list[Action]:
         return []
     # A drift check at the same step travels in the same batch (the learner sends them together);
     # judge it here rather than trust the drift monitor's consumer to have read it already.
-    same_step: dict[int, dict[str, float]] = {}
-    for name, series in ev.series.items():
-        if name.startswith("drift/"):
-            for step, value in zip(series.steps, series.values, strict=True):
-                same_step.setdefault(step, {})[name.removeprefix("drift/")] = value
+    same_step = {step: drift_level(signals)[0] for step, signals in drift_checks(ev).items()}
     out = []
     for step, rate in zip(rates.steps, rates.values, strict=True):
-        level = drift_level(same_step[step])[0] if step in same_step else watch.level
-        critical = level in ("critical", "emergency")
         prompts = watch.prompts.get(step, max(watch.prompts.values(), default=0.0))
-        decision, why = watch.gate.decide(rate, int(prompts), critical)
+        decision, why, level = watch.on_canary(rate, int(prompts), same_step.get(step))
         if decision in ("rollback", "promote"):
             out.append(Action("canary", step, decision, level, rate, why))
-        if decision == "rollback":
-            reset_after_rollback(watch)
     return out
-
-
-def reset_after_rollback(watch: TaskWatch) -> None:
-    """A rollback makes the shadow equal live again: a new drift window, and canary passes from
-    before it no longer count toward a promotion (whichever service ordered it)."""
-    watch.drift.reset()
-    watch.level = "ok"
-    watch.gate.streak = 0
 
 
 class Services:

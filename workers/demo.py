@@ -19,6 +19,18 @@ def _base(params: dict[str, Any], ctx: TaskContext) -> Path:
     return demo_base(ctx.cache_dir, log=lambda msg: print(msg, flush=True))
 
 
+def run_args(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """What every experiment runner takes from a task: base, profile, seed and where to report."""
+    return {
+        "base_path": _base(params, ctx),
+        "profile": str(params.get("profile", "smoke")),
+        "seed": int(params.get("seed", 1)),
+        "out_dir": ctx.out_dir,
+        "reporter": ctx.reporter,
+        "device": ctx.device,
+    }
+
+
 def base(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     """Find or pretrain the demo base once, before the seeds need it."""
     return {"base": str(_base(params, ctx))}
@@ -27,14 +39,7 @@ def base(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 def validate(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     from bem.experiments.validation import run_validation
 
-    summary = run_validation(
-        _base(params, ctx),
-        profile=str(params.get("profile", "smoke")),
-        seed=int(params["seed"]),
-        out_dir=ctx.out_dir,
-        reporter=ctx.reporter,
-        device=ctx.device,
-    )
+    summary = run_validation(**run_args(params, ctx))
     return {
         "routing_accuracy": summary["routing_accuracy"],
         "scores": {arm: s["score"] for arm, s in summary["arms"].items()},

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.demo import _base
+from workers.demo import run_args
 from workers.kinds import TaskContext
 
 
 def run(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     from bem.experiments.mission_a import run_mission_a
 
-    summary = run_mission_a(
-        _base(params, ctx),
-        profile=str(params.get("profile", "smoke")),
-        seed=int(params["seed"]),
-        out_dir=ctx.out_dir,
-        reporter=ctx.reporter,
-        device=ctx.device,
-    )
+    summary = run_mission_a(**run_args(params, ctx))
     # `values` feed the mission's exact-value guards (adapter parity); the rest is for people.
     return {
         k: summary[k]

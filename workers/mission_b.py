@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.demo import _base
+from workers.demo import run_args
 from workers.kinds import TaskContext
 
 
@@ -14,13 +14,8 @@ def stream(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
     sabotage = params.get("sabotage_at")
     summary = run_mission_b(
-        _base(params, ctx),
+        **run_args(params, ctx),
         mode=params.get("mode", "stream"),
-        profile=str(params.get("profile", "smoke")),
-        seed=int(params.get("seed", 1)),
-        out_dir=ctx.out_dir,
-        reporter=ctx.reporter,
-        device=ctx.device,
         learner_overrides=params.get("learner"),
         sabotage_at=None if sabotage is None else int(sabotage),
         pace_s=float(params.get("pace_s", 0.0)),

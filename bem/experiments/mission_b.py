@@ -95,7 +95,7 @@ def schedule(profile: Profile) -> list[tuple[int, str]]:
 
 
 def run_mission_b(
-    base: str | Path,
+    base_path: str | Path,
     *,
     mode: Literal["stream", "soak"] = "stream",
     profile: str | Profile = "smoke",
@@ -124,7 +124,7 @@ def run_mission_b(
     services = LocalServices(reporter) if local_services else None
     rep: Reporter = services or reporter
 
-    model, tok = load_model(base, device=device)
+    model, tok = load_model(base_path, device=device)
     attachment = attach_bems(model, rank_schedule=[prof.rank], max_overhead=50.0)
     d_model = int(model.config.hidden_size)
     controller = SimpleController(d_model, attachment.total_rank, hidden=prof.controller_hidden, dropout=0.0)
