@@ -27,7 +27,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy bem stats schemas fleetd workers web
+	$(PY) -m mypy bem stats schemas fleet fleetd fleetcli workers web
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

@@ -17,9 +17,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bem.experiments.validation import paired_diff, percentile_interval, run_validation, write_scores
-from bem.models import demo_base, pick_device
-from bem.reporter import MemoryReporter, ScoreRow
+from bem.core.models import demo_base, pick_device
+from bem.core.reporter import MemoryReporter, ScoreRow
+from bem.missions.validation.recipe import paired_diff, percentile_interval, run_validation, write_scores
 
 ROUTING_TARGET = 0.90
 

@@ -49,9 +49,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from bem.attach import Attachment, attach_bems, role_sites  # noqa: E402
-from bem.models import build_tiny_llama, pick_device, tiny_llama_config  # noqa: E402
-from bem.routing import expand_to_tokens, num_chunks  # noqa: E402
+from bem.core.attach import Attachment, attach_bems, role_sites  # noqa: E402
+from bem.core.models import build_tiny_llama, pick_device, tiny_llama_config  # noqa: E402
+from bem.core.routing import expand_to_tokens, num_chunks  # noqa: E402
 
 TARGET = 1.1  # BEM added time / LoRA added time, per-chunk codes, equal rank
 RANK, ALPHA, CHUNK = 8, 16.0, 128

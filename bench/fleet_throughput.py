@@ -1,6 +1,6 @@
 """Fleet throughput on this machine: metric ingest into DuckDB, and the scheduler's dispatch latency.
 
-Everything is real: a nats-server with JetStream on a temp store (fleetd.natsserver), a DuckDB file
+Everything is real: a nats-server with JetStream on a temp store (fleet.natsserver), a DuckDB file
 in a temp dir (fleetd.store), the Coordinator in this process, and separate OS processes for the
 publishers and the workers. Each part gets a fresh server, home and database.
 
@@ -73,11 +73,13 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fleetd import bus, cli  # noqa: E402
-from fleetd.client import FleetClient  # noqa: E402
-from fleetd.config import FleetConfig  # noqa: E402
-from fleetd.coordinator import Commit, Coordinator  # noqa: E402
-from fleetd.natsserver import NatsServer, die_with_parent  # noqa: E402
+from fleet import bus  # noqa: E402
+from fleet.client import FleetClient  # noqa: E402
+from fleet.config import FleetConfig  # noqa: E402
+from fleet.natsserver import NatsServer, die_with_parent  # noqa: E402
+from fleet.view import Commit  # noqa: E402
+from fleetcli import fleetd as cli  # noqa: E402
+from fleetd.coordinator import Coordinator  # noqa: E402
 from schemas import messages as m  # noqa: E402
 
 POINTS_PER_MSG = 1000
@@ -155,7 +157,7 @@ async def _publish(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def publisher_main(job: dict[str, Any]) -> None:
-    from fleetd import logs
+    from fleet import logs
 
     logs.configure(level="warning")
     print(json.dumps(anyio.run(_publish, job)), flush=True)
@@ -661,7 +663,7 @@ def report(a: dict[str, Any] | None, b: dict[str, Any] | None, console: Console)
 
 
 async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from fleetd import logs
+    from fleet import logs
 
     base = Path(tempfile.mkdtemp(prefix="fleet_throughput-"))
     logs.configure(path=base / "fleetd.log")  # the coordinator's log lines go to a file, not the table

@@ -46,8 +46,8 @@ import pyarrow as pa  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fleetd.cli import stop_all  # noqa: E402
-from fleetd.natsserver import NatsServer, die_with_parent  # noqa: E402
+from fleet.natsserver import NatsServer, die_with_parent  # noqa: E402
+from fleetcli.fleetd import stop_all  # noqa: E402
 from fleetd.scheduler import Task  # noqa: E402
 from fleetd.store import Store  # noqa: E402
 from schemas import missions as specs  # noqa: E402

@@ -1,5 +1,5 @@
 import sys
 
-from fleetd.cli import main
+from fleetcli.fleetd import main
 
 sys.exit(main())

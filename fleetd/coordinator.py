@@ -17,7 +17,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -33,8 +33,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from fleetd import bus, judge
-from fleetd.config import FleetConfig
+from fleet import bus, registry
+from fleet.config import FleetConfig
+from fleet.view import Commit
+from fleetd import judge
 from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig, Task
 from fleetd.services import Services
 from fleetd.store import SqlRefused, Store
@@ -42,7 +44,6 @@ from fleetd.telemetry import FleetMetrics
 from schemas import messages as m
 from schemas import missions as specs
 from stats.gates import evaluate
-from workers.kinds import KINDS
 
 log = structlog.get_logger("fleetd")
 T = TypeVar("T")
@@ -60,16 +61,6 @@ class _Publish:
 @dataclass(frozen=True)
 class _Purge:
     worker: str
-
-
-@dataclass(frozen=True)
-class Commit:
-    """What one committed transaction changed: for live views."""
-
-    events: list[m.Event]
-    tasks: set[str]  # task ids whose row changed
-    missions: set[str]  # missions whose row or tasks changed
-    decided: str | None  # a mission whose decisions were written
 
 
 @dataclass(frozen=True)
@@ -429,9 +420,11 @@ class Coordinator:
         if spec.gates is not None:
             judge.gate_spec(spec.gates, str(path))
         for i, st in enumerate(spec.stages):
-            if st.kind not in KINDS:
+            if st.kind not in registry.KINDS:
                 raise specs.SpecError(
-                    str(path), f"stages[{i}].kind", f"unknown task kind {st.kind!r}; known: {sorted(KINDS)}"
+                    str(path),
+                    f"stages[{i}].kind",
+                    f"unknown task kind {st.kind!r}; known: {sorted(registry.KINDS)}",
                 )
         mission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         plans = specs.expand(spec, profile, mission_id)
@@ -533,6 +526,33 @@ class Coordinator:
             )
         return out
 
+    # ---- what the web page sees (fleet.view.FleetView) ------------------------------------------
+
+    def task_views(self, mission_id: str | None = None) -> list[dict[str, Any]]:
+        tasks = self.sched.mission_tasks(mission_id) if mission_id is not None else self.sched.tasks.values()
+        return [t.view() for t in sorted(tasks, key=lambda t: t.order)]
+
+    def task_view(self, task_id: str) -> dict[str, Any] | None:
+        task = self.sched.tasks.get(task_id)
+        return None if task is None else task.view()
+
+    def counts(self, mission_id: str) -> dict[str, int]:
+        return self.sched.counts(mission_id)
+
+    async def read_sql(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.read(fn, self.store.query, *args)
+
+    def metrics_exposition(self) -> bytes:
+        return self.metrics.exposition()
+
+    async def health(self) -> dict[str, bool]:
+        return {
+            "nats": self.nc.is_connected,
+            "jetstream": await _answers(self.js.account_info(), 1.0),
+            "duckdb": await _answers(self.read(self.store.query, "SELECT 1"), 2.0),
+            "workers": any(w["alive"] for w in self.workers_view()),
+        }
+
     async def ctl_workers(self, data: bytes) -> list[dict[str, Any]]:
         return self.workers_view()
 
@@ -581,6 +601,15 @@ class _Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+async def _answers(call: Awaitable[Any], timeout: float) -> bool:
+    try:
+        with anyio.fail_after(timeout):
+            await call
+        return True
+    except Exception:  # any failure is "not healthy"; the detail is in fleetd's own log
+        return False
 
 
 def _db_fields(fields: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ param_distance, sigma_max, probe_drop, grad_norm; one point per signal at the ch
 `canary/prompts_since_promotion` then `canary/pass_rate` at the same step, optionally with
 `canary/min_prompts` (the learner's declared minimum of prompts between promotions; 1,000 otherwise).
 The services apply the rules
-of `bem.online_rules` per (task, attempt), store every decision that acts (rollback, promote) in
+of `stats.promotion` per (task, attempt), store every decision that acts (rollback, promote) in
 `service_decisions` with its reason, then command the worker running the task and store its
 acknowledgement. The key (task, attempt, service, step) makes a replayed event a no-op, so a restart
 never sends a command twice.
@@ -25,9 +25,9 @@ import nats.errors
 import structlog
 from nats.aio.msg import Msg
 
-from bem.online_rules import LearnerWatch, drift_level
-from fleetd import bus
+from fleet import bus
 from schemas import messages as m
+from stats.promotion import LearnerWatch, drift_level
 
 log = structlog.get_logger("fleetd.services")
 COMMAND_TIMEOUT_S = 35.0  # the worker waits up to 30 s for the job's step boundary

@@ -1,8 +1,9 @@
 """fleetd's web page: the fleet, a mission, a task; a JSON API under /api/; SSE; /metrics; /healthz.
 
-Served by fleetd itself on 127.0.0.1:8080 by default, from the coordinator's state and its DuckDB
-file (reads on worker threads, each with its own cursor). Every asset, the charting library
-included, is a file in web/static: nothing is fetched from the network at page load.
+Served by fleetd itself on 127.0.0.1:8080 by default, from what the coordinator shows through
+`fleet.view.FleetView` and its DuckDB file (reads on worker threads, each with its own cursor).
+Every asset, the charting library included, is a file in web/static: nothing is fetched from the
+network at page load.
 
 Write actions (submit, cancel) go through the same control API as fleetctl. They need the bearer
 token when one is configured, and a JSON body, which a cross-site form cannot send without a CORS
@@ -23,8 +24,8 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from fleetd.config import ConfigError, WebConfig
-from fleetd.coordinator import Coordinator
+from fleet.config import ConfigError, WebConfig
+from fleet.view import FleetView
 from schemas import messages as m
 from web import queries
 from web.live import Hub
@@ -62,9 +63,9 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 class Site:
-    def __init__(self, coord: Coordinator, token: str | None) -> None:
-        self.coord, self.token = coord, token
-        self.hub = Hub(coord)
+    def __init__(self, fleet: FleetView, token: str | None) -> None:
+        self.fleet, self.token = fleet, token
+        self.hub = Hub(fleet)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard_writes])
@@ -75,7 +76,7 @@ class Site:
                 web.get("/missions/{mission_id}", page("mission.html")),
                 web.get("/tasks/{mission_id}/{name}", page("task.html")),
                 web.static("/static", STATIC),
-                web.get("/api/fleet", self.fleet),
+                web.get("/api/fleet", self.overview),
                 web.get("/api/missions", self.missions),
                 web.post("/api/missions", self.submit),
                 web.get("/api/missions/{mission_id}", self.mission),
@@ -114,99 +115,94 @@ class Site:
 
     # ---- JSON API -------------------------------------------------------------------------------
 
-    async def fleet(self, request: web.Request) -> web.Response:
+    async def overview(self, request: web.Request) -> web.Response:
         """Everything the fleet page shows: workers, the queue with reasons, dead letters, missions."""
-        coord = self.coord
-        queue = [
-            t.view()
-            for t in sorted(coord.sched.tasks.values(), key=lambda t: t.order)
-            if t.state in ("pending", "assigned", "running")
-        ]
-        missions = await coord.read(queries.missions, coord.store)
-        for ms in missions:
-            ms["tasks"] = coord.sched.counts(ms["mission_id"])
+        fleet = self.fleet
+        queue = [t for t in fleet.task_views() if t["state"] in ("pending", "assigned", "running")]
         return _json(
             {
-                "workers": coord.workers_view(),
+                "workers": fleet.workers_view(),
                 "queue": queue[:500],
                 "queue_total": len(queue),
-                "recent": await coord.read(queries.recent_tasks, coord.store),
-                "dead_letters": await coord.read(queries.dead_letters, coord.store),
-                "missions": missions,
+                "recent": await fleet.read_sql(queries.recent_tasks),
+                "dead_letters": await fleet.read_sql(queries.dead_letters),
+                "missions": await self._missions(),
             }
         )
 
     async def missions(self, request: web.Request) -> web.Response:
-        coord = self.coord
-        rows = await coord.read(queries.missions, coord.store)
+        return _json(await self._missions())
+
+    async def _missions(self) -> list[dict[str, Any]]:
+        rows = await self.fleet.read_sql(queries.missions)
         for ms in rows:
-            ms["tasks"] = coord.sched.counts(ms["mission_id"])
-        return _json(rows)
+            ms["tasks"] = self.fleet.counts(ms["mission_id"])
+        return rows
 
     async def mission(self, request: web.Request) -> web.Response:
-        coord, mission_id = self.coord, request.match_info["mission_id"]
-        row = await coord.read(queries.mission_row, coord.store, mission_id)
+        fleet, mission_id = self.fleet, request.match_info["mission_id"]
+        row = await fleet.read_sql(queries.mission_row, mission_id)
         if row is None:
             return _error(404, "not_found", f"no mission {mission_id!r}")
-        tasks = [t.view() for t in coord.sched.mission_tasks(mission_id)]
+        tasks = fleet.task_views(mission_id)
         row["tasks"] = tasks
-        row["counts"] = coord.sched.counts(mission_id)
+        row["counts"] = fleet.counts(mission_id)
         row["arms"] = sorted({t["arm"] for t in tasks if t["arm"] is not None})
         row["seeds"] = sorted({t["seed"] for t in tasks if t["seed"] is not None})
-        row["decisions"] = await coord.read(queries.decisions, coord.store, mission_id)
+        row["decisions"] = await fleet.read_sql(queries.decisions, mission_id)
         return _json(row)
 
     async def mission_curves(self, request: web.Request) -> web.Response:
         """One metric across the mission's tasks (the ones that ran, most recent first, up to 40)."""
-        coord, mission_id = self.coord, request.match_info["mission_id"]
-        ran = [t for t in coord.sched.mission_tasks(mission_id) if t.state not in ("pending", "assigned")]
+        fleet, mission_id = self.fleet, request.match_info["mission_id"]
+        ran = [t for t in fleet.task_views(mission_id) if t["state"] not in ("pending", "assigned")]
         shown = ran[-MAX_CURVE_TASKS:]
-        names = await coord.read(queries.metric_names, coord.store, [t.task_id for t in shown])
+        names = await fleet.read_sql(queries.metric_names, [t["task_id"] for t in shown])
         metric = request.query.get("metric") or (names[0] if names else None)
-        lines = await coord.read(
-            queries.curves, coord.store, [(t.task_id, t.attempt) for t in shown], _points(request), metric
+        lines = await fleet.read_sql(
+            queries.curves, [(t["task_id"], t["attempt"]) for t in shown], _points(request), metric
         )
         return _json(
             {
                 "metric": metric,
                 "metrics": names,
-                "tasks": {t.task_id: {"name": t.name, "arm": t.arm, "seed": t.seed} for t in shown},
+                "tasks": {t["task_id"]: {k: t[k] for k in ("name", "arm", "seed")} for t in shown},
                 "lines": {tid: by_metric.get(metric or "", {}) for tid, by_metric in lines.items()},
                 "left_out": len(ran) - len(shown),
             }
         )
 
     async def task(self, request: web.Request) -> web.Response:
-        coord, task_id = self.coord, _task_id(request)
-        task = coord.sched.tasks.get(task_id)
-        if task is None:
+        task_id = _task_id(request)
+        view = self.fleet.task_view(task_id)
+        if view is None:
             return _error(404, "not_found", f"no task {task_id!r}")
-        detail = await coord.read(queries.task_detail, coord.store, task_id)
-        return _json({**task.view(), **detail})
+        detail = await self.fleet.read_sql(queries.task_detail, task_id)
+        return _json({**view, **detail})
 
     async def task_curves(self, request: web.Request) -> web.Response:
-        coord, task_id = self.coord, _task_id(request)
-        task = coord.sched.tasks.get(task_id)
-        if task is None:
+        task_id = _task_id(request)
+        view = self.fleet.task_view(task_id)
+        if view is None:
             return _error(404, "not_found", f"no task {task_id!r}")
-        attempt = int(request.query.get("attempt", task.attempt))
-        lines = await coord.read(queries.curves, coord.store, [(task_id, attempt)], _points(request))
+        attempt = int(request.query.get("attempt", view["attempt"]))
+        lines = await self.fleet.read_sql(queries.curves, [(task_id, attempt)], _points(request))
         return _json({"task_id": task_id, "attempt": attempt, "metrics": lines.get(task_id, {})})
 
     async def workers(self, request: web.Request) -> web.Response:
-        return _json(self.coord.workers_view())
+        return _json(self.fleet.workers_view())
 
     async def submit(self, request: web.Request) -> web.Response:
         try:
             req = msgspec.json.decode(await request.read(), type=m.SubmitRequest)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             return _error(400, "bad_request", f"submit: {e}")
-        return self._reply(await self.coord.call("submit", msgspec.json.encode(req)))
+        return self._reply(await self.fleet.call("submit", msgspec.json.encode(req)))
 
     async def cancel(self, request: web.Request) -> web.Response:
         name = request.match_info.get("name")
         target = _task_id(request) if name else request.match_info["mission_id"]
-        return self._reply(await self.coord.call("cancel", msgspec.json.encode(m.IdRequest(id=target))))
+        return self._reply(await self.fleet.call("cancel", msgspec.json.encode(m.IdRequest(id=target))))
 
     def _reply(self, reply: m.Reply) -> web.Response:
         if reply.ok:
@@ -217,28 +213,15 @@ class Site:
     # ---- operations -----------------------------------------------------------------------------
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = self.coord.metrics.exposition()
+        body = self.fleet.metrics_exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(self, request: web.Request) -> web.Response:
         """200 when NATS, JetStream and DuckDB answer and at least one worker holds its lease."""
-        coord = self.coord
-        checks: dict[str, Any] = {"nats": coord.nc.is_connected}
-        checks["jetstream"] = await _answers(coord.js.account_info(), 1.0)
-        checks["duckdb"] = await _answers(coord.read(coord.store.query, "SELECT 1"), 2.0)
-        alive = sum(w["alive"] for w in coord.workers_view())
-        checks["workers"] = alive > 0
+        checks = await self.fleet.health()
+        alive = sum(w["alive"] for w in self.fleet.workers_view())
         ok = all(checks.values())
         return _json({"ok": ok, "checks": checks, "workers_alive": alive}, 200 if ok else 503)
-
-
-async def _answers(call: Awaitable[Any], timeout: float) -> bool:
-    try:
-        with anyio.fail_after(timeout):
-            await call
-        return True
-    except Exception:  # any failure is "not healthy"; the detail is in fleetd's own log
-        return False
 
 
 def _task_id(request: web.Request) -> str:
@@ -253,13 +236,13 @@ def _points(request: web.Request) -> int:
 
 
 async def serve(
-    coord: Coordinator,
+    fleet: FleetView,
     cfg: WebConfig,
     *,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; `task_status` gets the page's URL once it listens."""
-    site = Site(coord, load_token(cfg))
+    site = Site(fleet, load_token(cfg))
     # A stop must not wait for open pages: their streams are ended first, the rest gets 3 s.
     runner = web.AppRunner(site.app(), access_log=None, handle_signals=False, shutdown_timeout=3.0)
     await runner.setup()

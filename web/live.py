@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 from aiohttp import web
 
-from fleetd.coordinator import Commit, Coordinator
+from fleet.view import Commit, FleetView
 from schemas import messages as m
 
 QUEUE = 256
@@ -27,11 +27,11 @@ WORKERS_POLL_S = 1.0
 
 
 class Hub:
-    def __init__(self, coord: Coordinator) -> None:
-        self.coord = coord
+    def __init__(self, fleet: FleetView) -> None:
+        self.fleet = fleet
         self.clients: set[asyncio.Queue[dict[str, Any]]] = set()
         self.closing = False
-        coord.listeners.append(self.on_commit)
+        fleet.listeners.append(self.on_commit)
 
     def on_commit(self, commit: Commit) -> None:
         if not self.clients:
@@ -71,7 +71,7 @@ class Hub:
             await anyio.sleep(WORKERS_POLL_S)
             if not self.clients:
                 continue
-            view = [{k: v for k, v in w.items() if k != "age_s"} for w in self.coord.workers_view()]
+            view = [{k: v for k, v in w.items() if k != "age_s"} for w in self.fleet.workers_view()]
             if view != last:
                 last = view
                 self.broadcast({"type": "workers"})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetd.store import Store
+from fleet.view import Query
 
 # Buckets over each line's step range; per bucket the first step, the mean, and the min and max (the
 # band a spike hides in). A line with fewer points than buckets comes back as is.
@@ -31,13 +31,13 @@ ORDER BY task_id, name, bucket
 
 
 def curves(
-    store: Store, tasks: list[tuple[str, int]], points: int, metric: str | None = None
+    query: Query, tasks: list[tuple[str, int]], points: int, metric: str | None = None
 ) -> dict[str, dict[str, dict[str, list[float]]]]:
     """{task_id: {metric: {step, value, low, high}}} for these (task_id, attempt) pairs."""
     if not tasks:
         return {}
     where, params = ("WHERE m.name = ?", [metric]) if metric else ("", [])
-    rows = store.query(
+    rows = query(
         _CURVES.format(where=where),
         [[t for t, _ in tasks], [a for _, a in tasks], *params, max(1, points)],
     )
@@ -51,26 +51,26 @@ def curves(
     return out
 
 
-def metric_names(store: Store, task_ids: list[str]) -> list[str]:
+def metric_names(query: Query, task_ids: list[str]) -> list[str]:
     if not task_ids:
         return []
-    rows = store.query(
+    rows = query(
         "SELECT DISTINCT name FROM metrics WHERE task_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY name",
         [task_ids],
     )
     return [r["name"] for r in rows]
 
 
-def decisions(store: Store, mission_id: str) -> list[dict[str, Any]]:
-    return store.query(
+def decisions(query: Query, mission_id: str) -> list[dict[str, Any]]:
+    return query(
         "SELECT gate, kind, metric, comparison, outcome, passed, estimate, ci_low, ci_high, level, p, p_adj, "
         "n, reason FROM decisions WHERE mission_id = ? ORDER BY kind = 'verdict', kind, gate",
         [mission_id],
     )
 
 
-def mission_row(store: Store, mission_id: str) -> dict[str, Any] | None:
-    rows = store.query(
+def mission_row(query: Query, mission_id: str) -> dict[str, Any] | None:
+    rows = query(
         "SELECT mission_id, name, profile, state, verdict, reason, submitted_at, finished_at "
         "FROM missions WHERE mission_id = ?",
         [mission_id],
@@ -78,36 +78,36 @@ def mission_row(store: Store, mission_id: str) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def missions(store: Store, limit: int = 200) -> list[dict[str, Any]]:
-    return store.query(
+def missions(query: Query, limit: int = 200) -> list[dict[str, Any]]:
+    return query(
         "SELECT mission_id, name, profile, state, verdict, reason, submitted_at, finished_at "
         "FROM missions ORDER BY submitted_at DESC LIMIT ?",
         [limit],
     )
 
 
-def task_detail(store: Store, task_id: str, log_lines: int = 200) -> dict[str, Any]:
-    attempts = store.query(
+def task_detail(query: Query, task_id: str, log_lines: int = 200) -> dict[str, Any]:
+    attempts = query(
         "SELECT attempt, worker, state, reason, error, assigned_at, started_at, finished_at "
         "FROM task_attempts WHERE task_id = ? ORDER BY attempt",
         [task_id],
     )
-    artifacts = store.query(
+    artifacts = query(
         "SELECT attempt, path, kind, sha256, bytes FROM artifacts WHERE task_id = ? ORDER BY attempt, path",
         [task_id],
     )
-    logs = store.query(
+    logs = query(
         "SELECT attempt, line FROM (SELECT attempt, seq, line_no, line FROM logs WHERE task_id = ? "
         "ORDER BY attempt DESC, seq DESC, line_no DESC LIMIT ?) ORDER BY attempt, seq, line_no",
         [task_id, log_lines],
     )
-    row = store.query("SELECT result, params FROM tasks WHERE task_id = ?", [task_id])
+    row = query("SELECT result, params FROM tasks WHERE task_id = ?", [task_id])
     return {"attempts": attempts, "artifacts": artifacts, "log_tail": logs, **(row[0] if row else {})}
 
 
-def recent_tasks(store: Store, limit: int = 20) -> list[dict[str, Any]]:
+def recent_tasks(query: Query, limit: int = 20) -> list[dict[str, Any]]:
     """The tasks that finished last, newest first."""
-    return store.query(
+    return query(
         "SELECT task_id, mission_id, name, stage, kind, arm, seed, state, attempt, worker, error, "
         "finished_at FROM tasks WHERE state IN ('succeeded', 'failed', 'cancelled') "
         "ORDER BY finished_at DESC NULLS LAST LIMIT ?",
@@ -115,8 +115,8 @@ def recent_tasks(store: Store, limit: int = 20) -> list[dict[str, Any]]:
     )
 
 
-def dead_letters(store: Store, limit: int = 50) -> list[dict[str, Any]]:
-    return store.query(
+def dead_letters(query: Query, limit: int = 50) -> list[dict[str, Any]]:
+    return query(
         "SELECT subject, reason, left(body, 200) AS body, recorded_at FROM dead_letters "
         "ORDER BY recorded_at DESC LIMIT ?",
         [limit],

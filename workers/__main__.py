@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import anyio
 
-    from fleetd import config, logs
+    from fleet import config, logs
     from workers import gpus
     from workers.worker import Worker, default_id
 

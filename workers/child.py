@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from bem.reporter import Cancelled, Command, ScoreRow
+from bem.core.reporter import Cancelled, Command, ScoreRow
 from schemas.messages import FailureReason, Series
 from workers import protocol as p
 

@@ -29,7 +29,7 @@ import structlog
 from anyio.abc import Process, SocketAttribute, UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from fleetd.natsserver import die_with_parent
+from fleet.natsserver import die_with_parent
 
 log = structlog.get_logger("fleet.forkserver")
 
@@ -243,7 +243,14 @@ def main(argv: list[str]) -> int:
     # our socket), and its task processes inherit this, so they too stop only by SIGTERM or SIGKILL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))
-    for name in ["msgspec", "schemas.messages", "bem.reporter", "workers.child", "workers.kinds", *argv[1:]]:
+    for name in [
+        "msgspec",
+        "schemas.messages",
+        "bem.core.reporter",
+        "workers.child",
+        "workers.kinds",
+        *argv[1:],
+    ]:
         importlib.import_module(name)
     _serve(sock)
     return 0

@@ -24,7 +24,7 @@ import nats.errors
 import structlog
 from nats.aio.msg import Msg
 
-from fleetd import bus, sdnotify
+from fleet import bus, sdnotify
 from schemas import messages as m
 from schemas.messages import GpuInfo
 from workers import gpus

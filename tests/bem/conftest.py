@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bem.attach import Attachment
-from bem.models import build_tiny_llama, byte_tokenizer, save_model, tiny_gpt2, tiny_llama_config
+from bem.core.attach import Attachment
+from bem.core.models import build_tiny_llama, byte_tokenizer, save_model, tiny_gpt2, tiny_llama_config
 
 
 @pytest.fixture

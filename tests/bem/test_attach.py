@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from bem.attach import DEFAULT_RANK_SCHEDULE, attach_bems, rank_for_layer
-from bem.layers import BEMLinear
+from bem.core.attach import DEFAULT_RANK_SCHEDULE, attach_bems, rank_for_layer
+from bem.core.layers import BEMLinear
 from tests.bem.conftest import randomize
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bem.cache import (
+from bem.core.cache import (
     CACHE_SAFETY_GATE,
     BlockPrefixCache,
     RouterDecision,
@@ -20,7 +20,7 @@ from bem.cache import (
     kv_hit_ratio,
     violation_counts,
 )
-from bem.routing import ChunkStickyRouter, expand_to_tokens
+from bem.core.routing import ChunkStickyRouter, expand_to_tokens
 
 N = 4
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from bem.attach import attach_bems
-from bem.chunked import chunked_forward
-from bem.controllers import CODE_MAX_NORM, HierarchicalController, SimpleController, TokenController
-from bem.routing import expand_to_tokens
+from bem.core.attach import attach_bems
+from bem.core.chunked import chunked_forward
+from bem.core.controllers import CODE_MAX_NORM, HierarchicalController, SimpleController, TokenController
+from bem.core.routing import expand_to_tokens
 from tests.bem.conftest import randomize
 
 CHUNK = 8
@@ -136,7 +136,7 @@ def test_fitted_feature_standardisation_is_frozen_and_applied() -> None:
 def test_gradients_reach_the_router_through_the_model(setup, ids) -> None:
     """Straight-through chunk gates pick a BEM block per chunk; an LM-style loss on the logits trains
     the router MLP even though the forward value of each gate is exactly one-hot."""
-    from bem.routing import ChunkStickyRouter
+    from bem.core.routing import ChunkStickyRouter
 
     model, att, _ = setup
     experts, width = 2, att.total_rank // 2

@@ -4,10 +4,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from bem.attach import attach_bems
-from bem.controllers import SimpleController
-from bem.export import export_peft, load_bem, save_bem
-from bem.models import build_tiny_llama, tiny_gpt2, tiny_llama_config
+from bem.core.attach import attach_bems
+from bem.core.controllers import SimpleController
+from bem.core.export import export_peft, load_bem, save_bem
+from bem.core.models import build_tiny_llama, tiny_gpt2, tiny_llama_config
 from tests.bem.conftest import randomize
 
 FRESH = {"llama": lambda: build_tiny_llama(tiny_llama_config(), seed=0), "gpt2": lambda: tiny_gpt2(seed=0)}

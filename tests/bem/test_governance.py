@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bem.governance import (
+from bem.core.governance import (
     Blocks,
     default_tau,
     delta_w_fro,

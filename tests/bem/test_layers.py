@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from bem.attach import attach_bems
-from bem.layers import BEMLinear
+from bem.core.attach import attach_bems
+from bem.core.layers import BEMLinear
 from tests.bem.conftest import randomize
 
 
@@ -89,7 +89,7 @@ def test_two_dimensional_inputs_take_one_code_per_row() -> None:
 
 def test_after_projection_blocks_are_orthogonal_and_the_trust_region_holds(llama) -> None:
     """Three BEMs share each site in 4-column blocks; governance acts on the real attached layers."""
-    from bem.governance import Blocks, default_tau, max_cross_block, sigma_clamp, trust_region
+    from bem.core.governance import Blocks, default_tau, max_cross_block, sigma_clamp, trust_region
 
     att = attach_bems(llama, rank_schedule=[12], orthonormal=True, max_overhead=10.0)
     randomize(att)  # knocks the bases off orthonormality and makes the blocks overlap

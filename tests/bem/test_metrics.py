@@ -7,8 +7,9 @@ import sacrebleu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bem.metrics import chrf, exact_match, json_scores, normalize_answer, score_example, token_f1
-from bem.tasks import Example, make_split
+from bem.core.metrics import chrf, exact_match, normalize_answer, token_f1
+from bem.missions.validation.data import Example, make_split
+from bem.missions.validation.metrics import json_scores, score_example
 
 
 @pytest.mark.parametrize(

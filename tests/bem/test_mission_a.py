@@ -8,12 +8,13 @@ import random
 import pytest
 import torch
 
-from bem import planner, skills
-from bem.attach import role_sites
-from bem.experiments import mission_a as ma
-from bem.layers import linear_dims
-from bem.models import byte_tokenizer, load_model
-from bem.reporter import MemoryReporter
+from bem.core.attach import role_sites
+from bem.core.layers import linear_dims
+from bem.core.models import byte_tokenizer, load_model
+from bem.core.reporter import MemoryReporter
+from bem.missions.mission_a import data as skills
+from bem.missions.mission_a import planner
+from bem.missions.mission_a import recipe as ma
 
 
 @pytest.fixture(scope="module")

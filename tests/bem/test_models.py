@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from bem.models import (
+from bem.core.models import (
     DEMO_CONFIG,
     build_tiny_llama,
     byte_tokenizer,
@@ -195,7 +195,7 @@ def test_pick_device_cuda_without_cuda_raises() -> None:
 
 
 def test_repeat_spans_copies_an_earlier_span_into_some_windows() -> None:
-    from bem.models import repeat_spans
+    from bem.core.models import repeat_spans
 
     batch = torch.arange(64 * 192).reshape(64, 192) % 251 + 3  # no accidental repeats inside a row
     out = repeat_spans(batch, torch.Generator().manual_seed(0), share=0.5)

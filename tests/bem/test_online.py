@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bem import online, online_rules
+from bem.missions.mission_b import online
+from stats import promotion as online_rules
 
 
 class Toy(nn.Module):

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bem.experiments.mission_b import PROFILES, run_mission_b
-from bem.models import load_model
-from bem.online_learner import AGGREGATE_WEIGHTS, PIECE_KINDS, encode_items, prompt_scores
-from bem.online_rules import CanaryGate
-from bem.online_stream import prompt_stream
-from bem.reporter import MemoryReporter
-from bem.train import IGNORE
+from bem.core.models import load_model
+from bem.core.reporter import MemoryReporter
+from bem.core.train import IGNORE
+from bem.missions.mission_b.data import PIECE_KINDS, encode_items, prompt_stream
+from bem.missions.mission_b.metrics import AGGREGATE_WEIGHTS, prompt_scores
+from bem.missions.mission_b.recipe import PROFILES, run_mission_b
+from stats.promotion import CanaryGate
 
 
 def test_success_is_greedy_exact_match_and_scores_follow_their_definitions(base_dir: Path) -> None:

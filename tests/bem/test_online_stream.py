@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from bem.online_stream import SCENARIOS, probe_set, prompt_stream, time_to_fix
+from bem.missions.mission_b.data import SCENARIOS, probe_set, prompt_stream
+from bem.missions.mission_b.metrics import time_to_fix
 
 
 def test_injections_change_what_a_right_answer_is_from_their_prompt_on() -> None:

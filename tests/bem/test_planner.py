@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from bem import parity
-from bem.cache import codes_constant_in_chunks
-from bem.layers import BEMLinear
-from bem.planner import (
+from bem.core import parity
+from bem.core.cache import codes_constant_in_chunks
+from bem.core.layers import BEMLinear
+from bem.missions.mission_a.planner import (
     HEADS,
     RANKS,
     SPANS,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bem.routing import (
+from bem.core.routing import (
     ChunkStickyRouter,
     RouterLossWeights,
     anneal_temperature,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bem.tasks import (
+from bem.missions.validation.data import (
     JSON_CUE,
     MAX_PROMPT_CHARS,
     MAX_TARGET_CHARS,
@@ -69,7 +69,10 @@ def test_different_seeds_give_different_examples(dataset: dict[str, list[Example
 
 
 def test_ids_do_not_depend_on_the_interpreter_hash_seed() -> None:
-    code = "from bem.tasks import make_split; print([e.example_id for e in make_split('json', 'val', 5, 3)])"
+    code = (
+        "from bem.missions.validation.data import make_split; "
+        "print([e.example_id for e in make_split('json', 'val', 5, 3)])"
+    )
     here = [ex.example_id for ex in make_split("json", "val", 5, 3)]
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}

@@ -14,9 +14,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from bem import __main__ as cli
-from bem.attach import role_sites
-from bem.experiments import validation as val
-from bem.reporter import Cancelled, MemoryReporter, ScoreRow
+from bem.core.attach import role_sites
+from bem.core.reporter import Cancelled, MemoryReporter, ScoreRow
+from bem.missions.validation import recipe as val
 
 MICRO = val.Profile(
     sizes={"train": 16, "val": 2, "test": 5},
@@ -70,7 +70,7 @@ def test_arm_scores_agree_where_arms_share_a_code(run) -> None:
 
 def test_composed_block_reproduces_the_trained_peft_lora(base_dir) -> None:
     """A BEM block with code 1 is the LoRA it was loaded from: same logits as peft's own model."""
-    from bem.models import load_model
+    from bem.core.models import load_model
 
     model, _ = load_model(base_dir)
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -15,9 +15,9 @@ from typing import Any
 import anyio
 import pytest
 
-from fleetd.cli import stop_all
-from fleetd.client import FleetClient
-from fleetd.natsserver import NatsServer
+from fleet.client import FleetClient
+from fleet.natsserver import NatsServer
+from fleetcli.fleetd import stop_all
 from schemas import messages as m
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ import msgspec
 import pytest
 from rich.console import Console
 
-from bem.experiments.mission_b import PROFILES
-from bem.models import build_tiny_llama, byte_tokenizer, save_model, tiny_llama_config
-from fleetd import render
+from bem.core.models import build_tiny_llama, byte_tokenizer, save_model, tiny_llama_config
+from bem.missions.mission_b.recipe import PROFILES
+from fleet import render
 from tests.fleet.conftest import Fleet, mission_dir, sql, status, submit, wait_mission
 
 pytestmark = pytest.mark.slow

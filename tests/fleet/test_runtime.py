@@ -89,7 +89,7 @@ def test_selftest_completes_on_two_cpu_workers_with_fleetd_up(tmp_path: Path) ->
         check_results_once(url, mission)
 
         refused = subprocess.run(
-            [sys.executable, "-m", "fleetd.fleetctl", "--home", str(home), "sql", "DELETE FROM tasks"],
+            [sys.executable, "-m", "fleetcli.fleetctl", "--home", str(home), "sql", "DELETE FROM tasks"],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -145,7 +145,7 @@ def test_malformed_messages_are_dead_lettered_without_a_crash(fleet: Fleet) -> N
 
 
 def test_bad_spec_is_refused_and_creates_nothing(fleet: Fleet, tmp_path: Path) -> None:
-    from fleetd.client import FleetError
+    from fleet.client import FleetError
 
     bad = mission_dir(
         tmp_path,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetd import sdnotify
+from fleet import sdnotify
 from tests.fleet.conftest import Fleet
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetd import config
+from fleet import config
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 VENV = "/opt/bem-fleet/venv"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleetd.config import ConfigError, WebConfig
+from fleet.config import ConfigError, WebConfig
 from tests.fleet.conftest import REPO, Fleet, sql, wait_for, wait_mission
 from web.app import load_token
 

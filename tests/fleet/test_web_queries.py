@@ -40,7 +40,7 @@ def test_curves_are_bucket_means_mins_and_maxes(store: Store) -> None:
     _points(store, "m/t", 1, "loss", steps, values)
     _points(store, "m/t", 2, "loss", steps, -values)  # another attempt: must not leak in
     _points(store, "m/u", 1, "loss", steps, values + 5)  # another task
-    got = queries.curves(store, [("m/t", 1)], points=250)["m/t"]["loss"]
+    got = queries.curves(store.query, [("m/t", 1)], points=250)["m/t"]["loss"]
     buckets = np.floor(steps * 250 / steps.size).astype(int)
     assert len(got["step"]) == 250
     for b in (0, 1, 137, 249):
@@ -53,8 +53,8 @@ def test_curves_are_bucket_means_mins_and_maxes(store: Store) -> None:
 def test_short_lines_come_back_whole_and_a_metric_can_be_picked(store: Store) -> None:
     _points(store, "m/t", 1, "acc", np.array([0, 10, 20]), np.array([0.1, 0.5, 0.9]))
     _points(store, "m/t", 1, "loss", np.arange(1000), np.ones(1000))
-    got = queries.curves(store, [("m/t", 1)], points=100, metric="acc")
+    got = queries.curves(store.query, [("m/t", 1)], points=100, metric="acc")
     assert set(got["m/t"]) == {"acc"}
     assert got["m/t"]["acc"]["step"] == [0, 10, 20] and got["m/t"]["acc"]["value"] == [0.1, 0.5, 0.9]
-    assert queries.metric_names(store, ["m/t"]) == ["acc", "loss"]
-    assert queries.curves(store, [], points=100) == {}
+    assert queries.metric_names(store.query, ["m/t"]) == ["acc", "loss"]
+    assert queries.curves(store.query, [], points=100) == {}

@@ -1,0 +1,123 @@
+"""How a long-running library job talks to whoever runs it: a notebook, the CLI, or a fleet worker.
+
+The library never knows which; it calls a `Reporter`. The fleet's worker implements one that streams
+events over NATS; `MemoryReporter` keeps everything in lists for library use and tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """One per-example score: the unit the stats engine pairs arms on (by example_id)."""
+
+    example_id: str
+    arm: str
+    seed: int
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Command:
+    """An instruction to a running job from whoever runs it (Mission B: promote, rollback)."""
+
+    id: str
+    action: str
+
+
+class Cancelled(Exception):
+    """Raised inside a job at its next check once the reporter says it was cancelled."""
+
+
+class Reporter(Protocol):
+    def metric(self, name: str, value: float, step: int | None = None) -> None: ...
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        """Points of one check at one step, delivered together (services judge a check as a whole)."""
+        ...
+
+    def progress(self, stage: str, done: int, total: int) -> None: ...
+    def scores(self, rows: Sequence[ScoreRow]) -> None: ...
+    def artifact(self, path: Path, kind: str) -> None: ...
+    def cancelled(self) -> bool: ...
+
+
+class Commanded(Protocol):
+    """A reporter that can also deliver commands: the job polls at its step boundaries, applies them,
+    and acknowledges each one (the fleet's reply to the sender waits for this)."""
+
+    def commands(self) -> list[Command]: ...
+    def acknowledge(self, command: Command, ok: bool, detail: str) -> None: ...
+
+
+def check_cancelled(reporter: Reporter) -> None:
+    if reporter.cancelled():
+        raise Cancelled("job cancelled by its reporter")
+
+
+@dataclass
+class MemoryReporter:
+    """Keeps everything it is told; `cancel()` makes the job stop at its next check."""
+
+    points: list[tuple[str, float, int | None]] = field(default_factory=list)
+    progress_log: list[tuple[str, int, int]] = field(default_factory=list)
+    rows: list[ScoreRow] = field(default_factory=list)
+    artifacts: list[tuple[Path, str]] = field(default_factory=list)
+    pending: list[Command] = field(default_factory=list)  # tests push commands here
+    acks: list[tuple[Command, bool, str]] = field(default_factory=list)
+    _cancelled: bool = False
+
+    def commands(self) -> list[Command]:
+        out, self.pending = self.pending, []
+        return out
+
+    def acknowledge(self, command: Command, ok: bool, detail: str) -> None:
+        self.acks.append((command, ok, detail))
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        self.points.append((name, value, step))
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        self.points.extend((name, value, step) for name, value in values.items())
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        self.progress_log.append((stage, done, total))
+
+    def scores(self, rows: Sequence[ScoreRow]) -> None:
+        self.rows.extend(rows)
+
+    def artifact(self, path: Path, kind: str) -> None:
+        self.artifacts.append((path, kind))
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+
+class Laps:
+    """Wall time of each named phase of a run, in seconds, for its summary."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._clock, 2)
+        self._clock = now
+
+
+def write_scores(rows: list[ScoreRow], path: Path) -> None:
+    """The score rows as a Parquet table in stats.table's columns (`python -m stats compare` reads it)."""
+    import pyarrow as pa  # here, not at the top: a task that never writes scores need not import it
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([asdict(r) for r in rows]), path)

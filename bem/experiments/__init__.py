@@ -1,1 +1,0 @@
-"""Experiments: recipes that compose the bem components into end-to-end runs (BEM_SPEC §5 onward)."""

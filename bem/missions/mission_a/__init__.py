@@ -1,0 +1,3 @@
+"""Mission A (BEM_SPEC.md section 6): an agentic router that sequences skill experts per chunk.
+`data`: compositional tasks with gold plans and index swaps; `metrics`: EM/F1 and index-swap
+monotonicity; `planner`: the macro-policy, composition, BC and PPO; `recipe`: `run_mission_a`."""

@@ -1,0 +1,207 @@
+"""Compositional synthetic tasks for Mission A (BEM_SPEC.md section 6): each example needs one to
+three skills in order, and carries its gold plan.
+
+- retrieve: look a fact up in the context table ("bo: age 25, score 40; ...");
+- reason: arithmetic or a comparison over values (retrieved, or given in the question);
+- formalise: write the answer in a required format (`{"answer": ...}`).
+
+The composite questions chain them (retrieve -> reason -> formalise); single-skill sets train one
+expert each. Everything is short ASCII that a byte-level model learns on a CPU, drawn from one
+`random.Random` per (seed, kind, split), with an `example_id` that is a digest of the content, so a
+seed pins the data. The index-swap set re-renders an example's context table (shuffled, reversed,
+partly or heavily corrupted, duplicated) to test that answers depend on the table the way they should.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+SKILLS: tuple[str, ...] = ("retrieve", "reason", "formalise")
+NAMES = ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal", "ivy", "jo")
+ATTRIBUTES = ("age", "score", "rank")
+ANSWER_CUE = "\nanswer: "
+
+# Composite kinds and their gold plans; the single-skill kinds train one expert each.
+PLANS: dict[str, tuple[str, ...]] = {
+    "lookup": ("retrieve",),
+    "lookup_sum": ("retrieve", "reason"),
+    "lookup_compare": ("retrieve", "reason"),
+    "lookup_format": ("retrieve", "formalise"),
+    "lookup_sum_format": ("retrieve", "reason", "formalise"),
+    "sum": ("reason",),
+    "format": ("formalise",),
+}
+COMPOSITE = ("lookup", "lookup_sum", "lookup_compare", "lookup_format", "lookup_sum_format")
+SINGLE_SKILL = {"retrieve": ("lookup",), "reason": ("sum",), "formalise": ("format",)}
+SWAPS = ("clean", "shuffled", "reversed", "partial", "heavy", "duplicated")
+
+Table = tuple[tuple[str, dict[str, int]], ...]
+
+
+@dataclass(frozen=True)
+class SkillExample:
+    example_id: str
+    kind: str
+    split: str
+    table: Table  # empty for the context-free kinds (sum, format)
+    question: str
+    golds: tuple[str, ...]
+    plan: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        context = f"context: {render_table(self.table)}\n" if self.table else ""
+        return f"{context}question: {self.question}{ANSWER_CUE}"
+
+    @property
+    def target(self) -> str:
+        return self.golds[0]
+
+
+def render_table(table: Table) -> str:
+    return "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in attrs.items()) for name, attrs in table)
+
+
+def _table(rng: random.Random, rows: int) -> Table:
+    names = rng.sample(NAMES, rows)
+    return tuple((n, {a: rng.randint(1, 60) for a in ATTRIBUTES[:2]}) for n in names)
+
+
+def _as_json(answer: str | int) -> str:
+    return json.dumps({"answer": answer}, separators=(", ", ": "))
+
+
+def _lookup(rng: random.Random) -> tuple[Table, str, list[str]]:
+    table = _table(rng, rng.randint(3, 4))
+    name, attrs = rng.choice(table)
+    attr = rng.choice(list(attrs))
+    return table, f"what is {name}'s {attr}?", [str(attrs[attr])]
+
+
+def _lookup_sum(rng: random.Random) -> tuple[Table, str, list[str]]:
+    table = _table(rng, rng.randint(3, 4))
+    (a, av), (b, bv) = rng.sample(table, 2)
+    attr = rng.choice(list(av))
+    return table, f"what is {a}'s {attr} plus {b}'s {attr}?", [str(av[attr] + bv[attr])]
+
+
+def _lookup_compare(rng: random.Random) -> tuple[Table, str, list[str]]:
+    table = _table(rng, rng.randint(3, 4))
+    while True:
+        (a, av), (b, bv) = rng.sample(table, 2)
+        attr = rng.choice(list(av))
+        if av[attr] != bv[attr]:
+            break
+        table = _table(rng, len(table))
+    return table, f"who has the higher {attr}, {a} or {b}?", [a if av[attr] > bv[attr] else b]
+
+
+def _lookup_format(rng: random.Random) -> tuple[Table, str, list[str]]:
+    table, question, golds = _lookup(rng)
+    return table, question[:-1] + " as json?", [_as_json(int(golds[0]))]
+
+
+def _lookup_sum_format(rng: random.Random) -> tuple[Table, str, list[str]]:
+    table, question, golds = _lookup_sum(rng)
+    return table, question[:-1] + " as json?", [_as_json(int(golds[0]))]
+
+
+def _sum(rng: random.Random) -> tuple[Table, str, list[str]]:
+    x, y = rng.randint(1, 60), rng.randint(1, 60)
+    return (), f"what is {x} plus {y}?", [str(x + y)]
+
+
+def _format(rng: random.Random) -> tuple[Table, str, list[str]]:
+    value: str | int = rng.randint(1, 999) if rng.random() < 0.5 else rng.choice(NAMES)
+    return (), f"write {value} as json.", [_as_json(value)]
+
+
+_GENERATORS: dict[str, Callable[[random.Random], tuple[Table, str, list[str]]]] = {
+    "lookup": _lookup,
+    "lookup_sum": _lookup_sum,
+    "lookup_compare": _lookup_compare,
+    "lookup_format": _lookup_format,
+    "lookup_sum_format": _lookup_sum_format,
+    "sum": _sum,
+    "format": _format,
+}
+# A fixed partition of question space, so train and test never share an example whatever the seed.
+_SPLIT_BUCKETS = {"train": range(0, 16), "val": range(16, 18), "test": range(18, 20)}
+
+
+def _bucket(text: str) -> int:
+    return int(hashlib.sha1(text.encode()).hexdigest(), 16) % 20
+
+
+def make_examples(kind: str, split: str, n: int, seed: int) -> list[SkillExample]:
+    """`n` distinct examples of one kind; the same arguments always give the same list."""
+    if kind not in _GENERATORS:
+        raise ValueError(f"unknown kind {kind!r}; kinds: {sorted(_GENERATORS)}")
+    if split not in _SPLIT_BUCKETS:
+        raise ValueError(f"unknown split {split!r}; splits: {sorted(_SPLIT_BUCKETS)}")
+    rng = random.Random(f"{seed}/{kind}/{split}")
+    out: list[SkillExample] = []
+    seen: set[str] = set()
+    for _ in range(1000 * (n + 1)):
+        if len(out) == n:
+            return out
+        table, question, golds = _GENERATORS[kind](rng)
+        ex = SkillExample("", kind, split, table, question, tuple(golds), PLANS[kind])
+        if ex.prompt in seen or _bucket(ex.prompt) not in _SPLIT_BUCKETS[split]:
+            continue
+        seen.add(ex.prompt)
+        digest = hashlib.sha1(f"{ex.prompt}\0{ex.target}".encode()).hexdigest()[:8]
+        out.append(replace(ex, example_id=f"{kind}-{split}-{len(out):05d}-{digest}"))
+    raise RuntimeError(f"could not draw {n} distinct {kind}/{split} examples")
+
+
+def make_mixture(kinds: tuple[str, ...], split: str, n_per_kind: int, seed: int) -> list[SkillExample]:
+    return [ex for kind in kinds for ex in make_examples(kind, split, n_per_kind, seed)]
+
+
+def index_swaps(ex: SkillExample, seed: int) -> dict[str, SkillExample]:
+    """The example under each index condition; golds stay those of the clean table.
+
+    The table plays the retrieval index. shuffled / reversed / duplicated keep every fact; partial
+    corruption changes the values of one row the question does not ask about; heavy corruption changes
+    every such row and adds a distractor row. The asked rows never change, so the golds stay right: a
+    model that reads the right row keeps its score, one that is distracted by the index loses some.
+    """
+    if not ex.table:
+        raise ValueError(f"{ex.example_id} has no context table")
+    rng = random.Random(f"{seed}/{ex.example_id}")
+    asked = {name for name, _ in ex.table if re.search(rf"\b{name}\b", ex.question)}
+    rows = list(ex.table)
+    shuffled = rows[:]
+    while len(rows) > 1 and shuffled == rows:
+        rng.shuffle(shuffled)
+    spare = [i for i, (name, _) in enumerate(rows) if name not in asked]
+    partial = rows[:]
+    if spare:
+        i = rng.choice(spare)
+        partial[i] = (rows[i][0], {k: (v + rng.randint(5, 30)) % 61 or 1 for k, v in rows[i][1].items()})
+    heavy = [
+        (name, attrs if name in asked else {k: (v + rng.randint(5, 30)) % 61 or 1 for k, v in attrs.items()})
+        for name, attrs in rows
+    ]
+    extra = [n for n in NAMES if n not in {name for name, _ in rows}]
+    heavy.insert(
+        rng.randrange(len(heavy) + 1), (rng.choice(extra), {a: rng.randint(1, 60) for a in ATTRIBUTES[:2]})
+    )
+    variants = {
+        "clean": rows,
+        "shuffled": shuffled,
+        "reversed": rows[::-1],
+        "partial": partial,
+        "heavy": heavy,
+        "duplicated": [*rows, rows[rng.randrange(len(rows))]],
+    }
+    return {
+        name: replace(ex, example_id=f"{ex.example_id}-{name}", table=tuple(table))
+        for name, table in variants.items()
+    }

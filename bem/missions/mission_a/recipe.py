@@ -1,0 +1,553 @@
+"""Mission A (BEM_SPEC.md section 6): does a macro-policy that sequences skill experts per chunk beat one
+fused adapter of the same budget on compositional tasks?
+
+Recipe, one seed:
+1. One static LoRA per skill (retrieve, reason, formalise; r 8) trained on that skill's single-skill
+   data, and one fused LoRA trained on all of it plus the composite training set, its rank chosen so
+   its adapter parameters match the experts' plus the router's (parity, ±5%).
+2. All four load into one BEM per site as column blocks in SVD form (orthonormal U and V, singular
+   values in the code), so a macro-action's composition (rank budget, bias, σ-clamp, trust region:
+   `planner.compose`) is just a per-site code, constant over its chunks, and every arm is a code.
+3. AR0: the policy learns a rule-based teacher's per-chunk actions by behaviour cloning; AR1: PPO from
+   AR0 on the task reward with a KL early stop.
+4. Every arm decodes the composite test set greedily (per-token codes, chunk-sticky) and is scored per
+   example: EM, F1, plan length, flips, latency; per run: KV-hit against the fused arm, index-swap pass
+   rate, cache-safety rate, adapter parity.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from bem.core.attach import Attachment, attach_bems
+from bem.core.cache import RouterDecision, cache_safety_rate, codes_constant_in_chunks, kv_hit_ratio
+from bem.core.chunked import read_hidden
+from bem.core.models import load_model
+from bem.core.parity import Cost, adapter_parameters, linear_flops, parity
+from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
+from bem.core.routing import chunk_means, lag_chunks, num_chunks
+from bem.core.train import LORA_RANK, lora_factors, train_lora
+from bem.missions.mission_a import data as skills
+from bem.missions.mission_a import metrics, planner
+from bem.missions.mission_a.planner import SCOPES, SPANS, MacroAction, MacroPolicy
+
+ARMS = ("fused", "AR0", "AR1")
+EXPERTS = skills.SKILLS
+CHUNK = 32
+DATA_SEED = 0  # test example_ids pair across training seeds
+
+# Teacher profiles per expert (the spec's code / formal / safety, mapped to our skills):
+# (scope, spans, ranks, bias range).
+TEACHER = {
+    "retrieve": ("local", (1, 2), (16, 32), (0.5, 1.0)),
+    "reason": ("global", (2, 3, 4), (32, 64), (0.8, 1.5)),
+    "formalise": ("global", (1, 2), (8, 16), (1.2, 2.0)),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    n_single: int  # training examples per single-skill kind
+    n_composite: int  # per composite kind, train (router and fused)
+    n_test: int  # per composite kind
+    n_swap: int  # test examples per composite kind under the index swaps
+    lora_steps: int
+    batch_size: int
+    lora_lr: float
+    policy_width: int
+    policy_layers: int
+    bc_epochs: int
+    bc_batch: int
+    bc_lr: float
+    ppo_iterations: int
+    ppo_episodes: int
+    policy_lr: float
+
+
+PROFILES = {
+    # The spec's BC recipe (batch 64, lr 3e-4, 20 epochs) in full; smoke has a few dozen steps in
+    # all, so it takes a larger step. PPO's lr is the spec's policy lr (1e-5) in full.
+    "tiny": Profile(8, 4, 3, 1, 4, 8, 1e-2, 16, 1, 2, 8, 3e-3, 1, 4, 3e-4),
+    "smoke": Profile(120, 40, 20, 2, 80, 16, 1e-2, 32, 2, 20, 32, 3e-3, 2, 16, 3e-4),
+    "full": Profile(2000, 400, 100, 20, 1500, 16, 2e-3, 64, 3, 20, 64, 3e-4, 20, 64, 1e-5),
+}
+
+
+# ---- the composed attachment: blocks in SVD form ---------------------------------------------------
+
+
+@dataclass
+class Blocks:
+    """Column blocks per site: each block's offset and width, and its singular values (descending);
+    U and V hold the singular vectors."""
+
+    widths: dict[str, int]
+    sigma: dict[str, dict[str, Tensor]]  # site -> block -> [width]
+
+    @property
+    def total(self) -> int:
+        return sum(self.widths.values())
+
+    def cols(self, block: str) -> slice:
+        start = 0
+        for name, width in self.widths.items():
+            if name == block:
+                return slice(start, start + width)
+            start += width
+        raise KeyError(block)
+
+
+def load_blocks(
+    model: nn.Module, factors: dict[str, dict[str, tuple[Tensor, Tensor]]], max_overhead: float = 10.0
+) -> tuple[Attachment, Blocks]:
+    """One BEM per site with a column block per LoRA, rotated into SVD form (ΔW_b = U_b·diag(σ_b)·V_bᵀ).
+
+    The overhead bound is loose because tiny bases need it; Mission A's own budget rule is parity with
+    the fused arm (`bem.core.parity`), checked in the run.
+    """
+    first = next(iter(factors.values()))
+    widths = {name: next(iter(f.values()))[0].shape[0] for name, f in factors.items()}
+    blocks = Blocks(widths, {})
+    att = attach_bems(model, rank_schedule=[blocks.total], max_overhead=max_overhead)
+    assert set(att.sites) == set(first), (sorted(att.sites), sorted(first))
+    with torch.no_grad():
+        for site_name, site in att.sites.items():
+            blocks.sigma[site_name] = {}
+            for block in widths:
+                a, b = factors[block][site_name]  # ΔW = b·a (b: d_out×r, a: r×d_in)
+                u, s, v = planner.factored_svd(b.double(), a.double())
+                # A rank above min(d_in, d_out) has only that many directions; the rest stay 0.
+                cols = blocks.cols(block)
+                live = slice(cols.start, cols.start + s.numel())
+                site.U[:, live] = u.to(site.U.dtype)
+                site.V[live] = v.T.to(site.V.dtype)
+                blocks.sigma[site_name][block] = torch.cat([s, s.new_zeros(widths[block] - s.numel())])
+            site.scaling = 1.0
+            site.U.requires_grad_(False)
+            site.V.requires_grad_(False)
+    model.eval()  # the new sites are frozen: no branch dropout from here on
+    return att, blocks
+
+
+def action_code(
+    blocks: Blocks, action: MacroAction, expert: str, sigma_max: float = 2.0, tau_f: float = 5.0
+) -> dict[str, Tensor]:
+    """Per-site codes for one macro-action: `planner.compose` done on singular values."""
+    out = {}
+    for site, per_block in blocks.sigma.items():
+        code = torch.zeros(blocks.total, dtype=torch.float64)
+        code[blocks.cols(expert)] = planner.action_singular_values(
+            per_block[expert], action, sigma_max=sigma_max, tau_f=tau_f
+        )
+        out[site] = code
+    return out
+
+
+def fixed_code(blocks: Blocks, block: str) -> dict[str, Tensor]:
+    """The block exactly as trained (its own singular values), the others off."""
+    out = {}
+    for site, per_block in blocks.sigma.items():
+        code = torch.zeros(blocks.total, dtype=torch.float64)
+        code[blocks.cols(block)] = per_block[block]
+        out[site] = code
+    return out
+
+
+def token_codes(chunk_codes: list[dict[str, Tensor]], length: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Per-site [1, length, R] codes: chunk k's code over its CHUNK tokens (chunk-sticky)."""
+    return {
+        site: torch.stack([chunk_codes[min(t // CHUNK, len(chunk_codes) - 1)][site] for t in range(length)])
+        .unsqueeze(0)
+        .to(dtype)
+        for site in chunk_codes[0]
+    }
+
+
+# ---- the teacher and the router's states --------------------------------------------------------
+
+
+def region_skills(ex: skills.SkillExample, tokenizer: PreTrainedTokenizerBase, n_chunks: int) -> list[str]:
+    """The rule-based content classifier: the skill each chunk's text calls for."""
+    ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+    question_at = len(tokenizer(ex.prompt.split("question:")[0], add_special_tokens=False)["input_ids"])
+    answer_at = len(ids)
+    plan = ex.plan
+    middle = "reason" if "reason" in plan else plan[0]
+    out = []
+    for k in range(n_chunks):
+        centre = k * CHUNK + CHUNK // 2
+        if centre >= answer_at or (k + 1) * CHUNK > answer_at:  # the chunk the answer is written in
+            out.append(plan[-1])
+        elif centre >= question_at:
+            out.append(middle)
+        else:
+            out.append(plan[0])
+    return out
+
+
+def teacher_actions(wanted: list[str], rng: random.Random) -> list[MacroAction]:
+    """Per chunk: the wanted skill's profile, bias noise N(0, .1), and 30% of steps copying the last."""
+    actions: list[MacroAction] = []
+    for k, skill in enumerate(wanted):
+        if k and rng.random() < 0.3 and EXPERTS[actions[-1].expert] == skill:
+            actions.append(actions[-1])
+            continue
+        scope, spans, ranks, (lo, hi) = TEACHER[skill]
+        bias = min(max(rng.uniform(lo, hi) + rng.gauss(0, 0.1), planner.BIAS_LOW), planner.BIAS_HIGH)
+        actions.append(
+            MacroAction(
+                EXPERTS.index(skill),
+                SCOPES.index(scope),
+                SPANS.index(rng.choice(spans)),
+                planner.RANKS.index(rng.choice(ranks)),
+                bias,
+            )
+        )
+    return actions
+
+
+@torch.no_grad()
+def chunk_features(
+    model: nn.Module,
+    att: Attachment,
+    tokenizer: PreTrainedTokenizerBase,
+    ex: skills.SkillExample,
+    n_chunks: int,
+    layer: int,
+) -> Tensor:
+    """[K, d]: the adapter-off mean hidden state of chunk k−1 (prompt tokens only; zeros for chunk 0).
+
+    Chunks past the prompt see the last prompt chunk's summary: c_k never depends on chunk k itself.
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]], device=device)
+    chunks = chunk_means(read_hidden(model, att, ids, None, layer).float(), CHUNK)
+    means = lag_chunks(chunks)[0]
+    if means.shape[0] < n_chunks:
+        means = torch.cat([means, chunks[0, -1:].expand(n_chunks - means.shape[0], -1)])
+    return means[:n_chunks].cpu()
+
+
+# ---- decoding under a plan ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    att: Attachment,
+    prompt: str,
+    chunk_codes: list[dict[str, Tensor]],
+    max_new: int,
+) -> str:
+    """Greedy decoding, each position under the code of its chunk, with the KV cache.
+
+    The cache stays valid because a position's code never changes once its chunk is decided (cache
+    safety): the cached keys and values are what a full re-read would compute (tested).
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    n_prompt = len(ids)
+    codes = {k: v.to(device) for k, v in token_codes(chunk_codes, n_prompt + max_new, dtype).items()}
+    past = None
+    step = torch.tensor([ids], device=device)
+    for _ in range(max_new):
+        lo, hi = len(ids) - step.shape[1], len(ids)
+        with att.codes({k: v[:, lo:hi] for k, v in codes.items()}):
+            out = model(input_ids=step, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = int(out.logits[0, -1].argmax())
+        if nxt == tokenizer.eos_token_id:
+            break
+        ids.append(nxt)
+        step = torch.tensor([[nxt]], device=device)
+    text = tokenizer.decode(ids[n_prompt:], skip_special_tokens=True)
+    return str(text).split("\n")[0].strip()
+
+
+def plan_codes(blocks: Blocks, actions: list[MacroAction]) -> list[dict[str, Tensor]]:
+    return [action_code(blocks, a, EXPERTS[a.expert]) for a in actions]
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+def run_mission_a(
+    base_path: str | Path,
+    *,
+    profile: str | Profile,
+    seed: int,
+    out_dir: str | Path,
+    reporter: Reporter,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """One seed end to end; per-example score rows go to the reporter; returns the run summary."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    laps = Laps()
+
+    model, tokenizer = load_model(base_path, device=device)
+    model.requires_grad_(False)
+    layer = model.config.num_hidden_layers // 2
+    single = {
+        s: skills.make_mixture(kinds, "train", prof.n_single, DATA_SEED)
+        for s, kinds in skills.SINGLE_SKILL.items()
+    }
+    composite = skills.make_mixture(skills.COMPOSITE, "train", prof.n_composite, DATA_SEED)
+    test = skills.make_mixture(skills.COMPOSITE, "test", prof.n_test, DATA_SEED)
+    cap = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in composite) + 4
+
+    # 1. experts, then the router (its size sets the fused rank), then the fused LoRA.
+    factors: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+    for skill in EXPERTS:
+        peft_model = train_lora(
+            model, tokenizer, single[skill], rank=LORA_RANK, steps=prof.lora_steps, lr=prof.lora_lr,
+            batch_size=prof.batch_size, generator=gen, reporter=reporter, name=f"expert_{skill}",
+        )  # fmt: skip
+        factors[skill] = lora_factors(peft_model)
+        del peft_model
+    d_model = model.config.hidden_size
+    policy = MacroPolicy(
+        d_model, len(EXPERTS), d_model=prof.policy_width, n_layers=prof.policy_layers, n_heads=4
+    ).to(torch.float32)
+    expert_params = sum(a.numel() + b.numel() for f in factors.values() for a, b in f.values())
+    per_rank = sum(a.shape[1] + b.shape[0] for a, b in factors[EXPERTS[0]].values())  # per unit of rank
+    fused_rank = max(1, round((expert_params + adapter_parameters([policy])) / per_rank))
+    peft_model = train_lora(
+        model, tokenizer, [e for s in single.values() for e in s] + composite, rank=fused_rank,
+        steps=2 * prof.lora_steps, lr=prof.lora_lr, batch_size=prof.batch_size, generator=gen,
+        reporter=reporter, name="fused",
+    )  # fmt: skip
+    factors["fused"] = lora_factors(peft_model)
+    del peft_model
+    laps.lap("train_adapters")
+
+    att, blocks = load_blocks(model, factors)
+    sites = [(a.shape[1], b.shape[0]) for a, b in factors[EXPERTS[0]].values()]
+    ar_cost = Cost(
+        expert_params + adapter_parameters([policy]),
+        2 * sum(LORA_RANK * (i + o) for i, o in sites) + linear_flops(policy) / CHUNK,
+    )
+    fused_cost = Cost(
+        sum(a.numel() + b.numel() for a, b in factors["fused"].values()),
+        2 * sum(fused_rank * (i + o) for i, o in sites),
+    )
+    par = parity(ar_cost, fused_cost)
+
+    # 2. AR0: behaviour cloning on the teacher's plans.
+    def episode_inputs(ex: skills.SkillExample) -> tuple[Tensor, int]:
+        n_tokens = len(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]) + cap
+        k = num_chunks(n_tokens, CHUNK)
+        return chunk_features(model, att, tokenizer, ex, k, layer), k
+
+    train_set = [(ex, *episode_inputs(ex)) for ex in composite]
+    # The teacher labels each training trace once (its noise and copies are part of the data).
+    labelled = []
+    for ex, feats, k in train_set:
+        gold = teacher_actions(region_skills(ex, tokenizer, k), rng)
+        states = policy.states(feats, [planner.default_action(len(EXPERTS)), *gold[:-1]])
+        labelled.append((states, gold))
+    policy.train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=prof.bc_lr)
+    bc_losses = []
+    for epoch in range(prof.bc_epochs):
+        order = list(range(len(labelled)))
+        rng.shuffle(order)
+        total, batches = 0.0, 0
+        for lo in range(0, len(order), prof.bc_batch):
+            part = [labelled[i] for i in order[lo : lo + prof.bc_batch]]
+            k_max = max(st.shape[0] for st, _ in part)
+            states = torch.stack([_pad(st, k_max) for st, _ in part])
+            targets = {
+                h: torch.stack([_pad(torch.tensor([a.heads()[h] for a in g]), k_max) for _, g in part])
+                for h in planner.HEADS
+            }
+            bias = torch.stack([_pad(torch.tensor([a.bias for a in g]), k_max) for _, g in part])
+            mask = torch.stack([_pad(torch.ones(len(g)), k_max) for _, g in part])
+            loss = planner.bc_loss(policy(states), targets, bias, mask)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, batches = total + loss.item(), batches + 1
+        bc_losses.append(total / batches)
+        reporter.metric("ar0/bc_loss", bc_losses[-1], epoch)
+        reporter.progress("train AR0", epoch + 1, prof.bc_epochs)
+        check_cancelled(reporter)
+    policy.eval()
+    ar0 = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    laps.lap("train_ar0")
+
+    # 3. AR1: PPO on the task reward, starting from AR0.
+    ppo_opt = torch.optim.Adam(policy.parameters(), lr=prof.policy_lr)
+    ppo_stats = []
+    for it in range(prof.ppo_iterations):
+        picks = [train_set[rng.randrange(len(train_set))] for _ in range(prof.ppo_episodes)]
+        eps, rewards = [], []
+        for ex, feats, k in picks:
+            ep = planner.rollout(policy, feats, greedy=False, generator=gen)
+            pred = decode(model, tokenizer, att, ex.prompt, plan_codes(blocks, ep.actions), cap)
+            em, f1 = metrics.score(pred, ex.golds)
+            r = torch.zeros(k)
+            r[-1] = planner.reward((em + f1) / 2, ep.flip_rate, 1.0)
+            eps.append(ep)
+            rewards.append(r)
+        k_max = max(ep.states.shape[0] for ep in eps)
+        batch = _ppo_batch(eps, rewards, k_max)
+        policy.train()
+        stats = planner.ppo_update(policy, ppo_opt, batch)
+        policy.eval()
+        ppo_stats.append(asdict(stats))
+        reporter.metric("ar1/mean_reward", float(torch.stack([r.sum() for r in rewards]).mean()), it)
+        reporter.metric("ar1/kl", stats.kl, it)
+        reporter.progress("train AR1", it + 1, prof.ppo_iterations)
+        check_cancelled(reporter)
+    ar1 = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    laps.lap("train_ar1")
+
+    # 4. Evaluate every arm on the composite test set, then the index swaps.
+    rows: list[ScoreRow] = []
+    streams: dict[str, list[tuple[list[int], list[np.ndarray]]]] = {arm: [] for arm in ARMS}
+    decisions: dict[str, list[RouterDecision]] = {arm: [] for arm in ARMS}
+    per_arm: dict[str, dict[str, float]] = {}
+    swap_rate: dict[str, float] = {}
+    fused_code = fixed_code(blocks, "fused")
+    kv_features: dict[str, Tensor] = {}
+    swap_set = [ex for kind in skills.COMPOSITE for ex in [e for e in test if e.kind == kind][: prof.n_swap]]
+    for arm in ARMS:
+        if arm != "fused":
+            policy.load_state_dict(ar0 if arm == "AR0" else ar1)
+
+        def run(ex: skills.SkillExample, arm: str = arm) -> tuple[str, planner.Episode | None, float]:
+            t0 = time.perf_counter()
+            if arm == "fused":
+                feats_k = num_chunks(
+                    len(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]) + cap, CHUNK
+                )
+                pred = decode(model, tokenizer, att, ex.prompt, [fused_code] * feats_k, cap)
+                return pred, None, time.perf_counter() - t0
+            feats, _ = episode_inputs(ex)
+            plan = planner.rollout(policy, feats, greedy=True)
+            pred = decode(model, tokenizer, att, ex.prompt, plan_codes(blocks, plan.actions), cap)
+            return pred, plan, time.perf_counter() - t0
+
+        ems = []
+        for ex in test:
+            pred, episode, seconds = run(ex)
+            em, f1 = metrics.score(pred, ex.golds)
+            ems.append(em)
+            plan_len = episode.plan_length if episode else 1
+            flips = episode.flip_rate if episode else 0.0
+            for metric, value in (
+                ("em", em),
+                ("f1", f1),
+                ("plan_length", plan_len),
+                ("flip_rate", flips),
+                ("latency_ms", 1e3 * seconds),
+            ):
+                rows.append(ScoreRow(ex.example_id, arm, seed, metric, float(value)))
+            if episode:
+                # Measured on the codes decoding used, not assumed from how they were built.
+                n_tokens = len(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]) + cap
+                used = token_codes(plan_codes(blocks, episode.actions), n_tokens, torch.float64)
+                changed = not all(codes_constant_in_chunks(c, CHUNK) for c in used.values())
+                decisions[arm] += [
+                    RouterDecision(code_changed_inside_chunk=changed, span=a.chunks, bias_scale=a.bias)
+                    for i, a in enumerate(episode.actions)
+                    if episode.decided[i]
+                ]
+        per_arm[arm] = {"em": float(np.mean(ems))}
+        # KV-hit: each test prompt, then a sibling asking about the same context (a shared prefix).
+        for i, ex in enumerate(test):
+            sibling = replace(test[(i + 1) % len(test)], table=ex.table)
+            for req in (ex, sibling):
+                ids = tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+                k = num_chunks(len(ids), CHUNK)
+                if arm == "fused":
+                    codes = [fused_code] * k
+                else:
+                    if req.prompt not in kv_features:  # the router's state does not depend on the arm
+                        kv_features[req.prompt] = episode_inputs(req)[0]
+                    plan = planner.rollout(policy, kv_features[req.prompt], greedy=True)
+                    codes = plan_codes(blocks, plan.actions)
+                streams[arm].append((ids, [_code_bytes(c) for c in codes[:k]]))
+        by_swap: dict[str, list[float]] = {s: [] for s in skills.SWAPS}
+        for ex in swap_set:
+            for cond, variant in skills.index_swaps(ex, seed).items():
+                pred, _, _ = run(variant)
+                by_swap[cond].append(sum(metrics.score(pred, variant.golds)) / 2)
+        checks = metrics.monotonicity({c: float(np.mean(v)) for c, v in by_swap.items()})
+        swap_rate[arm] = metrics.pass_rate(checks)
+        reporter.progress("evaluate", ARMS.index(arm) + 1, len(ARMS))
+        check_cancelled(reporter)
+    laps.lap("evaluate")
+
+    run_id = f"run-seed{seed}"
+    kv = {arm: kv_hit_ratio(streams[arm], streams["fused"], CHUNK) for arm in ARMS}
+    for arm in ARMS:
+        safety = cache_safety_rate(decisions[arm]) if decisions[arm] else 1.0
+        for metric, value in (
+            ("kv_hit_ratio", kv[arm]),
+            ("index_swap_pass", swap_rate[arm]),
+            ("cache_safety_rate", safety),
+        ):
+            rows.append(ScoreRow(run_id, arm, seed, metric, float(value)))
+    reporter.scores(rows)
+    summary = {
+        "profile": profile if isinstance(profile, str) else "custom",
+        "seed": seed,
+        "arms": per_arm,
+        "index_swap_pass": swap_rate,
+        "kv_hit_ratio": kv,
+        "fused_rank": fused_rank,
+        "parity": {"parameter_ratio": par.parameter_ratio, "flops_ratio": par.flops_ratio},
+        "bc_loss": bc_losses,
+        "ppo": ppo_stats,
+        "timings_s": laps.timings,
+        "values": {"adapter_param_ratio": par.parameter_ratio},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    reporter.artifact(out / "summary.json", "summary")
+    write_scores(rows, out / "scores.parquet")
+    reporter.artifact(out / "scores.parquet", "scores")
+    return summary
+
+
+def _code_bytes(code: dict[str, Tensor]) -> np.ndarray:
+    return np.concatenate([code[site].numpy() for site in sorted(code)])
+
+
+def _pad(t: Tensor, k_max: int) -> Tensor:
+    """Pad the chunk axis (0) to k_max with zeros; masks keep the padding out of every loss."""
+    extra = k_max - t.shape[0]
+    return torch.cat([t, torch.zeros((extra, *t.shape[1:]), dtype=t.dtype)]) if extra else t
+
+
+def _ppo_batch(eps: list[planner.Episode], rewards: list[Tensor], k_max: int) -> planner.Batch:
+    def pad(t: Tensor) -> Tensor:
+        return _pad(t, k_max)
+
+    advs, rets = zip(*(planner.gae(r, ep.value) for r, ep in zip(rewards, eps, strict=True)), strict=True)
+    return planner.Batch(
+        states=torch.stack([pad(ep.states) for ep in eps]),
+        actions={h: torch.stack([pad(ep.sampled[h]) for ep in eps]).long() for h in planner.HEADS},
+        bias_raw=torch.stack([pad(ep.bias_raw) for ep in eps]),
+        old_log_prob=torch.stack([pad(ep.log_prob) for ep in eps]),
+        advantages=torch.stack([pad(a) for a in advs]),
+        returns=torch.stack([pad(r) for r in rets]),
+        mask=torch.stack([pad(torch.tensor(ep.decided, dtype=torch.float32)) for ep in eps]),
+    )

@@ -1,0 +1,320 @@
+"""Mission B (BEM_SPEC.md section 7): a living model that learns online, watched by a drift monitor and
+a canary gate, promoted and rolled back by them.
+
+One task, two modes:
+- stream: a seeded prompt stream with the three failures injected one after another (format change,
+  domain shift, new API signature); measures time-to-fix per scenario from the served (live) metric;
+- soak: the same learner on clean traffic (no injections): steady state must see no rollback, canaries
+  at ≥ .95 and no critical drift.
+
+Both first deploy the model: BEM bases and controller trained on clean traffic, then the bases are
+frozen and only the controller learns online (`learner.py`). Every served prompt is scored for the
+live model and for the frozen deployed one (score rows, arms "online" and "frozen"), so the
+aggregate gain is a paired comparison on the same prompts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from bem.core.attach import attach_bems
+from bem.core.controllers import SimpleController
+from bem.core.models import load_model
+from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
+from bem.core.train import lm_loss
+from bem.missions.mission_b.data import (
+    INSTRUCTED_KEYS,
+    SCENARIOS,
+    StreamItem,
+    encode_items,
+    instructed,
+    probe_set,
+    prompt_stream,
+)
+from bem.missions.mission_b.learner import LearnerConfig, LocalServices, OnlineModel, ShadowLearner
+from bem.missions.mission_b.metrics import SCORES, time_to_fix
+from bem.missions.mission_b.online import Checkpoints, state_hash
+from stats.promotion import CanaryGate
+
+CENSORED = 1001.0  # a time-to-fix that did not happen within 1,000 prompts (or before the next injection)
+CENSOR = 1000
+READ_LAYER = 2
+
+
+@dataclass(frozen=True)
+class Profile:
+    rows: int  # table rows per prompt
+    rank: int  # BEM rank per site
+    controller_hidden: int
+    deploy_steps: int
+    deploy_batch: int
+    deploy_lr: float
+    warmup: int  # clean prompts before the first injection (≥ 100: time-to-fix's reference window)
+    spacing: int  # prompts between injections, and after the last one
+    soak: int  # soak prompts
+    window: int  # prompts per reported window metric
+    instructed_share: float  # deployment examples that name their answer key in the prompt
+    learner: LearnerConfig
+
+
+PROFILES = {
+    "tiny": Profile(
+        1, 4, 16, 4, 8, 3e-3, 100, 60, 120, 20, 0.3,
+        LearnerConfig(lr=1e-3, replay_capacity=200, replay_min=20, fisher_samples=8, n_probes=8,
+                      canary_tests=2, canary_prompts=2, canary_every=20, drift_every=4, checkpoint_every=20,
+                      promote_after=40),
+    ),
+    "smoke": Profile(
+        1, 16, 32, 120, 16, 3e-3, 150, 350, 600, 50, 0.3,
+        LearnerConfig(lr=1e-3, lambda_ewc=0.01, replay_capacity=2000, fisher_samples=64,
+                      n_probes=64, canary_prompts=24, checkpoint_every=50, promote_after=150),
+    ),
+    "full": Profile(
+        3, 16, 256, 2000, 16, 1e-3, 1000, 1500, 2000, 100, 0.3, LearnerConfig(),
+    ),
+}  # fmt: skip
+
+
+def schedule(profile: Profile) -> list[tuple[int, str]]:
+    return [(profile.warmup + i * profile.spacing, s) for i, s in enumerate(SCENARIOS)]
+
+
+def run_mission_b(
+    base_path: str | Path,
+    *,
+    mode: Literal["stream", "soak"] = "stream",
+    profile: str | Profile = "smoke",
+    seed: int = 1,
+    out_dir: str | Path,
+    reporter: Reporter,
+    device: str = "cpu",
+    local_services: bool = False,
+    learner_overrides: dict[str, Any] | None = None,
+    sabotage_at: int | None = None,
+    pace_s: float = 0.0,
+    soak_s: float | None = None,
+) -> dict[str, Any]:
+    """Deploy, then serve and learn over the stream (or the soak). `local_services` runs the drift
+    monitor and canary gate in process (no fleet); `sabotage_at` makes the update at that prompt use a
+    learning rate 1,000 times too large (the test of the safety net); `pace_s` is the least time a step
+    of `update_every` prompts takes, as when traffic arrives at a given rate; `soak_s` makes a soak run
+    for that long instead of the profile's prompt count (the full profile's 24-hour soak)."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    if learner_overrides:
+        prof = replace(prof, learner=replace(prof.learner, **learner_overrides))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    laps = Laps()
+    torch.manual_seed(seed)
+    services = LocalServices(reporter) if local_services else None
+    rep: Reporter = services or reporter
+
+    model, tok = load_model(base_path, device=device)
+    attachment = attach_bems(model, rank_schedule=[prof.rank], max_overhead=50.0)
+    d_model = int(model.config.hidden_size)
+    controller = SimpleController(d_model, attachment.total_rank, hidden=prof.controller_hidden, dropout=0.0)
+    online = OnlineModel(model, attachment, controller.to(device), READ_LAYER)
+    deploy_items = deployment_data(max(prof.deploy_steps * prof.deploy_batch, 256), seed, prof)
+    deploy(online, tok, deploy_items, prof, seed, rep)
+    laps.lap("deploy")
+    lm_deployed = lm_state(online)
+
+    n = prof.soak if mode == "soak" else prof.warmup + len(SCENARIOS) * prof.spacing
+    plan = [] if mode == "soak" else schedule(prof)
+    stream_seed = seed if mode == "stream" else 1000 + seed
+    timed = mode == "soak" and soak_s is not None
+    if timed:
+        n = 10**9  # drawn lazily, until the time is up
+    source = prompt_stream(n, stream_seed, plan, rows=prof.rows)
+    items: list[StreamItem] = []
+    started = time.monotonic()
+    cfg = prof.learner
+    learner = ShadowLearner(
+        online,
+        tok,
+        cfg,
+        probes=probe_set(cfg.n_probes, seed=0, rows=prof.rows),
+        canary_pool=list(prompt_stream(cfg.canary_tests * cfg.canary_prompts, 30_000 + seed, rows=prof.rows)),
+        warm=deploy_items[: cfg.fisher_samples],
+        checkpoints=Checkpoints(out / "checkpoints"),
+        reporter=rep,
+        seed=seed,
+    )
+    laps.lap("learner")
+
+    served: dict[str, dict[str, list[float]]] = {
+        arm: {k: [] for k in SCORES} for arm in ("live", "frozen", "shadow")
+    }
+    canary_ok: list[bool] = []
+    latest_ok = True
+    for steps, start in enumerate(range(0, n, cfg.update_every), start=1):
+        began = time.perf_counter()
+        learner.obey(start)
+        if timed and time.monotonic() - started >= soak_s:  # type: ignore[operator]
+            break
+        chunk = list(itertools.islice(source, cfg.update_every))
+        items.extend(chunk)
+        sabotage = sabotage_at is not None and start <= sabotage_at < start + len(chunk)
+        if sabotage:
+            for group in learner.optimizer.param_groups:
+                group["lr"] = cfg.lr * 1000
+        scores = learner.step(chunk, start)
+        if sabotage:
+            for group in learner.optimizer.param_groups:
+                group["lr"] = cfg.lr
+            rep.metric("online/sabotaged", 1.0, start)
+        for arm, per in scores.items():
+            for k in SCORES:
+                served[arm][k].extend(per[k].tolist())
+        prompt = start + len(chunk)
+        # No check after the last prompt: no update boundary follows at which to obey its decision.
+        last = prompt >= n
+        rate = learner.check(
+            prompt,
+            drift=steps % cfg.drift_every == 0 and not last,
+            canary=prompt // cfg.canary_every > start // cfg.canary_every and not last,
+            active=chunk[-1].active,
+        )
+        if rate is not None:
+            latest_ok = rate >= CanaryGate.accept_at
+        canary_ok.extend([latest_ok] * len(chunk))
+        if steps % cfg.checkpoint_every == 0:
+            learner.checkpoint()
+        if prompt // prof.window > start // prof.window:
+            for arm in ("live", "frozen", "shadow"):
+                for k in ("aggregate", "success", "quality"):
+                    rep.metric(f"{arm}/{k}", sum(served[arm][k][-prof.window :]) / prof.window, prompt)
+            if timed:
+                rep.progress(mode, int(time.monotonic() - started), int(soak_s))  # type: ignore[arg-type]
+            else:
+                rep.progress(mode, prompt, n)
+            check_cancelled(rep)
+        time.sleep(max(0.0, pace_s - (time.perf_counter() - began)))
+    learner.obey(len(items))
+    laps.lap("stream")
+
+    rows = [
+        ScoreRow(it.example_id, arm, seed, k, served[src][k][i])
+        for i, it in enumerate(items)
+        for arm, src in (("online", "live"), ("frozen", "frozen"))
+        for k in SCORES
+    ]
+    reporter.scores(rows)
+    write_scores(rows, out / "scores.parquet")
+
+    summary = _summary(mode, prof, items, plan, served, canary_ok, learner, laps)
+    # What stayed fixed: the deployed controller (the frozen arm) and the LM with its BEM bases.
+    summary["deployed_controller"] = state_hash(learner.frozen)
+    summary["lm_state"] = {"deployed": lm_deployed, "end": lm_state(online)}
+    if services is not None:
+        summary["decisions"] = services.decisions
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    reporter.artifact(out / "summary.json", "summary")
+    return summary
+
+
+def deployment_data(n: int, seed: int, prof: Profile) -> list[StreamItem]:
+    """Clean traffic, a share of it with the answer key named in the prompt (`instructed`)."""
+    g = random.Random(f"deploy-data/{seed}")
+    items = list(prompt_stream(n, 20_000 + seed, rows=prof.rows))
+    return [
+        instructed(it, g.choice(INSTRUCTED_KEYS)) if g.random() < prof.instructed_share else it
+        for it in items
+    ]
+
+
+def lm_state(online: OnlineModel) -> str:
+    """Hash of everything but the controller: the frozen LM and its BEM bases."""
+    return state_hash({n: t for n, t in online.state_dict().items() if not n.startswith("controller.")})
+
+
+def deploy(
+    online: OnlineModel, tok: Any, items: list[StreamItem], prof: Profile, seed: int, reporter: Reporter
+) -> None:
+    """Train the BEM bases and the controller on clean traffic (the model as shipped), then freeze the
+    bases: from here on only the controller learns."""
+    att, controller = online.attachment, online.controller
+    device = next(controller.parameters()).device
+    with torch.no_grad():
+        feats = torch.cat(
+            [online.features(encode_items(tok, items[i : i + 64], device).batch) for i in range(0, 256, 64)]
+        )
+    controller.fit_features(feats)
+    params = [*controller.parameters(), *att.parameters()]
+    for p in att.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=prof.deploy_lr, weight_decay=0.0)
+    g = random.Random(f"deploy/{seed}")
+    online.train()
+    for step in range(prof.deploy_steps):
+        batch = encode_items(tok, g.sample(items, prof.deploy_batch), device).batch
+        loss = lm_loss(online.logits(batch, online.features(batch)), batch.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0 or step == prof.deploy_steps - 1:
+            reporter.metric("deploy/loss", loss.item(), step)
+            reporter.progress("deploy", step + 1, prof.deploy_steps)
+            check_cancelled(reporter)
+    for p in att.parameters():
+        p.requires_grad_(False)
+    online.eval()
+
+
+def _summary(
+    mode: str,
+    prof: Profile,
+    items: list[StreamItem],
+    plan: list[tuple[int, str]],
+    served: dict[str, dict[str, list[float]]],
+    canary_ok: list[bool],
+    learner: ShadowLearner,
+    laps: Laps,
+) -> dict[str, Any]:
+    live, frozen = served["live"]["aggregate"], served["frozen"]["aggregate"]
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    s = learner.stats
+    summary: dict[str, Any] = {
+        "mode": mode,
+        "prompts": len(items),
+        "aggregate": {"online": mean(live), "frozen": mean(frozen)},
+        "aggregate_gain": mean(live) / max(mean(frozen), 1e-9) - 1,
+        "updates": s.updates,
+        "promotions": s.promotions,
+        "rollbacks": s.rollbacks,
+        "paused": s.paused,
+        "stopped": s.stopped,
+        "events": s.events,
+        "canary": s.canary,
+        "drift": s.drift,
+        "profile": asdict(prof),
+        "timings_s": laps.timings,
+    }
+    values: dict[str, float] = {}
+    if mode == "stream":
+        ttf: dict[str, float] = {}
+        for i, (at, scenario) in enumerate(plan):
+            end = plan[i + 1][0] if i + 1 < len(plan) else len(items)
+            k = time_to_fix(live[:end], at, canary_ok[:end], CENSOR)
+            ttf[scenario] = CENSORED if k is None else float(k)
+            values[f"ttf_{scenario}"] = ttf[scenario]
+        summary["time_to_fix"] = ttf
+    else:
+        critical = sum(level in ("critical", "emergency") for _, level in s.drift)
+        values.update(
+            soak_rollbacks=float(s.rollbacks),
+            soak_min_canary=min((r for _, r in s.canary), default=0.0),
+            soak_critical_drift=float(critical),
+            soak_aggregate_gain=summary["aggregate_gain"],
+        )
+    summary["values"] = values
+    return summary

@@ -1,0 +1,342 @@
+"""The validation experiment (BEM_SPEC §5): can a controller route between two frozen skill LoRAs?
+
+Recipe, one seed:
+1. Train one static peft LoRA per task (r 8, α 16, W_O and W_down), and one multi-task LoRA of equal
+   adapter budget (r 16) on both tasks.
+2. Load all three into one BEM per site as column blocks [json | summary | multitask]; a code is
+   then a weight per block, so every arm is just a different code and all arms run in one mixed batch.
+3. Freeze everything but a simple controller in interpolation mode: c = softmax(controller(prompt
+   features)) over the two skill blocks, trained with the LM loss on the mixed set, no task labels.
+4. Decode the test set greedily under every arm, score per example, and summarise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from bem.core.attach import Attachment, attach_bems
+from bem.core.chunked import read_hidden
+from bem.core.controllers import SimpleController, masked_mean
+from bem.core.export import save_bem
+from bem.core.generate import greedy_generate
+from bem.core.models import load_model
+from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
+from bem.core.train import (
+    LORA_RANK,
+    LMBatch,
+    encode,
+    lm_loss,
+    lora_factors,
+    minibatches,
+    take_rows,
+    train_lora,
+)
+from bem.missions.validation.data import TASKS, Example, make_dataset
+from bem.missions.validation.metrics import score_example
+
+ARMS = ("bem", "random", "fixed_json", "fixed_sum", "equal", "multitask", "oracle", "base")
+# Column blocks of the composed BEM: one per skill LoRA, then the multi-task LoRA (equal budget: 2 x r).
+BLOCKS = {"json": LORA_RANK, "summary": LORA_RANK, "multitask": 2 * LORA_RANK}
+# The data seed is fixed so that test example_ids pair across training seeds (seeds are replicates).
+DATA_SEED = 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    sizes: dict[str, int]
+    lora_steps: int  # per skill LoRA; the multi-task LoRA gets twice as many
+    controller_steps: int
+    batch_size: int
+    lora_lr: float
+    controller_lr: float
+    eval_batch: int
+
+
+PROFILES = {
+    "smoke": Profile(
+        sizes={"train": 200, "val": 50, "test": 100},
+        lora_steps=70,
+        controller_steps=20,
+        batch_size=16,
+        lora_lr=1e-2,
+        controller_lr=1e-3,
+        eval_batch=64,
+    ),
+    "full": Profile(
+        sizes={"train": 2000, "val": 200, "test": 500},
+        lora_steps=1500,
+        controller_steps=300,
+        batch_size=16,
+        lora_lr=2e-3,
+        controller_lr=1e-3,
+        eval_batch=64,
+    ),
+}
+
+
+def block_code(weights: Tensor) -> Tensor:
+    """[B, 3] weights over (json, summary, multitask) → the per-site code [B, 32], one weight per block."""
+    widths = torch.tensor(list(BLOCKS.values()), device=weights.device)
+    return weights.repeat_interleave(widths, dim=-1)
+
+
+def compose(model: nn.Module, loras: dict[str, dict[str, tuple[Tensor, Tensor]]]) -> Attachment:
+    """One BEM per site whose column blocks are the trained LoRAs: U = [s·B_i], Vᵀ = [A_i], scaling 1."""
+    att = attach_bems(model, rank_schedule=[sum(BLOCKS.values())], max_overhead=1.0)
+    with torch.no_grad():
+        for name, site in att.sites.items():
+            start = 0
+            for block, width in BLOCKS.items():
+                a, b = loras[block][name]
+                site.V[start : start + width] = a
+                site.U[:, start : start + width] = b
+                start += width
+            site.scaling = 1.0
+            site.U.requires_grad_(False)
+            site.V.requires_grad_(False)
+    return att
+
+
+def prompt_features(model: nn.Module, att: Attachment, data: LMBatch, layer: int, batch: int = 128) -> Tensor:
+    """Mean hidden state over prompt tokens at `layer`, from one no-grad, adapter-off pass."""
+    feats = []
+    for lo in range(0, data.input_ids.shape[0], batch):
+        part = take_rows(data, torch.arange(lo, min(lo + batch, data.input_ids.shape[0])))
+        hidden = read_hidden(model, att, part.input_ids, part.attention_mask, layer)
+        feats.append(masked_mean(hidden, part.prompt_mask))
+    return torch.cat(feats)
+
+
+def train_controller(
+    model: nn.Module,
+    att: Attachment,
+    data: LMBatch,
+    feats: Tensor,
+    *,
+    profile: Profile,
+    generator: torch.Generator,
+    reporter: Reporter,
+) -> SimpleController:
+    """Only the controller learns, from the LM loss on the mixed set; it never sees a task label."""
+    device = feats.device
+    ctrl = SimpleController(feats.shape[-1], len(TASKS), interpolation=True).to(device)
+    ctrl.fit_features(feats)
+    reporter.metric("adapter_overhead", att.check_budget(ctrl, max_overhead=1.0))
+    opt = torch.optim.AdamW(ctrl.parameters(), lr=profile.controller_lr)
+    model.train()
+    steps = profile.controller_steps
+    lengths = data.attention_mask.sum(dim=1)
+    for step, idx in enumerate(minibatches(lengths, profile.batch_size, steps, generator)):
+        batch = take_rows(data, idx).to(device)
+        weights = ctrl(feats[idx]).code
+        code = block_code(torch.cat([weights, torch.zeros_like(weights[:, :1])], dim=-1))
+        with att.codes(code):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss = lm_loss(logits, batch.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            reporter.metric("controller/loss", loss.item(), step)
+            reporter.progress("train controller", step + 1, steps)
+            check_cancelled(reporter)
+    model.eval()
+    return ctrl.eval()
+
+
+def arm_weights(arm: str, bem_weights: Tensor, task_index: Tensor, generator: torch.Generator) -> Tensor:
+    """[N, 3] block weights (json, summary, multitask) that define each arm."""
+    n = len(task_index)
+    one_hot = torch.nn.functional.one_hot
+    fixed = {
+        "fixed_json": [1.0, 0.0, 0.0],
+        "fixed_sum": [0.0, 1.0, 0.0],
+        "equal": [0.5, 0.5, 0.0],
+        "multitask": [0.0, 0.0, 1.0],
+        "base": [0.0, 0.0, 0.0],
+    }
+    if arm in fixed:
+        return torch.tensor(fixed[arm]).expand(n, 3)
+    if arm == "bem":
+        return torch.cat([bem_weights.cpu(), torch.zeros(n, 1)], dim=-1)
+    if arm == "oracle":
+        return one_hot(task_index, 3).float()
+    if arm == "random":
+        return one_hot(torch.randint(0, 2, (n,), generator=generator), 3).float()
+    raise ValueError(f"unknown arm {arm!r}; arms are {ARMS}")
+
+
+def decode_arms(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    att: Attachment,
+    test: list[Example],
+    codes: Tensor,
+    train: list[Example],
+    batch_size: int,
+) -> list[str]:
+    """Greedy outputs for every (arm, example) row; row r is example r % len(test) under codes[r].
+
+    Greedy decoding is deterministic, so rows with the same example and the same code (oracle and
+    fixed_json on a JSON example, say) are decoded once. Each task decodes under its own length cap,
+    set from training targets, never test ones.
+    """
+    predictions = [""] * len(codes)
+    for task in TASKS:
+        cap = max(len(e.target.encode()) for e in train if e.task == task) + 8
+        unique: dict[tuple[int, bytes], list[int]] = {}
+        for r in range(len(codes)):
+            if test[r % len(test)].task == task:
+                unique.setdefault((r % len(test), codes[r].cpu().numpy().tobytes()), []).append(r)
+        firsts = [rows[0] for rows in unique.values()]
+        outputs = greedy_generate(
+            model,
+            tokenizer,
+            [test[r % len(test)].prompt for r in firsts],
+            max_new_tokens=cap,
+            attachment=att,
+            codes=codes[firsts],
+            batch_size=batch_size,
+        )
+        for rows, text in zip(unique.values(), outputs, strict=True):
+            for r in rows:
+                predictions[r] = text
+    return predictions
+
+
+def percentile_interval(
+    d: np.ndarray, level: float = 0.95, n_boot: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Plain percentile bootstrap of mean(d); the stats engine replaces it with paired BCa."""
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def run_validation(
+    base_path: str | Path,
+    *,
+    profile: str | Profile,
+    seed: int,
+    out_dir: str | Path,
+    reporter: Reporter,
+    device: torch.device | str = "cpu",
+    read_layer: int | None = None,
+) -> dict:
+    """Run one seed end to end; write summary.json and scores.parquet into out_dir; return the summary."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    laps = Laps()
+
+    torch.manual_seed(seed)  # dropout masks; every other draw uses an explicit generator
+    gen = torch.Generator().manual_seed(seed)
+    model, tokenizer = load_model(base_path, device=device)
+    model.requires_grad_(False)
+    layer = read_layer if read_layer is not None else model.config.num_hidden_layers // 2
+    data = make_dataset(DATA_SEED, prof.sizes)
+    train, test = data["train"], data["test"]
+    laps.lap("setup")
+
+    loras = {}
+    for name, examples, rank, steps in (
+        ("json", [e for e in train if e.task == "json"], LORA_RANK, prof.lora_steps),
+        ("summary", [e for e in train if e.task == "summary"], LORA_RANK, prof.lora_steps),
+        ("multitask", train, 2 * LORA_RANK, 2 * prof.lora_steps),
+    ):
+        peft_model = train_lora(
+            model, tokenizer, examples, rank=rank, steps=steps, lr=prof.lora_lr, batch_size=prof.batch_size,
+            generator=gen, reporter=reporter, name=f"lora_{name}",
+        )  # fmt: skip
+        peft_model.save_pretrained(str(out / f"lora_{name}"))
+        reporter.artifact(out / f"lora_{name}", "peft_lora")
+        loras[name] = lora_factors(peft_model)
+        del peft_model
+    laps.lap("train_loras")
+
+    att = compose(model, loras)
+    train_batch = encode(tokenizer, train)
+    ctrl = train_controller(
+        model,
+        att,
+        train_batch,
+        prompt_features(model, att, train_batch.to(device), layer),
+        profile=prof,
+        generator=gen,
+        reporter=reporter,
+    )
+    save_bem(att, out / "bem", {"controller": ctrl})
+    reporter.artifact(out / "bem", "bem_checkpoint")
+    laps.lap("train_controller")
+
+    test_batch = encode(tokenizer, test).to(device)
+    task_index = torch.tensor([TASKS.index(e.task) for e in test])
+    with torch.no_grad():
+        bem_weights = ctrl(prompt_features(model, att, test_batch, layer)).code
+    routing_accuracy = (bem_weights.argmax(-1).cpu() == task_index).float().mean().item()
+    reporter.metric("routing_accuracy", routing_accuracy)
+
+    codes = block_code(torch.cat([arm_weights(arm, bem_weights, task_index, gen) for arm in ARMS]))
+    predictions = decode_arms(model, tokenizer, att, test, codes, train, prof.eval_batch)
+    laps.lap("evaluate")
+
+    rows: list[ScoreRow] = []
+    per_arm: dict[str, dict[str, float]] = {}
+    for a, arm in enumerate(ARMS):
+        scores = [score_example(ex, predictions[a * len(test) + i]) for i, ex in enumerate(test)]
+        rows += [
+            ScoreRow(ex.example_id, arm, seed, m, v)
+            for ex, s in zip(test, scores, strict=True)
+            for m, v in s.items()
+        ]
+        per_arm[arm] = {"score": float(np.mean([s["score"] for s in scores]))}
+        for task in TASKS:
+            per_arm[arm][task] = float(
+                np.mean([s["score"] for ex, s in zip(test, scores, strict=True) if ex.task == task])
+            )
+    reporter.scores(rows)
+    # One example of each task (the test split lists all JSON examples, then all summaries).
+    shown = [0, len(test) - 1]
+    samples = {arm: [predictions[a * len(test) + i] for i in shown] for a, arm in enumerate(ARMS)}
+
+    write_scores(rows, out / "scores.parquet")
+    reporter.artifact(out / "scores.parquet", "scores")
+    diff = paired_diff(rows, "bem", "equal")
+    low, high = percentile_interval(diff, seed=seed)
+    summary = {
+        "profile": profile if isinstance(profile, str) else "custom",
+        "seed": seed,
+        "routing_accuracy": routing_accuracy,
+        "arms": per_arm,
+        "bem_minus_equal": {"estimate": float(diff.mean()), "low": low, "high": high, "n": len(diff)},
+        "timings_s": laps.timings,
+        "config": {**asdict(prof), "read_layer": layer, "data_seed": DATA_SEED, "base": str(base_path)},
+        "samples": {"prompts": [test[i].prompt for i in shown], **samples},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    reporter.artifact(out / "summary.json", "summary")
+    return summary
+
+
+def paired_diff(rows: list[ScoreRow], variant: str, baseline: str, metric: str = "score") -> np.ndarray:
+    """Per-example variant − baseline on `metric`, each arm first averaged over the seeds both have."""
+    table: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        if r.metric == metric and r.arm in (variant, baseline):
+            table.setdefault((r.example_id, r.arm), {})[r.seed] = r.value
+    ids = sorted({eid for eid, _ in table})
+    diffs = []
+    for eid in ids:
+        v, b = table.get((eid, variant), {}), table.get((eid, baseline), {})
+        seeds = v.keys() & b.keys()
+        if seeds:
+            diffs.append(np.mean([v[s] for s in seeds]) - np.mean([b[s] for s in seeds]))
+    return np.asarray(diffs, dtype=np.float64)

@@ -1,0 +1,31 @@
+"""The mission registry: which code runs each task kind and each reactive service, by name.
+
+Values are "module:attribute" strings, never imports, so fleetd checks a mission spec's kinds and
+services without importing torch or `bem`, and a task's process imports only what its kind needs.
+A new task kind or service is one line here (docs/architecture.md says where its code goes).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# A kind is `fn(params, ctx) -> dict` (the task's result), run in the task's own process.
+KINDS: dict[str, str] = {
+    "noop": "workers.kinds.selftest:noop",
+    "selftest.sleep": "workers.kinds.selftest:sleep",
+    "selftest.flaky": "workers.kinds.selftest:flaky",
+    "selftest.crash": "workers.kinds.selftest:crash",
+    "selftest.score": "workers.kinds.selftest:score",
+    "selftest.obey": "workers.kinds.selftest:obey",
+    "demo.base": "workers.kinds.demo:base",
+    "demo.validate": "workers.kinds.demo:validate",
+    "mission_a.run": "workers.kinds.mission_a:run",
+    "online.stream": "workers.kinds.mission_b:stream",
+}
+
+
+def resolve(ref: str) -> Any:
+    """The object a "module:attribute" reference names, imported now."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)

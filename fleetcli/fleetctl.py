@@ -1,0 +1,188 @@
+"""`fleetctl`: the researcher's CLI. Every verb takes --json; errors exit 2 with the coordinator's reason."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.table import Table
+
+from fleet import logs as log_setup
+from fleet import render
+from fleet.client import FleetClient, FleetError, find_url
+from schemas import messages as m
+
+
+def _override(text: str) -> tuple[str, Any]:
+    """`key.path=VALUE`, VALUE read as a TOML value (numbers, booleans, lists), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set wants key.path=VALUE, got {text!r}")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="fleetctl", description="submit and watch BEM missions")
+    top.add_argument("--home", type=Path, help="fleet home (default $FLEET_HOME or ./.fleet)")
+    top.add_argument("--nats", help="NATS URL of the fleet (default: read from the home)")
+    sub = top.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = verb("submit", "submit a mission and follow it")
+    p.add_argument("mission")
+    p.add_argument("--profile")
+    p.add_argument(
+        "--set", dest="overrides", action="append", type=_override, default=[], metavar="KEY=VALUE"
+    )
+    p.add_argument("--detach", action="store_true", help="return after submitting")
+    p = verb("status", "missions, tasks with pending reasons, workers")
+    p.add_argument("mission", nargs="?")
+    p = verb("cancel", "cancel a mission or a task")
+    p.add_argument("id")
+    p = verb("logs", "a task's log lines")
+    p.add_argument("task")
+    p.add_argument("-f", "--follow", action="store_true")
+    p = verb("sql", "read-only SQL on the fleet's DuckDB")
+    p.add_argument("query")
+    p = verb("export", "write every table as Parquet into DIR")
+    p.add_argument("directory", type=Path)
+    verb("missions", "available missions and past runs")
+    verb("workers", "workers and their GPUs")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    log_setup.configure(level="error")  # reconnect chatter is not for a CLI's user; errors go to stderr
+    console = Console()
+    try:
+        return anyio.run(_main, args, console)
+    except FleetError as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": {"code": e.code, "message": str(e)}}))
+        else:
+            Console(stderr=True).print(f"[red]fleetctl {args.verb}: {e}[/]", highlight=False)
+        return 2
+
+
+async def _main(args: argparse.Namespace, console: Console) -> int:
+    client = await FleetClient.connect(find_url(args.home, args.nats))
+    try:
+        return await VERBS[args.verb](client, args, console)
+    finally:
+        await client.close()
+
+
+def _json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+async def submit(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    sub = await client.submit(args.mission, args.profile, dict(args.overrides))
+    mission_id = sub["mission_id"]
+    if args.detach:
+        _json(sub) if args.json else console.print(f"submitted {mission_id} ({len(sub['tasks'])} tasks)")
+        return 0
+    if args.json:
+        while (st := await client.status(mission_id))["missions"][0]["state"] not in render.DONE:
+            await anyio.sleep(0.5)
+        _json(st)
+        return 0
+    console.print(f"submitted [bold]{mission_id}[/] ({sub['profile']} profile, {len(sub['tasks'])} tasks)")
+    st = await render.follow(client, mission_id, console)
+    if st.get("service_counts"):
+        console.print(render.service_summary(st["service_counts"]))
+    if st.get("decisions"):
+        console.print(render.decisions_table(st["missions"][0], st["decisions"]))
+    return 0  # the mission finished; its verdict is data, not an exit status
+
+
+async def status(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    st = await client.status(args.mission)
+    if args.json:
+        _json(st)
+        return 0
+    for table in render.status_tables(st):
+        console.print(table)
+    if st.get("decisions"):
+        console.print(render.decisions_table(st["missions"][0], st["decisions"]))
+    return 0
+
+
+async def cancel(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    out = await client.call("cancel", m.IdRequest(id=args.id))
+    _json(out) if args.json else console.print(f"cancelled {len(out['cancelled'])} task(s)")
+    return 0
+
+
+async def logs(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    after = -1
+    while True:
+        out = await client.call("logs", m.LogsRequest(task_id=args.task, after_seq=after))
+        for row in out["lines"]:
+            print(json.dumps(row) if args.json else row["line"], flush=True)
+            after = max(after, row["seq"])
+        if not args.follow or out["state"] in render.DONE:
+            return 0
+        await anyio.sleep(0.5)
+
+
+async def sql(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    out = await client.call("sql", m.SqlRequest(query=args.query))
+    if args.json:
+        _json([dict(zip(out["columns"], row, strict=True)) for row in out["rows"]])
+        return 0
+    table = Table(*out["columns"])
+    for row in out["rows"]:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+    if out["truncated"]:
+        console.print(f"(first {len(out['rows'])} rows)")
+    return 0
+
+
+async def export(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    out = await client.call("export", m.ExportRequest(directory=str(args.directory.resolve())))
+    _json(out) if args.json else console.print("\n".join(out["files"]))
+    return 0
+
+
+async def missions(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    out = await client.call("missions")
+    if args.json:
+        _json(out)
+        return 0
+    t = Table("mission", "profiles", "description", title="available", title_justify="left")
+    for spec in out["available"]:
+        t.add_row(spec["name"], ", ".join(spec["profiles"]), spec["description"])
+    console.print(t)
+    r = Table("run", "profile", "state", "verdict", title="runs", title_justify="left")
+    for run in out["runs"]:
+        r.add_row(run["mission_id"], run["profile"], run["state"], run["verdict"] or "")
+    console.print(r)
+    return 0
+
+
+async def workers(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    out = await client.call("workers")
+    _json(out) if args.json else console.print(render.workers_table(out))
+    return 0
+
+
+VERBS = {f.__name__: f for f in (submit, status, cancel, logs, sql, export, missions, workers)}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""`fleetd up | run | config show`.
+
+`up` is the all-in-one local mode: embedded nats-server, coordinator, and worker processes (one per
+GPU, or --cpu-workers N), all children that die with it. `run` is the coordinator alone (systemd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import structlog
+from rich.console import Console
+
+from fleet import bus, config, logs, render, sdnotify
+from fleet.client import FleetClient, FleetError
+from fleet.natsserver import NatsServer, NatsServerError, die_with_parent
+from fleetd.coordinator import Coordinator
+from fleetd.store import Store
+from web import app as web_app
+from workers import gpus
+from workers.worker import default_id
+
+log = structlog.get_logger("fleetd")
+
+
+class HomeBusy(RuntimeError):
+    pass
+
+
+def lock_home(home: Path) -> IO[str]:
+    """One fleet per home: an exclusive flock for the process's life (the kernel releases it on kill -9)."""
+    home.mkdir(parents=True, exist_ok=True)
+    f = (home / "fleetd.lock").open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        raise HomeBusy(f"another fleet is running on {home} (pid {holder}); stop it or use --home") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+@asynccontextmanager
+async def coordinator(cfg: config.FleetConfig, url: str) -> AsyncIterator[Coordinator]:
+    home = cfg.home_path
+    store = Store(home / "fleet.duckdb")
+    nc = await bus.connect(url, "fleetd")
+    try:
+        js = nc.jetstream(timeout=5)
+        await bus.ensure_streams(js)
+        kv = await bus.workers_kv(js)
+        yield Coordinator(cfg, store, nc, js, kv)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await nc.close()
+            store.close()
+
+
+async def _serve(coord: Coordinator, home: Path, url: str, console: Console | None = None) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(coord.run)
+        web_url = await tg.start(web_app.serve, coord, coord.cfg.web)
+        found = {"nats_url": url, "web_url": web_url, "pid": os.getpid()}
+        (home / "fleetd.json").write_text(json.dumps(found))
+        # Bus, store and web are up: systemd's Type=notify start completes here.
+        sdnotify.notify("READY=1", f"STATUS=serving {web_url}, NATS {url}")
+        tg.start_soon(sdnotify.watchdog_loop)
+        log.info("fleetd_ready", web=web_url, nats=url)
+        if console is not None:
+            console.print(f"status page: [bold]{web_url}[/]")
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                log.info("shutting_down", signal=signal.Signals(sig).name)
+                sdnotify.notify("STOPPING=1")
+                tg.cancel_scope.cancel()
+                break
+
+
+async def run_cmd(cfg: config.FleetConfig) -> int:
+    if not cfg.nats.url:
+        raise SystemExit(
+            "fleetd run: set nats.url in fleetd.toml, FLEET_NATS_URL or --nats (or use `fleetd up`)"
+        )
+    lock = lock_home(cfg.home_path)
+    try:
+        async with coordinator(cfg, cfg.nats.url) as coord:
+            await _serve(coord, cfg.home_path, cfg.nats.url)
+    finally:
+        lock.close()
+    return 0
+
+
+class WorkerProcs:
+    """The worker children of `fleetd up`, restarted when they exit (as Restart=on-failure would)."""
+
+    def __init__(
+        self,
+        home: Path,
+        url: str,
+        specs: list[tuple[str, str | None]],
+        threads: int | None,
+        settings: config.WorkerConfig,
+    ) -> None:
+        self.home, self.url, self.specs, self.threads = home, url, specs, threads
+        self.env = {**os.environ, **settings.env()}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, worker_id: str, gpu: str | None) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "workers",
+            "--id",
+            worker_id,
+            "--nats",
+            self.url,
+            "--home",
+            str(self.home),
+            "--log-file",
+            str(self.home / "logs" / f"worker-{worker_id}.log"),
+        ]
+        cmd += ["--gpu", gpu] if gpu else ["--cpu"]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        self.procs[worker_id] = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, env=self.env, preexec_fn=die_with_parent
+        )
+
+    async def supervise(self) -> None:
+        for wid, gpu in self.specs:
+            self.start(wid, gpu)
+        while True:
+            await anyio.sleep(1)
+            for wid, gpu in self.specs:
+                rc = self.procs[wid].poll()
+                if rc is not None:
+                    log.warning("worker_exited", worker=wid, returncode=rc)
+                    self.start(wid, gpu)
+
+    def stop(self) -> None:
+        stop_all(list(self.procs.values()))
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
+    """SIGTERM to all at once, then wait for each; SIGKILL whatever outlives the timeout."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+async def _supervise_nats(server: NatsServer) -> None:
+    """Restart the embedded server on the same port if it dies; clients reconnect by themselves."""
+    while True:
+        await anyio.sleep(0.5)
+        if not server.running():
+            log.warning("nats_server_exited", returncode=server.proc.returncode if server.proc else None)
+            try:
+                await anyio.to_thread.run_sync(server.start)
+                log.info("nats_server_restarted", url=server.url)
+            except NatsServerError as e:
+                log.error("nats_server_restart_failed", error=str(e))
+
+
+async def up_cmd(cfg: config.FleetConfig, args: argparse.Namespace) -> int:
+    home = cfg.home_path.resolve()
+    console = Console()
+    lock = lock_home(home)
+    server = NatsServer(home / "nats", host=cfg.nats.host)
+    try:
+        await anyio.to_thread.run_sync(server.start)
+        found = gpus.discover()
+        if args.cpu_workers is not None or not found:
+            n = args.cpu_workers if args.cpu_workers is not None else 1
+            specs: list[tuple[str, str | None]] = [(default_id(None, i), None) for i in range(n)]
+            threads = max(1, (os.cpu_count() or 1) // max(n, 1))
+        else:
+            specs, threads = [(default_id(g), g.uuid) for g in found], None
+        workers = WorkerProcs(home, server.url, specs, threads, cfg.worker)
+        console.print(f"fleet on {home}: nats {server.url}, {len(specs)} worker(s), logs in {home / 'logs'}")
+        try:
+            async with coordinator(cfg, server.url) as coord, anyio.create_task_group() as tg:
+                tg.start_soon(_supervise_nats, server)
+                tg.start_soon(workers.supervise)
+                tg.start_soon(_serve_then_cancel, coord, home, server.url, console, tg)
+                if args.demo:
+                    tg.start_soon(_demo, server.url, console, args.exit_when_done, tg)
+        finally:
+            workers.stop()
+    finally:
+        server.stop()
+        lock.close()
+    return 0
+
+
+async def _serve_then_cancel(
+    coord: Coordinator, home: Path, url: str, console: Console, tg: anyio.abc.TaskGroup
+) -> None:
+    await _serve(coord, home, url, console)
+    tg.cancel_scope.cancel()
+
+
+async def _demo(url: str, console: Console, exit_when_done: bool, tg: anyio.abc.TaskGroup) -> None:
+    await anyio.sleep(0.5)  # let the coordinator subscribe
+    try:
+        await _demo_once(url, console)
+    except FleetError as e:  # the fleet keeps serving; the user can follow with fleetctl
+        console.print(f"[red]following the demo failed: {e}[/]; `fleetctl status` shows it")
+    if exit_when_done:
+        tg.cancel_scope.cancel()
+    else:
+        console.print("serving; Ctrl-C to stop")
+
+
+async def _demo_once(url: str, console: Console) -> None:
+    client = await FleetClient.connect(url)
+    try:
+        sub = await client.submit("demo", "smoke")
+        console.print(
+            f"submitted [bold]{sub['mission_id']}[/] (demo, smoke profile, {len(sub['tasks'])} tasks)"
+        )
+        st = await render.follow(client, sub["mission_id"], console)
+        mission = st["missions"][0]
+        if st.get("decisions"):
+            console.print(render.decisions_table(mission, st["decisions"]))
+        else:
+            console.print(f"verdict: [bold]{mission['verdict']}[/]: {mission['reason']}")
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    top = argparse.ArgumentParser(prog="fleetd", description="the bem-fleet coordinator")
+    top.add_argument("--home", help="fleet home (default $FLEET_HOME or ./.fleet)")
+    top.add_argument("--config", type=Path, help="fleetd.toml (default <home>/fleetd.toml if present)")
+    sub = top.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="nats-server, coordinator and workers on this machine")
+    up.add_argument("--home", dest="home_", help=argparse.SUPPRESS)
+    up.add_argument("--cpu-workers", type=int, help="CPU workers (default: one per GPU, or 1 without GPUs)")
+    up.add_argument(
+        "--demo", action="store_true", help="submit the demo mission (smoke profile) and follow it"
+    )
+    up.add_argument("--exit-when-done", action="store_true", help="stop once the demo mission finished")
+    up.add_argument("--web-port", type=int, help="web page port (default 8080)")
+    run = sub.add_parser("run", help="the coordinator alone, for systemd (needs nats.url)")
+    run.add_argument("--home", dest="home_", help=argparse.SUPPRESS)
+    run.add_argument("--nats", help="NATS URL")
+    show = sub.add_parser("config", help="print the effective configuration")
+    show.add_argument("action", choices=["show"])
+    args = top.parse_args(argv)
+    home = getattr(args, "home_", None) or args.home
+    flags: dict[str, Any] = {"home": home}
+    if getattr(args, "nats", None):
+        flags["nats__url"] = args.nats
+    if getattr(args, "web_port", None) is not None:
+        flags["web__port"] = args.web_port
+    try:
+        cfg = config.load(args.config, **flags)
+        if args.command != "config":
+            web_app.load_token(cfg.web)  # refuse a page beyond loopback without a token before starting
+    except config.ConfigError as e:
+        print(f"fleetd: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(config.show(cfg))
+        return 0
+    if args.command == "up":
+        logs.configure(path=cfg.home_path / "logs" / "fleetd.log")
+    else:
+        logs.configure()
+    try:
+        return anyio.run(up_cmd, cfg, args) if args.command == "up" else anyio.run(run_cmd, cfg)
+    except (HomeBusy, NatsServerError, FleetError, config.ConfigError) as e:
+        print(f"fleetd: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

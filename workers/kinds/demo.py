@@ -1,0 +1,47 @@
+"""The demo mission's kinds: the validation experiment (BEM_SPEC section 5), one seed per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from workers.kinds import TaskContext
+
+
+def _base(params: dict[str, Any], ctx: TaskContext) -> Path:
+    from bem.core.models import demo_base
+
+    if params.get("base"):
+        path = Path(params["base"])
+        if not path.is_dir():
+            raise FileNotFoundError(f"params.base {path} is not a local model folder (nothing is downloaded)")
+        return path
+    return demo_base(ctx.cache_dir, log=lambda msg: print(msg, flush=True))
+
+
+def run_args(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """What every experiment runner takes from a task: base, profile, seed and where to report."""
+    return {
+        "base_path": _base(params, ctx),
+        "profile": str(params.get("profile", "smoke")),
+        "seed": int(params.get("seed", 1)),
+        "out_dir": ctx.out_dir,
+        "reporter": ctx.reporter,
+        "device": ctx.device,
+    }
+
+
+def base(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """Find or pretrain the demo base once, before the seeds need it."""
+    return {"base": str(_base(params, ctx))}
+
+
+def validate(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    from bem.missions.validation.recipe import run_validation
+
+    summary = run_validation(**run_args(params, ctx))
+    return {
+        "routing_accuracy": summary["routing_accuracy"],
+        "scores": {arm: s["score"] for arm, s in summary["arms"].items()},
+        "timings_s": summary["timings_s"],
+    }

@@ -1,0 +1,26 @@
+"""Mission B's kind: an online learner serves a prompt stream (or a clean soak) and obeys the fleet's
+drift monitor and canary gate, whose promote and rollback commands reach it through the reporter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.kinds import TaskContext
+from workers.kinds.demo import run_args
+
+
+def stream(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    from bem.missions.mission_b.recipe import run_mission_b
+
+    sabotage = params.get("sabotage_at")
+    summary = run_mission_b(
+        **run_args(params, ctx),
+        mode=params.get("mode", "stream"),
+        learner_overrides=params.get("learner"),
+        sabotage_at=None if sabotage is None else int(sabotage),
+        pace_s=float(params.get("pace_s", 0.0)),
+        soak_s=None if params.get("soak_s") is None else float(params["soak_s"]),
+    )
+    # `values` feed the mission's value guards (time-to-fix, soak); the rest is for people.
+    keep = ("mode", "prompts", "aggregate", "aggregate_gain", "updates", "promotions", "rollbacks")
+    return {k: summary[k] for k in (*keep, "events", "time_to_fix", "timings_s", "values") if k in summary}

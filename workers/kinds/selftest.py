@@ -1,0 +1,90 @@
+"""The selftest kinds: CPU-only tasks that exercise the fleet's paths without torch.
+
+`score` emits per-example scores with a known effect (arm b = arm a + effect + noise), so the stats
+engine has something real to judge; example difficulty is shared across arms, as in real evals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, cast
+
+from bem.core.reporter import Commanded, ScoreRow, check_cancelled
+from workers.kinds import TaskContext
+
+
+def _wait(seconds: float, ctx: TaskContext, stage: str) -> None:
+    steps = max(1, round(seconds / 0.1))
+    for i in range(steps):
+        time.sleep(seconds / steps)
+        ctx.reporter.metric(f"{stage}/loss", 1.0 / (i + 1), i)
+        ctx.reporter.progress(stage, i + 1, steps)
+        check_cancelled(ctx.reporter)
+
+
+def noop(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    return {}
+
+
+def sleep(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    _wait(float(params.get("seconds", 1.0)), ctx, "sleep")
+    return {"slept_s": params.get("seconds", 1.0)}
+
+
+def flaky(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    _wait(float(params.get("seconds", 1.0)), ctx, "flaky")
+    if ctx.attempt <= int(params.get("fail_attempts", 1)):
+        raise RuntimeError(f"planned failure on attempt {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+def crash(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    _wait(float(params.get("seconds", 1.0)), ctx, "crash")
+    if ctx.attempt <= int(params.get("crash_attempts", 1)):
+        print(f"crashing on attempt {ctx.attempt}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"attempt": ctx.attempt}
+
+
+def score(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    import numpy as np  # here, not at the top: the other kinds start faster without it
+
+    arm, seed = str(params["arm"]), int(params["seed"])
+    n, effect = int(params.get("n_examples", 200)), float(params.get("effect", 0.1))
+    _wait(float(params.get("seconds", 1.0)), ctx, f"score {arm}")
+    difficulty = np.random.default_rng(0).uniform(0.2, 0.8, n)  # shared by arms and seeds: paired data
+    noise = np.random.default_rng([seed, sum(map(ord, arm))]).normal(0, 0.1, n)
+    values = np.clip(difficulty + (effect if arm == "b" else 0.0) + noise, 0, 1)
+    ctx.reporter.scores([ScoreRow(f"ex{i:04d}", arm, seed, "score", float(v)) for i, v in enumerate(values)])
+    return {"mean": float(values.mean())}
+
+
+def obey(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """Steps that apply commands at step boundaries and acknowledge them (the shape of Mission B's
+    online learner): `promote` and `rollback` are applied, anything else refused."""
+    steps, applied = int(params.get("steps", 100)), []
+    commands = cast(Commanded, ctx.reporter)
+    # Scripted checks, as an online learner streams them: {"step": 10, "drift": {"grad_norm": 25.0}}
+    # or {"step": 20, "canary": 0.97, "prompts_since_promotion": 1500}.
+    checks = {int(c["step"]): c for c in params.get("checks", [])}
+    for step in range(steps):
+        check = checks.get(step, {})
+        for name, value in check.get("drift", {}).items():
+            ctx.reporter.metric(f"drift/{name}", float(value), step)
+        if "canary" in check:
+            since = float(check.get("prompts_since_promotion", 0))
+            ctx.reporter.metric("canary/prompts_since_promotion", since, step)
+            ctx.reporter.metric("canary/pass_rate", float(check["canary"]), step)
+        for command in commands.commands():
+            if command.action in ("promote", "rollback"):
+                applied.append({"action": command.action, "step": step})
+                ctx.reporter.metric(f"applied/{command.action}", 1.0, step)
+                commands.acknowledge(command, True, f"{command.action} applied at step {step}")
+            else:
+                commands.acknowledge(command, False, f"{command.action} is not a command this job knows")
+        time.sleep(float(params.get("step_s", 0.05)))
+        ctx.reporter.progress("obey", step + 1, steps)
+        check_cancelled(ctx.reporter)
+    return {"applied": applied}
