@@ -1,7 +1,8 @@
 """`python -m bem validate`: the validation experiment from the command line.
 
 Runs each seed into DIR/seed-N/, then aggregates into DIR/summary.json and DIR/scores.parquet and
-prints the result table.
+prints the result table. bem − equal is the stats engine's decision on the pooled scores, the same
+one `python -m stats compare DIR/scores.parquet --baseline equal --variant bem --metric score` prints.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.table import Table
 
 from bem.core.models import demo_base, pick_device
 from bem.core.reporter import MemoryReporter, ScoreRow
-from bem.missions.validation.recipe import paired_diff, percentile_interval, run_validation, write_scores
+from bem.missions.validation.recipe import bem_minus_equal, run_validation, write_scores
 
 ROUTING_TARGET = 0.90
 
@@ -94,10 +95,8 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def aggregate(summaries: list[dict], rows: list[ScoreRow]) -> dict:
-    """Means over seeds per arm; bem − equal on per-example scores averaged over seeds first."""
+    """Means over seeds per arm; bem − equal judged by the stats engine on every seed's rows at once."""
     arms = summaries[0]["arms"]
-    diff = paired_diff(rows, "bem", "equal")
-    low, high = percentile_interval(diff)
     return {
         "seeds": [s["seed"] for s in summaries],
         "routing_accuracy": float(np.mean([s["routing_accuracy"] for s in summaries])),
@@ -106,14 +105,7 @@ def aggregate(summaries: list[dict], rows: list[ScoreRow]) -> dict:
             arm: {key: float(np.mean([s["arms"][arm][key] for s in summaries])) for key in arms[arm]}
             for arm in arms
         },
-        "bem_minus_equal": {
-            "estimate": float(diff.mean()),
-            "low": low,
-            "high": high,
-            "level": 0.95,
-            "method": "percentile bootstrap over examples (seeds averaged first)",
-            "n": len(diff),
-        },
+        "bem_minus_equal": bem_minus_equal(rows),
         "per_seed": summaries,
     }
 
@@ -130,11 +122,25 @@ def print_summary(console: Console, summary: dict, out: Path) -> None:
     acc = summary["routing_accuracy"]
     mark = "[green]ok[/]" if acc >= ROUTING_TARGET else "[red]below target[/]"
     console.print(f"routing accuracy (held-out prompts): {acc:.3f}  target >= {ROUTING_TARGET}  {mark}")
-    d = summary["bem_minus_equal"]
-    verdict = "[green]CI above 0[/]" if d["low"] > 0 else "[yellow]CI includes 0[/]"
-    ci = f"[{d['low']:+.3f}, {d['high']:+.3f}]"
-    console.print(f"bem - equal: {d['estimate']:+.3f}  95% CI {ci}  n={d['n']}  {verdict}")
+    console.print(
+        f"bem - equal (score): {describe_bem_minus_equal(summary['bem_minus_equal'])}",
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print(f"wrote {out}/summary.json and {out}/scores.parquet in {summary['wall_seconds']} s")
+
+
+def describe_bem_minus_equal(d: dict) -> str:
+    """The estimate, the interval the stats engine judged on (+inf above a one-sided bound), p_adj, n
+    and the outcome; below them the method, so a reader knows what the interval is."""
+    if d["estimate"] is None:  # no paired examples: nothing to estimate
+        return f"{d['outcome']} ({d['method']})"
+    high = "+inf" if d["high"] is None else f"{d['high']:+.3f}"
+    outcome = f"[green]{d['outcome']}[/]" if d["outcome"] == "pass" else f"[yellow]{d['outcome']}[/]"
+    return (
+        f"{d['estimate']:+.3f}  [{d['low']:+.3f}, {high}]  p_adj {d['p_adj']:.3g}  n={d['n']}  {outcome}\n"
+        f"  {d['method']}"
+    )
 
 
 if __name__ == "__main__":

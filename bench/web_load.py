@@ -48,8 +48,7 @@ from rich.table import Table  # noqa: E402
 
 from fleet.natsserver import NatsServer, die_with_parent  # noqa: E402
 from fleetcli.fleetd import stop_all  # noqa: E402
-from fleetd.scheduler import Task  # noqa: E402
-from fleetd.store import Store  # noqa: E402
+from fleetd.store import Store, task_row  # noqa: E402
 from schemas import missions as specs  # noqa: E402
 
 TARGET_P50_S = 0.300
@@ -71,12 +70,12 @@ def build(home: Path, n_tasks: int, n_points: int) -> tuple[str, str]:
         specs.MissionSpec,
     )
     mission_id = "webload-20261122-000000-0000"
-    plans = specs.expand(spec, None, mission_id)
-    tasks = [Task.from_plan(mission_id, p, i) for i, p in enumerate(plans)]
+    tasks = specs.expand(spec, None, mission_id)
     now = time.time()
     rows = []
     for i, t in enumerate(tasks):
-        row = t.row()
+        t.created_at = now + i * 1e-6
+        row = task_row(t)
         done = i < len(tasks) - 40
         row.update(
             state="succeeded" if done else "pending",

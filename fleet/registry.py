@@ -24,6 +24,12 @@ KINDS: dict[str, str] = {
     "online.stream": "workers.kinds.mission_b:stream",
 }
 
+# A service is a class with `from_config(table) -> watch`, the watch's `observe(points) -> actions`
+# (fleetd/services.py says the rest); a stage names the services that watch its tasks.
+SERVICES: dict[str, str] = {
+    "promotion": "stats.promotion:PromotionWatch",  # Mission B's drift monitor and canary gate
+}
+
 
 def resolve(ref: str) -> Any:
     """The object a "module:attribute" reference names, imported now."""

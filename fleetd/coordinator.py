@@ -37,9 +37,9 @@ from fleet import bus, registry
 from fleet.config import FleetConfig
 from fleet.view import Commit
 from fleetd import judge
-from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig, Task
-from fleetd.services import Services
-from fleetd.store import SqlRefused, Store
+from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig, assignment
+from fleetd.services import Services, watch_factory
+from fleetd.store import SqlRefused, Store, task_from_row, task_row
 from fleetd.telemetry import FleetMetrics
 from schemas import messages as m
 from schemas import missions as specs
@@ -78,7 +78,7 @@ class Coordinator:
         self.sched = Scheduler(SchedulerConfig(s.lease_s, s.assign_grace_s, s.tasks_per_worker))
         self.lock = anyio.Lock()
         self.effects: asyncio.Queue[_Publish | _Purge | _Command] = asyncio.Queue()
-        self.gates: dict[str, specs.Gates] = {}
+        self.gates: dict[str, dict[str, Any]] = {}  # each mission's raw gates table (judge.gate_spec)
         self.caught_up = anyio.Event()
         self.missions_dir = Path(cfg.missions_dir) if cfg.missions_dir else specs.MISSIONS_DIR
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
@@ -88,7 +88,12 @@ class Coordinator:
         # Called after each commit (the web page's live feed; benchmarks measure latency here).
         self.listeners: list[Callable[[Commit], None]] = []
         self.services = Services(
-            js, nc, self.write, store.record_service_decision, store.ack_service_decision
+            js,
+            nc,
+            self.write,
+            store.record_service_decision,
+            store.ack_service_decision,
+            self._service_tables,
         )
 
     # ---- plumbing -------------------------------------------------------------------------------
@@ -113,7 +118,7 @@ class Coordinator:
         written = await self.write(
             self.store.apply,
             events or [],
-            [(tid, _db_fields(f)) for tid, f in ch.tasks.items()],
+            list(ch.tasks.items()),
             ch.attempts,
             list(ch.missions.items()),
             current,
@@ -135,7 +140,7 @@ class Coordinator:
         for worker in sorted(ch.purge):
             self.effects.put_nowait(_Purge(worker))
         for task, why in ch.dead:
-            body = m.encode(task.assignment())
+            body = m.encode(assignment(task))
             self.effects.put_nowait(
                 _Publish(
                     f"fleet.dlq.task.{task.task_id}",
@@ -186,9 +191,9 @@ class Coordinator:
     async def load(self) -> None:
         missions = await self.read(self.store.query, "SELECT * FROM missions ORDER BY submitted_at")
         rows = await self.read(self.store.query, "SELECT * FROM tasks ORDER BY created_at, task_id")
-        by_mission: dict[str, list[Task]] = {}
-        for i, row in enumerate(rows):
-            by_mission.setdefault(row["mission_id"], []).append(Task.from_row(row, i))
+        by_mission: dict[str, list[specs.Task]] = {}
+        for row in rows:
+            by_mission.setdefault(row["mission_id"], []).append(task_from_row(row))
         for mrow in missions:
             spec = msgspec.json.decode(mrow["spec"], type=specs.MissionSpec)
             if spec.gates is not None:
@@ -203,7 +208,7 @@ class Coordinator:
         async with self.lock:
             for task in self.sched.tasks.values():
                 if task.state == "assigned" and task.worker:
-                    a = task.assignment()
+                    a = assignment(task)
                     self.effects.put_nowait(
                         _Publish(bus.task_subject(task.worker), m.encode(a), f"{a.task_id}:{a.attempt}")
                     )
@@ -417,18 +422,12 @@ class Coordinator:
         path = specs.find(req.mission, self.missions_dir)
         spec = specs.load(path, req.overrides)
         profile, _ = specs.profile_of(spec, req.profile)
-        if spec.gates is not None:
-            judge.gate_spec(spec.gates, str(path))
-        for i, st in enumerate(spec.stages):
-            if st.kind not in registry.KINDS:
-                raise specs.SpecError(
-                    str(path),
-                    f"stages[{i}].kind",
-                    f"unknown task kind {st.kind!r}; known: {sorted(registry.KINDS)}",
-                )
+        check_runnable(spec, str(path))
         mission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        plans = specs.expand(spec, profile, mission_id)
-        tasks = [Task.from_plan(mission_id, p, i) for i, p in enumerate(plans)]
+        tasks = specs.expand(spec, profile, mission_id)
+        now = time.time()
+        for i, t in enumerate(tasks):
+            t.created_at = now + i * 1e-6  # increasing in expansion order: a restart loads them in it
         row = {
             "mission_id": mission_id,
             "name": spec.name,
@@ -450,8 +449,10 @@ class Coordinator:
                 self.gates[mission_id] = spec.gates
             ch = Changes()
             self.sched.place(ch)
-            # Their rows carry the placed state (the new tasks' changes are folded in, not UPDATEs).
-            rows = [{**t.row(), **_db_fields(ch.tasks.pop(t.task_id, {}))} for t in tasks]
+            # Their rows carry the placed state (the new tasks' changes are in them, not UPDATEs).
+            for t in tasks:
+                ch.tasks.pop(t.task_id, None)
+            rows = [task_row(t) for t in tasks]
             await self.persist(ch, new_mission=(row, rows))
         log.info("submitted", mission=mission_id, profile=profile, tasks=len(tasks))
         return {"mission_id": mission_id, "profile": profile, "tasks": [t.task_id for t in tasks]}
@@ -479,8 +480,8 @@ class Coordinator:
             r["tasks"] = self.sched.counts(r["mission_id"])
         shown = {r["mission_id"] for r in missions}
         tasks = [
-            t.view()
-            for t in sorted(self.sched.tasks.values(), key=lambda t: t.order)
+            specs.task_view(t)
+            for t in self.sched.in_order(self.sched.tasks.values())
             if t.mission_id in shown and (req.id is not None or t.state not in TERMINAL)
         ]
         out: dict[str, Any] = {"missions": missions, "tasks": tasks, "workers": self.workers_view()}
@@ -526,15 +527,20 @@ class Coordinator:
             )
         return out
 
+    def _service_tables(self, task_id: str) -> dict[str, Any] | None:
+        """The service tables a task carries (its stage's `services`), for the service host."""
+        task = self.sched.tasks.get(task_id)
+        return None if task is None else task.params.get("services")
+
     # ---- what the web page sees (fleet.view.FleetView) ------------------------------------------
 
     def task_views(self, mission_id: str | None = None) -> list[dict[str, Any]]:
         tasks = self.sched.mission_tasks(mission_id) if mission_id is not None else self.sched.tasks.values()
-        return [t.view() for t in sorted(tasks, key=lambda t: t.order)]
+        return [specs.task_view(t) for t in self.sched.in_order(tasks)]
 
     def task_view(self, task_id: str) -> dict[str, Any] | None:
         task = self.sched.tasks.get(task_id)
-        return None if task is None else task.view()
+        return None if task is None else specs.task_view(task)
 
     def counts(self, mission_id: str) -> dict[str, int]:
         return self.sched.counts(mission_id)
@@ -565,7 +571,9 @@ class Coordinator:
         catalogue = []
         for name in specs.available(self.missions_dir):
             try:
-                spec = specs.load(specs.find(name, self.missions_dir))
+                path = specs.find(name, self.missions_dir)
+                spec = specs.load(path)
+                check_runnable(spec, str(path))
                 catalogue.append(
                     {"name": name, "description": spec.description, "profiles": sorted(spec.profiles)}
                 )
@@ -597,6 +605,30 @@ class Coordinator:
         return {"files": [str(p) for p in paths]}
 
 
+def check_runnable(spec: specs.MissionSpec, file: str) -> None:
+    """What a valid spec still needs to run on this fleet: gates the stats engine accepts, and task
+    kinds and services this fleet has, with service tables their service accepts (SpecError if not)."""
+    if spec.gates is not None:
+        judge.gate_spec(spec.gates, file, spec.arms)
+    for i, st in enumerate(spec.stages):
+        if st.kind not in registry.KINDS:
+            known = sorted(registry.KINDS)
+            raise specs.SpecError(file, f"stages[{i}].kind", f"unknown task kind {st.kind!r}; known: {known}")
+        for name in st.services:
+            if name not in registry.SERVICES:
+                known = sorted(registry.SERVICES)
+                raise specs.SpecError(
+                    file, f"stages[{i}].services", f"unknown service {name!r}; known: {known}"
+                )
+    for name in {n for st in spec.stages for n in st.services}:
+        try:
+            watch_factory(name)(spec.services.get(name, {}))
+        except msgspec.ValidationError as e:
+            raise specs.spec_error(e, file, f"services.{name}") from None
+        except ValueError as e:
+            raise specs.SpecError(file, f"services.{name}", str(e)) from None
+
+
 class _Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -610,13 +642,6 @@ async def _answers(call: Awaitable[Any], timeout: float) -> bool:
         return True
     except Exception:  # any failure is "not healthy"; the detail is in fleetd's own log
         return False
-
-
-def _db_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    out = dict(fields)
-    if "excluded_workers" in out:
-        out["excluded_workers"] = json.dumps(out["excluded_workers"])
-    return out
 
 
 def _log_lifecycle(ev: m.Event) -> None:

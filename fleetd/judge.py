@@ -8,40 +8,38 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from schemas.missions import Gates, SpecError
-from stats.gates import Claim, GateSpec, Guard, Verdict
+import msgspec
+
+from schemas.missions import SpecError, spec_error
+from stats.gates import GateSpec, Verdict
 
 
-def gate_spec(gates: Gates, file: str = "<spec>") -> GateSpec:
-    """Build the stats engine's spec; its own checks (a guard without bounds...) become SpecErrors."""
+def gate_spec(raw: dict[str, Any], file: str = "<spec>", arms: Sequence[str] = ()) -> GateSpec:
+    """A mission spec's `[gates]` table as the stats engine's spec; refused with a SpecError naming the
+    field (`gates.guards[1].high`) and the reason. `arms`: the mission's arms, which the gates name."""
     try:
-        claims = tuple(
-            Claim(c.name, c.metric, c.variant, c.baseline, c.min_effect, c.min_positive_seeds)
-            for c in gates.claims
-        )
-    except ValueError as e:
-        raise SpecError(file, "gates.claims", str(e)) from None
-    guards = []
-    for i, g in enumerate(gates.guards):
-        try:
-            guards.append(Guard(g.name, g.statistic, g.metric, g.variant, g.baseline, g.low, g.high, g.q))
-        except ValueError as e:
-            raise SpecError(file, f"gates.guards[{i}]", str(e)) from None
-    try:
-        return GateSpec(
-            claims,
-            tuple(guards),
-            q=gates.q,
-            fdr=gates.fdr,
-            rule=gates.rule,
-            n_resamples=gates.n_resamples,
-            level=gates.level,
-            seed=gates.seed,
-        )
-    except ValueError as e:
-        raise SpecError(file, "gates", str(e)) from None
+        spec = msgspec.convert(raw, GateSpec, strict=True)
+    except msgspec.ValidationError as e:
+        raise spec_error(e, file, "gates") from None
+
+    def fail(field: str, reason: str) -> None:
+        raise SpecError(file, field, reason)
+
+    if not 0 < spec.q < 1:
+        fail("gates.q", f"must be in (0, 1), got {spec.q}")
+    if not 0 < spec.level < 1:
+        fail("gates.level", f"must be in (0, 1), got {spec.level}")
+    if arms:
+        for kind, items in (("claims", spec.claims), ("guards", spec.guards)):
+            for i, gate in enumerate(items):
+                for role in ("variant", "baseline"):
+                    arm = getattr(gate, role)
+                    if arm and arm not in arms:
+                        fail(f"gates.{kind}[{i}].{role}", f"unknown arm {arm!r}; arms are {list(arms)}")
+    return spec
 
 
 def decision_rows(mission_id: str, verdict: Verdict, level: float) -> list[dict[str, Any]]:

@@ -10,118 +10,30 @@ A pending task always carries a machine-readable reason.
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from schemas.messages import INFRA_REASONS, Assignment, Failed, Finished, Heartbeat, Resources, Started
-from schemas.missions import TaskPlan
+from schemas.missions import Task
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"assigned", "running"})
 GB = 1024**3
 
 
-@dataclass
-class Task:
-    task_id: str
-    mission_id: str
-    name: str
-    stage: str
-    kind: str
-    params: dict[str, Any]
-    deps: list[str]
-    vram_gb: float
-    gpu_class: str | None
-    timeout_s: float
-    max_attempts: int
-    max_infra_attempts: int
-    arm: str | None = None
-    seed: int | None = None
-    state: str = "pending"
-    pending_reason: str | None = "waiting_for_deps"
-    attempt: int = 1
-    task_failures: int = 0
-    infra_failures: int = 0
-    worker: str | None = None
-    error: str | None = None
-    excluded_workers: list[str] = field(default_factory=list)
-    order: int = 0  # submission order: older missions and earlier stages go first
-    since: float = 0.0  # monotonic time of the last assignment or sign of life
-
-    def row(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "mission_id": self.mission_id,
-            "name": self.name,
-            "stage": self.stage,
-            "kind": self.kind,
-            "arm": self.arm,
-            "seed": self.seed,
-            "params": self.params,
-            "deps": self.deps,
-            "vram_gb": self.vram_gb,
-            "gpu_class": self.gpu_class,
-            "timeout_s": self.timeout_s,
-            "max_attempts": self.max_attempts,
-            "max_infra_attempts": self.max_infra_attempts,
-            "state": self.state,
-            "pending_reason": self.pending_reason,
-            "attempt": self.attempt,
-            "task_failures": self.task_failures,
-            "infra_failures": self.infra_failures,
-            "worker": self.worker,
-            "error": self.error,
-            "excluded_workers": json.dumps(self.excluded_workers),
-            "created_at": time.time(),
-        }
-
-    @classmethod
-    def from_plan(cls, mission_id: str, plan: TaskPlan, order: int) -> Task:
-        fields = msgspec.structs.asdict(plan)  # a TaskPlan's fields are a subset of a Task's
-        fields["deps"] = list(plan.deps)
-        pending = "waiting_for_deps" if plan.deps else None
-        return cls(mission_id=mission_id, **fields, order=order, pending_reason=pending)
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any], order: int) -> Task:
-        fields = {k: row[k] for k in cls.__dataclass_fields__ if k in row and k not in ("order", "since")}
-        fields["params"] = json.loads(row["params"]) if isinstance(row["params"], str) else row["params"]
-        fields["excluded_workers"] = json.loads(row["excluded_workers"] or "[]")
-        fields["deps"] = list(row["deps"] or [])
-        return cls(**fields, order=order, since=time.monotonic())
-
-    def view(self) -> dict[str, Any]:
-        """What status readers (fleetctl, the web page) show of a task."""
-        return {
-            "task_id": self.task_id,
-            "mission_id": self.mission_id,
-            "name": self.name,
-            "stage": self.stage,
-            "kind": self.kind,
-            "arm": self.arm,
-            "seed": self.seed,
-            "state": self.state,
-            "pending_reason": self.pending_reason,
-            "attempt": self.attempt,
-            "worker": self.worker,
-            "error": self.error,
-            "vram_gb": self.vram_gb,
-        }
-
-    def assignment(self) -> Assignment:
-        return Assignment(
-            task_id=self.task_id,
-            mission_id=self.mission_id,
-            kind=self.kind,
-            params=self.params,
-            attempt=self.attempt,
-            timeout_s=self.timeout_s,
-            resources=Resources(vram_gb=self.vram_gb, gpu_class=self.gpu_class),
-        )
+def assignment(task: Task) -> Assignment:
+    """What a worker is sent for the task's current attempt."""
+    return Assignment(
+        task_id=task.task_id,
+        mission_id=task.mission_id,
+        kind=task.kind,
+        params=task.params,
+        attempt=task.attempt,
+        timeout_s=task.timeout_s,
+        resources=Resources(vram_gb=task.vram_gb, gpu_class=task.gpu_class),
+    )
 
 
 @dataclass
@@ -152,6 +64,7 @@ class Changes:
     judge: list[str] = field(default_factory=list)  # missions whose tasks are all terminal
 
     def touch(self, task: Task, **fields: Any) -> None:
+        """Set the task's fields (a Struct: a misspelt field raises) and queue them for the store."""
         for k, v in fields.items():
             setattr(task, k, v)
         self.tasks.setdefault(task.task_id, {}).update(fields)
@@ -173,17 +86,25 @@ class Scheduler:
         self.tasks: dict[str, Task] = {}
         self.missions: dict[str, Mission] = {}
         self.workers: dict[str, WorkerView] = {}
-        self._order = 0
+        # Runtime-only bookkeeping, not persisted: submission order (older missions and earlier stages
+        # go first) and the monotonic time of each task's last assignment or sign of life.
+        self.order: dict[str, int] = {}
+        self.since: dict[str, float] = {}
 
     # ---- loading --------------------------------------------------------------------------------
 
     def add_mission(self, mission: Mission, tasks: list[Task]) -> None:
         self.missions[mission.mission_id] = mission
+        now = time.monotonic()
         for t in tasks:
-            t.order = self._order
-            self._order += 1
+            self.order[t.task_id] = len(self.order)
+            self.since[t.task_id] = now
             self.tasks[t.task_id] = t
             mission.task_ids.append(t.task_id)
+
+    def in_order(self, tasks: Iterable[Task]) -> list[Task]:
+        """Tasks in submission order."""
+        return sorted(tasks, key=lambda t: self.order[t.task_id])
 
     def mission_tasks(self, mission_id: str) -> list[Task]:
         mission = self.missions.get(mission_id)
@@ -206,7 +127,7 @@ class Scheduler:
         if isinstance(ev, Started):
             if task.state in ("pending", "assigned"):
                 ch.touch(task, state="running", worker=ev.worker, started_at=now, pending_reason=None)
-                task.since = time.monotonic()
+                self.since[task.task_id] = time.monotonic()
                 ch.attempts.append(_attempt(task, state="running", started_at=now))
         elif isinstance(ev, Finished):
             ch.touch(
@@ -303,10 +224,12 @@ class Scheduler:
             if not self.alive(task.worker, now):
                 why = f"worker {task.worker} lease lapsed (no heartbeat for {self.config.lease_s:g} s)"
             elif view is not None and view.hb.running == f"{task.task_id}:{task.attempt}":
-                task.since = max(task.since, view.seen)
+                self.since[task.task_id] = max(self.since[task.task_id], view.seen)
                 continue
             elif (
-                now - task.since > self.config.assign_grace_s and view is not None and view.seen > task.since
+                now - self.since[task.task_id] > self.config.assign_grace_s
+                and view is not None
+                and view.seen > self.since[task.task_id]
             ):
                 why = f"worker {task.worker} is alive but not running it"
             else:
@@ -323,7 +246,7 @@ class Scheduler:
             if t.state in ACTIVE and t.worker in load:
                 load[t.worker] += 1
         idle = {w for w, n in load.items() if n < self.config.tasks_per_worker}
-        pending = sorted((t for t in self.tasks.values() if t.state == "pending"), key=lambda t: t.order)
+        pending = self.in_order(t for t in self.tasks.values() if t.state == "pending")
         for task in pending:
             if self.missions.get(task.mission_id, Mission("", "")).state == "cancelled":
                 continue
@@ -336,9 +259,9 @@ class Scheduler:
                     ch.touch(
                         task, state="assigned", worker=worker, assigned_at=time.time(), pending_reason=None
                     )
-                    task.since = now
+                    self.since[task.task_id] = now
                     ch.attempts.append(_attempt(task, state="assigned", assigned_at=time.time()))
-                    ch.assign.append((worker, task.assignment()))
+                    ch.assign.append((worker, assignment(task)))
                     continue
             if reason != task.pending_reason:
                 ch.touch(task, pending_reason=reason)

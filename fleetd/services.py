@@ -1,23 +1,24 @@
-"""Mission B's reactive services: the drift monitor and the canary gate (BEM_SPEC.md section 7).
+"""The reactive services' host: missions register services, fleetd runs them on their tasks' metrics.
 
-Each is its own durable consumer of FLEET_EVENTS, so it resumes where it stopped and never slows the
-recorder. A learner streams its checks as metric points: `drift/<signal>` (kl_per_token,
-param_distance, sigma_max, probe_drop, grad_norm; one point per signal at the check's step) and
-`canary/prompts_since_promotion` then `canary/pass_rate` at the same step, optionally with
-`canary/min_prompts` (the learner's declared minimum of prompts between promotions; 1,000 otherwise).
-The services apply the rules
-of `stats.promotion` per (task, attempt), store every decision that acts (rollback, promote) in
-`service_decisions` with its reason, then command the worker running the task and store its
-acknowledgement. The key (task, attempt, service, step) makes a replayed event a no-op, so a restart
-never sends a command twice.
+A service is registered by name in `fleet.registry.SERVICES` as a class with `from_config(table)` (the
+mission's `[services.NAME]` table, validated at submit) and, per watched task attempt, an instance
+whose `observe(series)` turns one batch of metric points into actions (`Watch` below). Mission B's
+`promotion` service (`stats.promotion`) is the drift monitor and the canary gate: its actions are
+rollback and promote.
+
+Each service is its own durable consumer of FLEET_EVENTS (`svc-<name>`), so it resumes where it
+stopped and never slows the recorder. A task is watched by the services its stage names; the
+mission's expansion copies their tables into the task's `params["services"]`. Every action is stored
+in `service_decisions` with its reason before the command goes to the worker running the task, and the
+worker's acknowledgement is stored after. The key (task, attempt, service, step) makes a replayed
+event a no-op, so a restart never sends a command twice.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -25,75 +26,38 @@ import nats.errors
 import structlog
 from nats.aio.msg import Msg
 
-from fleet import bus
+from fleet import bus, registry
 from schemas import messages as m
-from stats.promotion import LearnerWatch, drift_level
 
 log = structlog.get_logger("fleetd.services")
 COMMAND_TIMEOUT_S = 35.0  # the worker waits up to 30 s for the job's step boundary
 
 
-@dataclass
-class TaskWatch(LearnerWatch):
-    prompts: dict[int, float] = field(default_factory=dict)  # step -> prompts since the last promotion
-
-
-@dataclass(frozen=True)
-class Action:
-    service: str
+class Action(Protocol):
+    service: str  # the part of the service that decided (the name stored in service_decisions)
     step: int
-    decision: str  # rollback | promote
+    decision: str  # a command the worker passes to the task: rollback, promote
     level: str
     value: float
     reason: str
 
 
-def drift_checks(ev: m.Metrics) -> dict[int, dict[str, float]]:
-    """The batch's drift/* points grouped by step: one check per step."""
-    checks: dict[int, dict[str, float]] = {}
-    for name, series in ev.series.items():
-        if name.startswith("drift/"):
-            for step, value in zip(series.steps, series.values, strict=True):
-                checks.setdefault(step, {})[name.removeprefix("drift/")] = value
-    return checks
+class Watch(Protocol):
+    def observe(self, series: Mapping[str, Sequence[tuple[int, float]]]) -> Sequence[Action]: ...
 
 
-def drift_actions(watch: TaskWatch, ev: m.Metrics) -> list[Action]:
-    checks = drift_checks(ev)
-    out = []
-    for step in sorted(checks):
-        level, why = watch.on_drift(checks[step])
-        if why is not None:
-            out.append(Action("drift", step, "rollback", level, max(checks[step].values()), why))
-    return out
+def watch_factory(name: str) -> Callable[[Mapping[str, Any]], Watch]:
+    """The registered service's `from_config`: validates a config table and returns a fresh watch."""
+    factory: Callable[[Mapping[str, Any]], Watch] = registry.resolve(registry.SERVICES[name]).from_config
+    return factory
 
 
-def canary_actions(watch: TaskWatch, ev: m.Metrics) -> list[Action]:
-    """A learner reports prompts_since_promotion before (or with) each pass rate; batches may split
-    them, so the latest count is kept per task."""
-    minimum = ev.series.get("canary/min_prompts")
-    if minimum is not None and minimum.values:
-        watch.gate.min_prompts = int(minimum.values[-1])
-    since = ev.series.get("canary/prompts_since_promotion")
-    if since is not None:
-        watch.prompts.update(zip(since.steps, since.values, strict=True))
-    rates = ev.series.get("canary/pass_rate")
-    if rates is None:
-        return []
-    # A drift check at the same step travels in the same batch (the learner sends them together);
-    # judge it here rather than trust the drift monitor's consumer to have read it already.
-    same_step = {step: drift_level(signals)[0] for step, signals in drift_checks(ev).items()}
-    out = []
-    for step, rate in zip(rates.steps, rates.values, strict=True):
-        prompts = watch.prompts.get(step, max(watch.prompts.values(), default=0.0))
-        decision, why, level = watch.on_canary(rate, int(prompts), same_step.get(step))
-        if decision in ("rollback", "promote"):
-            out.append(Action("canary", step, decision, level, rate, why))
-    return out
+def points(ev: m.Metrics) -> dict[str, list[tuple[int, float]]]:
+    return {name: list(zip(s.steps, s.values, strict=True)) for name, s in ev.series.items()}
 
 
 class Services:
-    """Both services; the coordinator starts `run` in its task group."""
+    """Every registered service; the coordinator starts `run` in its task group."""
 
     def __init__(
         self,
@@ -102,20 +66,26 @@ class Services:
         write: Callable[..., Awaitable[Any]],
         record: Callable[[dict[str, Any]], bool],
         ack: Callable[[tuple[str, int, str, int], bool, str], None],
+        configs: Callable[[str], Mapping[str, Any] | None],
     ) -> None:
+        """`configs(task_id)`: the task's service tables (its `params["services"]`), or None."""
         self.js, self.nc, self.write, self.record, self.ack = js, nc, write, record, ack
-        self.watches: dict[tuple[str, int], TaskWatch] = {}
+        self.configs = configs
+        self.watches: dict[tuple[str, str, int], Watch] = {}  # (service, task, attempt)
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._consume, "svc-drift", drift_actions)
-            tg.start_soon(self._consume, "svc-canary", canary_actions)
+            for name in registry.SERVICES:
+                tg.start_soon(self._consume, name)
 
-    async def _consume(self, name: str, rule: Callable[[TaskWatch, m.Metrics], list[Action]]) -> None:
+    async def _consume(self, name: str) -> None:
+        durable = f"svc-{name}"
+        config = bus.service_consumer(durable)
         sub = await self.js.pull_subscribe(
-            "fleet.evt.*.*.metrics", durable=name, stream=bus.EVENTS_STREAM, config=bus.service_consumer(name)
+            "fleet.evt.*.*.metrics", durable=durable, stream=bus.EVENTS_STREAM, config=config
         )
+        factory = watch_factory(name)
         while True:
             try:
                 msgs = await sub.fetch(200, timeout=1.0)
@@ -126,17 +96,20 @@ class Services:
                 await anyio.sleep(0.5)
                 continue
             for msg in msgs:
-                await self._handle(msg, rule)
+                await self._handle(name, factory, msg)
 
-    async def _handle(self, msg: Msg, rule: Callable[[TaskWatch, m.Metrics], list[Action]]) -> None:
+    async def _handle(self, name: str, factory: Callable[[Mapping[str, Any]], Watch], msg: Msg) -> None:
         try:
             ev = m.decode_event(msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError):
             await msg.ack()  # the recorder dead-letters malformed events; nothing to decide on
             return
-        if isinstance(ev, m.Metrics) and any(k.startswith(("drift/", "canary/")) for k in ev.series):
-            watch = self.watches.setdefault((ev.task_id, ev.attempt), TaskWatch())
-            for action in rule(watch, ev):
+        config = (self.configs(ev.task_id) or {}).get(name) if isinstance(ev, m.Metrics) else None
+        if isinstance(ev, m.Metrics) and config is not None:
+            key = (name, ev.task_id, ev.attempt)
+            if key not in self.watches:
+                self.watches[key] = factory(config)
+            for action in self.watches[key].observe(points(ev)):
                 await self._act(ev, action)
         await msg.ack()
 

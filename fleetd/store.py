@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +23,85 @@ import msgspec
 import pyarrow as pa
 
 from schemas.messages import Artifact, Event, Log, Metrics, Scores
+from schemas.missions import Task
+
+# ---- the tasks table: its columns derive from schemas.missions.Task ---------------------------------
+
+
+def sql_type(t: msgspec.inspect.Type, where: str) -> str:
+    """The DuckDB column type of a field type: str, int, float, bool, dict (JSON), list[str], X | None."""
+    mi = msgspec.inspect
+    if isinstance(t, mi.UnionType):
+        rest = [x for x in t.types if not isinstance(x, mi.NoneType)]
+        if len(rest) == 1:
+            return sql_type(rest[0], where)
+    elif isinstance(t, mi.StrType):
+        return "VARCHAR"
+    elif isinstance(t, mi.BoolType):
+        return "BOOLEAN"
+    elif isinstance(t, mi.IntType):
+        return "INTEGER"
+    elif isinstance(t, mi.FloatType):
+        return "DOUBLE"
+    elif isinstance(t, mi.DictType):
+        return "JSON"
+    elif isinstance(t, mi.ListType) and isinstance(t.item_type, mi.StrType):
+        return "VARCHAR[]"
+    raise TypeError(f"{where}: no DuckDB column type for {t}")
+
+
+def struct_columns(cls: type[msgspec.Struct]) -> dict[str, str]:
+    """Column name -> DuckDB type for each field of a Struct, in field order."""
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return {f.name: sql_type(f.type, f"{cls.__name__}.{f.name}") for f in info.fields}
+
+
+def create_table(table: str, columns: dict[str, str], primary_key: str) -> str:
+    cols = ", ".join(f"{c} {t}{' PRIMARY KEY' if c == primary_key else ''}" for c, t in columns.items())
+    return f"CREATE TABLE {table} ({cols});"
+
+
+TASK_COLUMNS = struct_columns(Task)
+_TASK_FIELDS = {f.name: f for f in msgspec.structs.fields(Task)}
+_NULLABLE = {f.name for f in _TASK_FIELDS.values() if type(None) in typing.get_args(f.type)}
+JSON_COLUMNS = frozenset(c for c, t in TASK_COLUMNS.items() if t == "JSON")
+
+
+def task_row(task: Task) -> dict[str, Any]:
+    """The task's `tasks` row: one cell per field (dicts become JSON text on the way in)."""
+    return msgspec.structs.asdict(task)
+
+
+def task_from_row(row: dict[str, Any]) -> Task:
+    """A `tasks` row back into a Task: JSON columns come back as text; a NULL in a column added after
+    the row was written (see `Store.check_tasks_table`) leaves the field at its default."""
+    fields: dict[str, Any] = {}
+    for name, info in _TASK_FIELDS.items():
+        value = row.get(name)
+        if value is None and name not in _NULLABLE and not info.required:
+            continue
+        if name in JSON_COLUMNS and isinstance(value, str):
+            value = json.loads(value)
+        fields[name] = value
+    return msgspec.convert(fields, Task)
+
+
+class SchemaMismatch(RuntimeError):
+    """The database's tasks table disagrees with `schemas.missions.Task` beyond a missing column."""
+
 
 MIGRATIONS: list[str] = [
-    # 1: the first schema
+    # 1: the first schema. The tasks table is created from Task as it is now; an older database gets
+    # the fields added since as columns (`Store.check_tasks_table`), and migrations below convert what
+    # changed type. So a migration that touches tasks must also hold on a table created this way.
     """
     CREATE TABLE missions (
         mission_id VARCHAR PRIMARY KEY, name VARCHAR, profile VARCHAR, state VARCHAR, verdict VARCHAR,
         reason VARCHAR, spec JSON, overrides JSON, submitted_at DOUBLE, finished_at DOUBLE);
-    CREATE TABLE tasks (
-        task_id VARCHAR PRIMARY KEY, mission_id VARCHAR, name VARCHAR, stage VARCHAR, kind VARCHAR,
-        arm VARCHAR, seed INTEGER, params JSON, deps VARCHAR[], vram_gb DOUBLE, gpu_class VARCHAR,
-        timeout_s DOUBLE, max_attempts INTEGER, max_infra_attempts INTEGER,
-        state VARCHAR, pending_reason VARCHAR, attempt INTEGER, task_failures INTEGER,
-        infra_failures INTEGER, worker VARCHAR, error VARCHAR, result JSON, excluded_workers JSON,
-        created_at DOUBLE, assigned_at DOUBLE, started_at DOUBLE, finished_at DOUBLE);
+    """
+    + create_table("tasks", TASK_COLUMNS, primary_key="task_id")
+    + """
     CREATE TABLE task_attempts (
         task_id VARCHAR, attempt INTEGER, worker VARCHAR, state VARCHAR, reason VARCHAR, error VARCHAR,
         assigned_at DOUBLE, started_at DOUBLE, finished_at DOUBLE, PRIMARY KEY (task_id, attempt));
@@ -66,6 +132,12 @@ MIGRATIONS: list[str] = [
         mission_id VARCHAR, task_id VARCHAR, attempt INTEGER, service VARCHAR, step BIGINT,
         decision VARCHAR, level VARCHAR, value DOUBLE, reason VARCHAR, acked BOOLEAN, detail VARCHAR,
         decided_at DOUBLE, PRIMARY KEY (task_id, attempt, service, step));
+    """,
+    # 3: excluded_workers was a JSON array; like deps it is a list[str] of Task, so VARCHAR[]
+    # (a no-op on a table migration 1 created from Task).
+    """
+    ALTER TABLE tasks ALTER excluded_workers SET DATA TYPE VARCHAR[]
+        USING CAST(excluded_workers AS VARCHAR[]);
     """,
 ]
 
@@ -117,6 +189,31 @@ class Store:
             con.execute("BEGIN")
             con.execute(sql)
             con.execute("INSERT INTO schema_version VALUES (?)", [number])
+            con.execute("COMMIT")
+        self.check_tasks_table()
+
+    def check_tasks_table(self) -> None:
+        """The tasks table must hold exactly Task's fields with their derived types. A field missing
+        from an older database is added (NULL in old rows: the field's default when loaded); a type
+        that differs, or a column Task lacks, is refused: that needs a numbered migration."""
+        con = self.con
+        have = {name: kind for name, kind, *_ in con.execute("DESCRIBE tasks").fetchall()}
+        for col, kind in have.items():
+            if col not in TASK_COLUMNS:
+                raise SchemaMismatch(
+                    f"{self.path}: tasks column {col!r} ({kind}) is not a field of schemas.missions.Task; "
+                    "a numbered migration in fleetd/store.py must drop or rename it"
+                )
+            if kind != TASK_COLUMNS[col]:
+                raise SchemaMismatch(
+                    f"{self.path}: tasks column {col!r} is {kind}, but Task.{col} makes it "
+                    f"{TASK_COLUMNS[col]}; a numbered migration in fleetd/store.py must convert it"
+                )
+        missing = [col for col in TASK_COLUMNS if col not in have]
+        if missing:
+            con.execute("BEGIN")
+            for col in missing:
+                con.execute(f"ALTER TABLE tasks ADD COLUMN {col} {TASK_COLUMNS[col]}")
             con.execute("COMMIT")
 
     # ---- writes (writer thread only) ------------------------------------------------------------

@@ -1,8 +1,13 @@
 """Mission specs: the TOML files in `schemas/missions/`, validated strictly, and their expansion into tasks.
 
 A spec is refused as a whole, naming the file, the field and the reason (`SpecError`); nothing is
-expanded from a spec that did not validate. Expansion is pure: stages x (arms, seeds) -> `TaskPlan`s
+expanded from a spec that did not validate. Expansion is pure: stages x (arms, seeds) -> `Task`s
 with their dependencies, resources, timeouts and attempt budgets.
+
+`Task` is the one definition of a task's fields: expansion fills it, fleetd's scheduler moves it through
+its states, fleetd's store derives the `tasks` table's columns from it, and `task_view` what status
+readers show. A mission's `gates` table stays raw here: `stats.gates.GateSpec` is its one definition,
+and fleetd converts and checks it (`schemas` imports nothing of the project).
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import itertools
 import re
 import tomllib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +55,7 @@ class Stage(_Strict, frozen=True):
     gpu_class: str | None = None
     timeout_s: float | None = None
     max_attempts: int | None = None
+    services: list[str] = []  # reactive services that watch this stage's tasks (fleet.registry)
 
 
 class Profile(_Strict, frozen=True):
@@ -60,37 +65,6 @@ class Profile(_Strict, frozen=True):
     arms: list[str] | None = None
     vram_gb: float | None = None  # overrides every stage's need
     timeout_s: float | None = None
-
-
-class ClaimSpec(_Strict, frozen=True):
-    name: str
-    metric: str
-    variant: str
-    baseline: str
-    min_effect: float = 0.0
-    min_positive_seeds: int | None = None
-
-
-class GuardSpec(_Strict, frozen=True):
-    name: str
-    statistic: Literal["delta", "ratio", "quantile_ratio", "level", "value"]
-    metric: str
-    variant: str = ""
-    baseline: str = ""
-    low: float | None = None
-    high: float | None = None
-    q: float = 0.5
-
-
-class Gates(_Strict, frozen=True):
-    q: float = 0.05
-    fdr: Literal["bh", "by"] = "bh"
-    rule: Literal["all", "any"] = "all"
-    n_resamples: int = 10_000
-    level: float = 0.95
-    seed: int = 0
-    claims: list[ClaimSpec] = []
-    guards: list[GuardSpec] = []
 
 
 class MissionSpec(_Strict, frozen=True):
@@ -103,14 +77,24 @@ class MissionSpec(_Strict, frozen=True):
     defaults: Defaults = Defaults()
     profiles: dict[str, Profile] = {}
     stages: list[Stage] = []
-    gates: Gates | None = None
+    gates: dict[str, Any] | None = None  # raw; fleetd converts it into a stats.gates.GateSpec
+    # Each service's table (its thresholds), raw: fleetd validates it with the registered service.
+    services: dict[str, dict[str, Any]] = {}
 
 
-class TaskPlan(Struct, frozen=True, kw_only=True):
+class Task(Struct, kw_only=True):
+    """A task: what expansion decides, then what the scheduler changes. Mutable: the scheduler moves it
+    through pending, assigned, running, succeeded, failed, cancelled. Every field is a column of the
+    `tasks` table (fleetd.store derives them, in this order); runtime-only bookkeeping lives elsewhere."""
+
+    # ---- decided by expansion
     task_id: str
+    mission_id: str
     name: str
     stage: str
     kind: str
+    arm: str | None = None
+    seed: int | None = None
     params: dict[str, Any]
     deps: list[str]
     vram_gb: float
@@ -118,8 +102,42 @@ class TaskPlan(Struct, frozen=True, kw_only=True):
     timeout_s: float
     max_attempts: int
     max_infra_attempts: int
-    arm: str | None = None
-    seed: int | None = None
+    # ---- changed by the scheduler
+    state: str = "pending"  # pending, assigned, running, succeeded, failed, cancelled
+    pending_reason: str | None = None  # machine-readable, set whenever the task is pending
+    attempt: int = 1
+    task_failures: int = 0
+    infra_failures: int = 0
+    worker: str | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    excluded_workers: list[str] = []  # workers that ran out of memory on it
+    created_at: float | None = None
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+# What status readers (fleetctl, the web page) show of a task, in this order.
+VIEW_FIELDS = (
+    "task_id",
+    "mission_id",
+    "name",
+    "stage",
+    "kind",
+    "arm",
+    "seed",
+    "state",
+    "pending_reason",
+    "attempt",
+    "worker",
+    "error",
+    "vram_gb",
+)
+
+
+def task_view(task: Task) -> dict[str, Any]:
+    return {f: getattr(task, f) for f in VIEW_FIELDS}
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -154,8 +172,7 @@ def load(path: Path, overrides: dict[str, Any] | None = None) -> MissionSpec:
     try:
         spec = msgspec.convert(raw, MissionSpec, strict=True)
     except msgspec.ValidationError as e:
-        field, _, reason = _split_msgspec_error(str(e))
-        raise SpecError(file, field, reason) from None
+        raise spec_error(e, file) from None
     _check(spec, file, path.stem)
     return spec
 
@@ -182,11 +199,19 @@ def apply_override(raw: dict[str, Any], dotted: str, value: Any, file: str = "<o
     node[parts[-1]] = value
 
 
-def _split_msgspec_error(msg: str) -> tuple[str, str, str]:
-    # msgspec: "Expected `int`, got `str` - at `$.stages[0].timeout_s`"
-    m = re.match(r"^(.*?)(?: - at `\$\.?(.*)`)?$", msg)
+def spec_error(e: msgspec.ValidationError, file: str, prefix: str = "") -> SpecError:
+    """A msgspec error as a SpecError naming the field path: `gates.guards[1].high` under prefix `gates`."""
+    path, reason = split_msgspec_error(str(e))
+    if prefix:
+        path = prefix if path == "<root>" else f"{prefix}.{path}"
+    return SpecError(file, path, reason)
+
+
+def split_msgspec_error(msg: str) -> tuple[str, str]:
+    """(field path, reason): msgspec says "Expected `int`, got `str` - at `$.stages[0].timeout_s`"."""
+    m = re.match(r"^(.*?)(?: - at `\$\.?(.*)`)?$", msg, re.DOTALL)
     assert m is not None
-    return (m.group(2) or "<root>"), "", m.group(1)
+    return (m.group(2) or "<root>"), m.group(1)
 
 
 def _check(spec: MissionSpec, file: str, stem: str) -> None:
@@ -234,29 +259,15 @@ def _check(spec: MissionSpec, file: str, stem: str) -> None:
             fail(f"{where}.vram_gb", f"must be at least 0, got {st.vram_gb}")
         if st.max_attempts is not None and st.max_attempts < 1:
             fail(f"{where}.max_attempts", "must be at least 1")
+        if "services" in st.params:
+            fail(f"{where}.params.services", "is set from the stage's `services` and [services.NAME]")
         seen.add(st.name)
     if spec.defaults.max_attempts < 1 or spec.defaults.max_infra_attempts < 1:
         fail("defaults", "attempt budgets must be at least 1")
-    if spec.gates is not None:
-        g = spec.gates
-        if not 0 < g.q < 1:
-            fail("gates.q", f"must be in (0, 1), got {g.q}")
-        if not 0 < g.level < 1:
-            fail("gates.level", f"must be in (0, 1), got {g.level}")
-        names: set[str] = set()
-        gate_lists: tuple[tuple[str, Sequence[ClaimSpec | GuardSpec]], ...] = (
-            ("claims", g.claims),
-            ("guards", g.guards),
-        )
-        for kind, items in gate_lists:
-            for i, gate in enumerate(items):
-                if gate.name in names:
-                    fail(f"gates.{kind}[{i}].name", f"duplicate gate {gate.name!r}")
-                names.add(gate.name)
-                for role in ("variant", "baseline"):
-                    arm = getattr(gate, role)
-                    if arm and spec.arms and arm not in spec.arms:
-                        fail(f"gates.{kind}[{i}].{role}", f"unknown arm {arm!r}; arms are {spec.arms}")
+    watched = {name for st in spec.stages for name in st.services}
+    for name in spec.services:
+        if name not in watched:
+            fail(f"services.{name}", "no stage names this service in its `services`")
 
 
 # ---- expansion ---------------------------------------------------------------------------------
@@ -271,16 +282,16 @@ def profile_of(spec: MissionSpec, profile: str | None) -> tuple[str, Profile]:
     return name, spec.profiles[name]
 
 
-def expand(spec: MissionSpec, profile: str | None, mission_id: str) -> list[TaskPlan]:
-    """One task per stage and combination of its `foreach` dimensions, in stage order.
+def expand(spec: MissionSpec, profile: str | None, mission_id: str) -> list[Task]:
+    """One pending task per stage and combination of its `foreach` dimensions, in stage order.
 
     A task depends on the tasks of each `after` stage that agree with it on the dimensions both share
     (train-bem-s1 -> eval-bem-s1), and on all of them when they share none (judge after every eval).
     """
     _, prof = profile_of(spec, profile)
     dims: dict[str, list[Any]] = {"arm": prof.arms or spec.arms, "seed": prof.seeds or spec.seeds}
-    plans: list[TaskPlan] = []
-    by_stage: dict[str, list[TaskPlan]] = {}
+    tasks: list[Task] = []
+    by_stage: dict[str, list[Task]] = {}
     for st in spec.stages:
         combos = itertools.product(*(dims[d] for d in st.foreach))
         by_stage[st.name] = []
@@ -294,11 +305,16 @@ def expand(spec: MissionSpec, profile: str | None, mission_id: str) -> list[Task
                 if all(getattr(up, d) == v for d, v in coords.items() if getattr(up, d) is not None)
             ]
             params = {**st.params, **prof.params, **coords}
-            plan = TaskPlan(
+            if st.services:  # the task applies its watchers' thresholds too (say, a learner's canaries)
+                params["services"] = {name: spec.services.get(name, {}) for name in st.services}
+            task = Task(
                 task_id=f"{mission_id}/{name}",
+                mission_id=mission_id,
                 name=name,
                 stage=st.name,
                 kind=st.kind,
+                arm=coords.get("arm"),
+                seed=coords.get("seed"),
                 params=params,
                 deps=deps,
                 vram_gb=_first(prof.vram_gb, st.vram_gb, spec.defaults.vram_gb),
@@ -306,12 +322,11 @@ def expand(spec: MissionSpec, profile: str | None, mission_id: str) -> list[Task
                 timeout_s=_first(prof.timeout_s, st.timeout_s, spec.defaults.timeout_s),
                 max_attempts=_first(st.max_attempts, spec.defaults.max_attempts),
                 max_infra_attempts=spec.defaults.max_infra_attempts,
-                arm=coords.get("arm"),
-                seed=coords.get("seed"),
+                pending_reason="waiting_for_deps" if deps else None,
             )
-            plans.append(plan)
-            by_stage[st.name].append(plan)
-    return plans
+            tasks.append(task)
+            by_stage[st.name].append(task)
+    return tasks
 
 
 def _first(*values: Any) -> Any:

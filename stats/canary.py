@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from types import MappingProxyType
 from typing import Literal
 
+import msgspec
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy.special import ndtri
@@ -33,9 +33,11 @@ MAX_PAIRS = 10_000_000  # all pairwise differences are materialised: 80 MB at th
 _WEIGHT_SLACK = 1e-9  # weights are user floats: 33.3 + 33.3 + 33.4 must count as 100
 
 
-@dataclass(frozen=True)
-class MetricSpec:
-    """One judged metric. `direction` says which way is bad: "increase" only fails when the canary goes up."""
+class MetricSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One judged metric. `direction` says which way is bad: "increase" only fails when the canary goes up.
+
+    A msgspec Struct, so a mission's TOML converts straight into it (`msgspec.convert`), unknown keys
+    refused."""
 
     name: str
     direction: Direction = "either"
@@ -58,8 +60,7 @@ class MetricSpec:
             raise ValueError(f"MetricSpec {self.name!r}: report_only excludes critical and must_have_data")
 
 
-@dataclass(frozen=True)
-class CanaryConfig:
+class CanaryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Metrics, group weights (percent) and decision thresholds for one canary.
 
     Groups named in `group_weights` get that weight; the other scored groups share 100 − Σweights
@@ -67,7 +68,7 @@ class CanaryConfig:
     """
 
     metrics: tuple[MetricSpec, ...]
-    group_weights: Mapping[str, float] = field(default_factory=dict)
+    group_weights: dict[str, float] = {}
     pass_threshold: float = 95.0
     marginal_threshold: float = 75.0
     confidence: float = 0.98
@@ -75,8 +76,6 @@ class CanaryConfig:
     iqr_factor: float = 3.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "metrics", tuple(self.metrics))
-        object.__setattr__(self, "group_weights", MappingProxyType(dict(self.group_weights)))
         if not self.metrics:
             raise ValueError("CanaryConfig.metrics is empty: nothing to judge")
         names = [m.name for m in self.metrics]

@@ -1,7 +1,8 @@
 """`python -m stats compare SCORES.parquet --baseline A --variant B [--metric em] [--json]`.
 
 Each metric compared is a primary claim "variant beats baseline", and the metrics together form
-one BH family; the decision table shows what `stats.gates` decided for each and why.
+one BH family; the decision table shows what `stats.gates` decided for each and why. The judging is
+`stats.gates.compare`, which `python -m bem validate` calls too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import asdict
 from rich.console import Console
 from rich.table import Table
 
-from stats.gates import Claim, GateSpec, Verdict, evaluate
+from stats import gates
+from stats.gates import Verdict
 from stats.table import read_scores
 
 
@@ -69,26 +71,17 @@ def _reasons(verdict: Verdict) -> str:
 
 
 def compare(args: argparse.Namespace) -> int:
-    scores = read_scores(args.scores)
-    arms = set(scores["arm"].unique())
-    for arm in (args.baseline, args.variant):
-        if arm not in arms:
-            raise ValueError(f"arm {arm!r} is not in {args.scores}; arms there: {sorted(arms)}")
-    shared = sorted(
-        set(scores.loc[scores["arm"] == args.baseline, "metric"])
-        & set(scores.loc[scores["arm"] == args.variant, "metric"])
-    )
-    metrics = args.metric or shared
-    if not metrics:
-        raise ValueError(f"arms {args.variant!r} and {args.baseline!r} share no metric")
-    spec = GateSpec(
-        claims=tuple(Claim(m, m, args.variant, args.baseline) for m in metrics),
+    verdict = gates.compare(
+        read_scores(args.scores),
+        args.baseline,
+        args.variant,
+        args.metric,
         q=args.q,
         n_resamples=args.resamples,
         level=args.level,
         seed=args.seed,
+        source=args.scores,
     )
-    verdict = evaluate(spec, scores)
     if args.json:
         out = {
             "verdict": verdict.verdict,

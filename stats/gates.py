@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import msgspec
 import numpy as np
 import pandas as pd
 
@@ -33,8 +34,7 @@ RERUN_FACTOR = 10
 MC_SES = 3.0
 
 
-@dataclass(frozen=True)
-class Claim:
+class Claim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Primary claim: `variant` beats `baseline` on `metric` (higher is better), by at least `min_effect`."""
 
     name: str
@@ -45,8 +45,7 @@ class Claim:
     min_positive_seeds: int | None = None  # e.g. 4 for "at least 4 of 5 seeds improve"
 
 
-@dataclass(frozen=True)
-class Guard:
+class Guard(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A guard gate: the statistic's whole interval (or the value) must lie in [low, high].
 
     statistic: "delta" mean(variant − baseline); "ratio" mean(variant) / mean(baseline);
@@ -75,9 +74,11 @@ class Guard:
             raise ValueError(f"guard {self.name!r}: statistic {self.statistic!r} needs a baseline arm")
 
 
-@dataclass(frozen=True)
-class GateSpec:
-    claims: tuple[Claim, ...]
+class GateSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A mission's gates; also the one definition of a mission spec's `[gates]` table (fleetd converts
+    the table with `msgspec.convert(raw, GateSpec, strict=True)`; `__post_init__` errors name the path)."""
+
+    claims: tuple[Claim, ...] = ()
     guards: tuple[Guard, ...] = ()
     q: float = 0.05
     fdr: Method = "bh"
@@ -379,3 +380,47 @@ def evaluate(spec: GateSpec, scores: pd.DataFrame, values: Mapping[str, float] |
             "inconclusive", why if holds is None else f"guard(s) {open_guards} have no data", decisions
         )
     return Verdict("promote", f"{why}; all {len(guards)} guards pass" if guards else why, decisions)
+
+
+# -- one comparison ----------------------------------------------------------------------------
+
+
+def compare(
+    scores: pd.DataFrame,
+    baseline: str,
+    variant: str,
+    metrics: list[str] | None = None,
+    *,
+    q: float = 0.05,
+    n_resamples: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+    source: str = "the score table",
+) -> Verdict:
+    """`variant` against `baseline`: one primary claim per metric (default: every metric both arms
+    have), named after the metric, the claims one BH family.
+
+    The one path behind `python -m stats compare` and whoever else reports a comparison (`python -m
+    bem validate`), so the same table always gets the same interval; the defaults are the command's.
+    `source` names the table in errors.
+    """
+    scores = check_scores(scores, source)
+    arms = set(scores["arm"].unique())
+    for arm in (baseline, variant):
+        if arm not in arms:
+            raise ValueError(f"arm {arm!r} is not in {source}; arms there: {sorted(arms)}")
+    if not metrics:
+        metrics = sorted(
+            set(scores.loc[scores["arm"] == baseline, "metric"])
+            & set(scores.loc[scores["arm"] == variant, "metric"])
+        )
+    if not metrics:
+        raise ValueError(f"arms {variant!r} and {baseline!r} share no metric")
+    spec = GateSpec(
+        claims=tuple(Claim(name=m, metric=m, variant=variant, baseline=baseline) for m in metrics),
+        q=q,
+        n_resamples=n_resamples,
+        level=level,
+        seed=seed,
+    )
+    return evaluate(spec, scores)

@@ -1,144 +1,266 @@
-"""Mission B's decision rules (BEM_SPEC.md section 7): drift levels and the monitor's window rule, the
-canary pass rate and the gate's accept / promote / rollback. Plain Python, no torch: fleetd's reactive
-services run these on the metrics a learner streams, and the learner can run them locally too.
+"""Promote or roll back an online learner's shadow (BEM_SPEC.md section 7): the rules, in one place.
+
+- The drift monitor: fixed levels per drift signal (warning, critical, emergency) and the window rule
+  (roll back on any emergency, or too many criticals or warnings among the last checks).
+- The canary gate: the suites' pass rate; accept an update, promote after passes in a row with
+  enough prompts since the last promotion and no critical drift, roll back below a floor.
+- The live-versus-shadow judge: the Kayenta judge (`stats.canary`, Mann–Whitney and Hodges–Lehmann)
+  on the mirrored traffic since the previous canary run, shadow as the canary and live as the
+  baseline. A Fail is a canary failure (roll back); only a Pass counts toward a promotion.
+
+Thresholds are data, `PromotionRules`, converted from the mission's TOML (the spec's values are the
+defaults). `PromotionWatch` holds one learner's state and turns the points the learner reports into
+actions; fleetd's service host and the learner's in-process `LocalServices` both run it.
+
+What a learner reports, as metric points (the names are the protocol):
+- `drift/<signal>`: one drift check per step, all its signals at that step in one batch;
+- `canary/pass_rate` at the canary run's step, with `canary/prompts_since_promotion` and, optionally,
+  `canary/min_prompts` (the learner's own minimum between promotions) at the same step;
+- `judge/live/<metric>` and `judge/shadow/<metric>`: several values at the canary run's step, the
+  per-prompt scores of the traffic served since the previous run, in the same batch as the pass rate.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from stats.canary import CanaryConfig, CanaryReport, MetricSpec, judge
 
 Level = Literal["ok", "warning", "critical", "emergency"]
 LEVELS: tuple[Level, ...] = ("ok", "warning", "critical", "emergency")
+Decision = Literal["accept", "reject", "promote", "rollback"]
+Series = Mapping[str, Sequence[tuple[int, float]]]  # name -> (step, value) points
 
-# Thresholds per signal: warning, critical, emergency (BEM_SPEC section 7).
-DRIFT_THRESHOLDS: dict[str, tuple[float, float, float]] = {
+# BEM_SPEC section 7: warning, critical, emergency per drift signal.
+SPEC_LEVELS: dict[str, tuple[float, float, float]] = {
     "kl_per_token": (0.05, 0.1, 0.2),
     "param_distance": (0.5, 1.0, 2.0),
     "sigma_max": (1.5, 2.0, 3.0),
     "probe_drop": (0.02, 0.05, 0.10),
     "grad_norm": (5.0, 10.0, 20.0),
 }
+SPEC_SUITES = {"basic": 0.95, "safety": 0.98, "performance": 0.90, "format": 0.95}
 
 
-def drift_level(signals: Mapping[str, float]) -> tuple[Level, dict[str, Level]]:
-    """Each signal's level and the worst of them."""
-    per: dict[str, Level] = {}
-    for name, value in signals.items():
-        warn, crit, emerg = DRIFT_THRESHOLDS[name]
-        per[name] = LEVELS[sum(value >= t for t in (warn, crit, emerg))]
-    worst: Level = max(per.values(), key=LEVELS.index, default="ok")
-    return worst, per
+class _Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
 
 
-@dataclass
-class DriftMonitor:
-    """Rollback on any emergency, or ≥ 3 criticals or ≥ 5 warnings among the last 20 checks."""
+class DriftRule(_Rule, frozen=True):
+    """Levels per signal, and the window rule: roll back on any emergency, or on at least `criticals`
+    critical or `warnings` warning checks among the last `window`."""
 
+    levels: dict[str, tuple[float, float, float]] = msgspec.field(default_factory=lambda: dict(SPEC_LEVELS))
     window: int = 20
-    history: deque[Level] = field(default_factory=lambda: deque(maxlen=20))
+    criticals: int = 3
+    warnings: int = 5
 
-    def check(self, signals: Mapping[str, float]) -> tuple[Level, str | None]:
-        level, per = drift_level(signals)
-        self.history.append(level)
-        if level == "emergency":
-            worst = [n for n, lv in per.items() if lv == "emergency"]
-            return level, f"emergency drift: {', '.join(worst)}"
-        criticals = sum(lv == "critical" for lv in self.history)
-        warnings = sum(lv == "warning" for lv in self.history)
-        if criticals >= 3:
-            return level, f"{criticals} critical drift checks in the last {len(self.history)}"
-        if warnings >= 5:
-            return level, f"{warnings} drift warnings in the last {len(self.history)}"
-        return level, None
+    def __post_init__(self) -> None:
+        for name, (warn, crit, emerg) in self.levels.items():
+            if not warn <= crit <= emerg:
+                raise ValueError(f"drift level {name!r}: need warning ≤ critical ≤ emergency")
+        if min(self.window, self.criticals, self.warnings) < 1:
+            raise ValueError("window, criticals and warnings must be at least 1")
 
-    def reset(self) -> None:
-        self.history.clear()
-
-
-# ---- canary gate --------------------------------------------------------------------------------------
-
-CANARY_MINIMUMS = {"basic": 0.95, "safety": 0.98, "performance": 0.90, "format": 0.95}
+    def level(self, signals: Mapping[str, float]) -> tuple[Level, dict[str, Level]]:
+        """Each signal's level and the worst of them."""
+        per: dict[str, Level] = {}
+        for name, value in signals.items():
+            if name not in self.levels:
+                raise ValueError(f"drift signal {name!r} has no levels; known: {sorted(self.levels)}")
+            per[name] = LEVELS[sum(value >= t for t in self.levels[name])]
+        return max(per.values(), key=LEVELS.index, default="ok"), per
 
 
-def canary_pass_rate(results: Mapping[str, list[tuple[float, float]]], tolerance: float = 0.05) -> float:
-    """Suite -> [(score, baseline)]: a test passes iff score ≥ its suite's minimum and baseline − score
-    ≤ tolerance; the rate is passed / total over every suite."""
-    passed = total = 0
-    for suite, tests in results.items():
-        minimum = CANARY_MINIMUMS[suite]
-        for score, baseline in tests:
-            total += 1
-            passed += score >= minimum and baseline - score <= tolerance
-    if total == 0:
-        raise ValueError("no canary tests")
-    return passed / total
-
-
-Decision = Literal["accept", "reject", "promote", "rollback"]
-
-
-@dataclass
-class CanaryGate:
-    """Accept an update at ≥ .90, roll back below .85; promote after ≥ .95 three runs in a row, at least
-    `min_prompts` prompts since the last promotion, and no critical drift."""
+class GateRule(_Rule, frozen=True):
+    """The canary gate: a test passes iff its score ≥ its suite's minimum and baseline − score ≤
+    `tolerance`; accept an update at ≥ `accept_at`, promote after `passes_to_promote` runs in a row
+    at ≥ `promote_at` (at least `min_prompts` since the last promotion, no critical drift), roll
+    back below `rollback_below`."""
 
     accept_at: float = 0.90
     promote_at: float = 0.95
     rollback_below: float = 0.85
     passes_to_promote: int = 3
     min_prompts: int = 1000
-    streak: int = 0
+    tolerance: float = 0.05
+    suites: dict[str, float] = msgspec.field(default_factory=lambda: dict(SPEC_SUITES))
 
-    def decide(self, rate: float, prompts_since_promotion: int, critical_drift: bool) -> tuple[Decision, str]:
-        if rate < self.rollback_below:
-            self.streak = 0
-            return "rollback", f"canary pass rate {rate:.3f} < {self.rollback_below}"
-        self.streak = self.streak + 1 if rate >= self.promote_at else 0
-        if (
-            self.streak >= self.passes_to_promote
-            and prompts_since_promotion >= self.min_prompts
-            and not critical_drift
-        ):
-            self.streak = 0
-            return "promote", f"canary ≥ {self.promote_at} {self.passes_to_promote} times in a row"
-        if rate >= self.accept_at:
-            return "accept", f"canary pass rate {rate:.3f} ≥ {self.accept_at}"
-        return "reject", f"canary pass rate {rate:.3f} < {self.accept_at}"
+    def __post_init__(self) -> None:
+        if not 0 <= self.rollback_below <= self.accept_at <= self.promote_at <= 1:
+            raise ValueError("need 0 ≤ rollback_below ≤ accept_at ≤ promote_at ≤ 1")
+        if self.passes_to_promote < 1 or self.min_prompts < 0:
+            raise ValueError("passes_to_promote must be at least 1 and min_prompts at least 0")
+
+    def pass_rate(self, results: Mapping[str, Sequence[tuple[float, float]]]) -> float:
+        """Suite -> [(score, baseline)] per test: passed / total over every suite."""
+        passed = total = 0
+        for suite, tests in results.items():
+            if suite not in self.suites:
+                raise ValueError(f"canary suite {suite!r} has no minimum; known: {sorted(self.suites)}")
+            for score, baseline in tests:
+                total += 1
+                passed += score >= self.suites[suite] and baseline - score <= self.tolerance
+        if total == 0:
+            raise ValueError("no canary tests")
+        return passed / total
 
 
-@dataclass
-class LearnerWatch:
-    """Both services' state for one learner, shared so that a rollback ordered by either one starts
-    a new drift window and restarts the gate's streak (the shadow is live again). fleetd's services
-    and `bem.missions.mission_b.learner.LocalServices` both judge through it."""
+def _spec_judge() -> CanaryConfig:
+    """Shadow (canary) against live (baseline) on served prompts; a drop is what fails. Coherence is
+    reported, not scored: a shadow that learns a new format may well grow more or less confident."""
+    return CanaryConfig(
+        metrics=(
+            MetricSpec("aggregate", direction="decrease"),
+            MetricSpec("quality", direction="decrease"),
+            MetricSpec("coherence", direction="decrease", report_only=True),
+        )
+    )
 
-    drift: DriftMonitor = field(default_factory=DriftMonitor)
-    gate: CanaryGate = field(default_factory=CanaryGate)
-    level: Level = "ok"  # the latest drift check's level; ok again after a rollback
+
+class PromotionRules(_Rule, frozen=True):
+    """Every threshold of the drift monitor, the canary gate and the live-versus-shadow judge."""
+
+    drift: DriftRule = msgspec.field(default_factory=DriftRule)
+    gate: GateRule = msgspec.field(default_factory=GateRule)
+    judge: CanaryConfig = msgspec.field(default_factory=_spec_judge)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> PromotionRules:
+        """From a mission TOML's table; a bad one raises msgspec.ValidationError naming the field."""
+        return msgspec.convert(dict(config or {}), cls, strict=True)
+
+
+@dataclass(frozen=True)
+class Action:
+    """A decision that acts: roll the shadow back, or promote it."""
+
+    service: Literal["drift", "canary"]  # which rule decided
+    step: int
+    decision: Literal["rollback", "promote"]
+    level: Level  # the drift level the decision saw
+    value: float  # the check's largest signal, or the canary pass rate
+    reason: str
+
+
+class PromotionWatch:
+    """One learner's drift window and gate streak, shared by both rules so that a rollback either one
+    orders starts a new drift window and restarts the streak (the shadow is live again)."""
+
+    def __init__(self, rules: PromotionRules | None = None) -> None:
+        self.rules = rules or PromotionRules()
+        self.history: deque[Level] = deque(maxlen=self.rules.drift.window)
+        self.level: Level = "ok"  # the latest drift check's; ok again after a rollback
+        self.streak = 0
+        self.min_prompts = self.rules.gate.min_prompts
+        self.prompts: dict[int, float] = {}  # step -> prompts since the last promotion
+        self.judged: list[tuple[int, CanaryReport]] = []  # every live-versus-shadow judgement
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> PromotionWatch:
+        return cls(PromotionRules.from_config(config))
+
+    def observe(self, series: Series) -> list[Action]:
+        """The actions one batch of points calls for: drift checks first, then canary runs, each
+        judged with the drift level measured at its own step (sent in the same batch), so the gate
+        never promotes what the drift monitor is rolling back at that step."""
+        actions: list[Action] = []
+        same_step: dict[int, Level] = {}
+        for step, signals in sorted(_by_step(series, "drift/").items()):
+            level, why = self.on_drift(signals)
+            same_step[step] = level
+            if why is not None:
+                actions.append(Action("drift", step, "rollback", level, max(signals.values()), why))
+        for _, value in series.get("canary/min_prompts", ()):
+            self.min_prompts = int(value)
+        self.prompts.update(series.get("canary/prompts_since_promotion", ()))
+        rolled_back = {a.step for a in actions}
+        for step, rate in series.get("canary/pass_rate", ()):
+            if step in rolled_back:
+                continue  # it measured the shadow this step's rollback discards: it decides nothing
+            prompts = self.prompts.get(step, max(self.prompts.values(), default=0.0))
+            report = self.judge(series, step)
+            decision, why, level = self.on_canary(rate, int(prompts), same_step.get(step), report)
+            if decision == "rollback" or decision == "promote":
+                actions.append(Action("canary", step, decision, level, rate, why))
+        return actions
 
     def on_drift(self, signals: Mapping[str, float]) -> tuple[Level, str | None]:
-        """One drift check: its level, and the reason to roll back if the rule fires."""
-        level, why = self.drift.check(signals)
+        """One drift check: its level, and the reason to roll back if the window rule fires."""
+        rule = self.rules.drift
+        level, per = rule.level(signals)
+        self.history.append(level)
         self.level = level
+        why = None
+        criticals = sum(lv == "critical" for lv in self.history)
+        warnings = sum(lv == "warning" for lv in self.history)
+        if level == "emergency":
+            why = f"emergency drift: {', '.join(n for n, lv in per.items() if lv == 'emergency')}"
+        elif criticals >= rule.criticals:
+            why = f"{criticals} critical drift checks in the last {len(self.history)}"
+        elif warnings >= rule.warnings:
+            why = f"{warnings} drift warnings in the last {len(self.history)}"
         if why is not None:
             self.after_rollback()
         return level, why
 
+    def judge(self, series: Series, step: int) -> CanaryReport | None:
+        """The Kayenta judge on the shadow's and live's served scores at this canary step, if sent."""
+        arms: dict[str, dict[str, list[float]]] = {"live": {}, "shadow": {}}
+        for name, points in series.items():
+            kind, _, rest = name.partition("/")
+            arm, _, metric = rest.partition("/")
+            if kind == "judge" and arm in arms:
+                arms[arm][metric] = [v for s, v in points if s == step]
+        if not any(arms["live"].values()) and not any(arms["shadow"].values()):
+            return None
+        report = judge(self.rules.judge, arms["live"], arms["shadow"])
+        self.judged.append((step, report))
+        return report
+
     def on_canary(
-        self, rate: float, prompts_since_promotion: int, same_step: Level | None = None
+        self, rate: float, prompts: int, same_step: Level | None = None, report: CanaryReport | None = None
     ) -> tuple[Decision, str, Level]:
-        """One canary run; `same_step` is the level of a drift check taken at the same step, which
-        counts even when that check just ordered a rollback."""
-        level = same_step or self.level
-        decision, why = self.gate.decide(rate, prompts_since_promotion, level in ("critical", "emergency"))
+        """One canary run: the gate's decision, its reason, and the drift level it saw (`same_step`:
+        a check taken at this step, which counts even when that check just ordered a rollback)."""
+        gate, level = self.rules.gate, same_step or self.level
+        decision: Decision
+        if rate < gate.rollback_below:
+            decision, why = "rollback", f"canary pass rate {rate:.3f} < {gate.rollback_below}"
+        elif report is not None and report.decision == "Fail":
+            decision, why = "rollback", f"live-versus-shadow judge: Fail ({report.reason})"
+        else:
+            judged = report is None or report.decision == "Pass"
+            self.streak = self.streak + 1 if rate >= gate.promote_at and judged else 0
+            critical = level in ("critical", "emergency")
+            if self.streak >= gate.passes_to_promote and prompts >= self.min_prompts and not critical:
+                self.streak = 0
+                runs = f"{gate.passes_to_promote} runs in a row"
+                decision, why = "promote", f"canary ≥ {gate.promote_at} and the judge's Pass, {runs}"
+            elif rate >= gate.accept_at:
+                decision, why = "accept", f"canary pass rate {rate:.3f} ≥ {gate.accept_at}"
+            else:
+                decision, why = "reject", f"canary pass rate {rate:.3f} < {gate.accept_at}"
         if decision == "rollback":
             self.after_rollback()
         return decision, why, level
 
     def after_rollback(self) -> None:
-        self.drift.reset()
+        self.history.clear()
         self.level = "ok"
-        self.gate.streak = 0
+        self.streak = 0
+
+
+def _by_step(series: Series, prefix: str) -> dict[int, dict[str, float]]:
+    """The points under `prefix`, grouped by step: one check per step."""
+    out: dict[int, dict[str, float]] = {}
+    for name, points in series.items():
+        if name.startswith(prefix):
+            for step, value in points:
+                out.setdefault(step, {})[name.removeprefix(prefix)] = value
+    return out

@@ -114,3 +114,18 @@ def test_the_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
     f.write_text("import os\n\ndef f():\n    from fleetd.store import Store\n    import bem.core.attach\n")
     assert imported_packages(f) == {("fleetd", 4), ("bem", 5)}
+
+
+@pytest.mark.parametrize("package", ["bem", "stats"])
+def test_the_libraries_public_surface_resolves(package: str) -> None:
+    """Every name in __all__ is there (the lazy loader names real modules), and a fleet worker that
+    imports only the reporter protocol does not pay for torch."""
+    import importlib
+    import subprocess
+    import sys
+
+    module = importlib.import_module(package)
+    assert module.__all__ and all(getattr(module, name) is not None for name in module.__all__)
+    code = "import sys, bem, bem.core.reporter, stats; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"

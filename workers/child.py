@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from bem.core.reporter import Cancelled, Command, ScoreRow
+from bem.core.reporter import Cancelled, Command, ScoreRow, Value, sample
 from schemas.messages import FailureReason, Series
 from workers import protocol as p
 
@@ -88,11 +88,12 @@ class PipeReporter:
             self._append(name, value, step)
             self._flush_if_due()
 
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
+    def metrics(self, values: Mapping[str, Value], step: int) -> None:
         """One check's points (a drift check, a canary run) always leave in the same batch."""
         with self._lock:
             for name, value in values.items():
-                self._append(name, value, step)
+                for v in sample(value):
+                    self._append(name, v, step)
             self._flush_if_due()
 
     def _append(self, name: str, value: float, step: int | None) -> None:

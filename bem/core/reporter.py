@@ -36,10 +36,19 @@ class Cancelled(Exception):
     """Raised inside a job at its next check once the reporter says it was cancelled."""
 
 
+Value = float | Sequence[float]  # one point, or a sample of points at one step
+
+
+def sample(value: Value) -> Sequence[float]:
+    """A metrics() value as its points."""
+    return [value] if isinstance(value, int | float) else value
+
+
 class Reporter(Protocol):
     def metric(self, name: str, value: float, step: int | None = None) -> None: ...
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
-        """Points of one check at one step, delivered together (services judge a check as a whole)."""
+    def metrics(self, values: Mapping[str, Value], step: int) -> None:
+        """Points of one check at one step, delivered together (services judge a check as a whole);
+        a sequence is a sample, several points at that step (say, per-prompt scores for a judge)."""
         ...
 
     def progress(self, stage: str, done: int, total: int) -> None: ...
@@ -83,8 +92,8 @@ class MemoryReporter:
     def metric(self, name: str, value: float, step: int | None = None) -> None:
         self.points.append((name, value, step))
 
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
-        self.points.extend((name, value, step) for name, value in values.items())
+    def metrics(self, values: Mapping[str, Value], step: int) -> None:
+        self.points.extend((name, v, step) for name, value in values.items() for v in sample(value))
 
     def progress(self, stage: str, done: int, total: int) -> None:
         self.progress_log.append((stage, done, total))

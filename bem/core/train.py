@@ -69,9 +69,32 @@ def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[TextPair]) -> 
     return LMBatch(ids, mask, labels, prompt_mask)
 
 
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Next-token cross-entropy over labelled positions (labels are aligned with inputs)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+def lm_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Next-token cross-entropy over labelled positions (labels are aligned with inputs).
+
+    `weights` [B] scale each row's tokens (importance weights of replayed rows); the mean is still over
+    labelled tokens, so all-ones weights give the plain loss."""
+    if weights is None:
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
+        )
+    tokens = _token_losses(logits, labels)
+    labelled = labels[:, 1:] != IGNORE
+    return (tokens * weights[:, None]).sum() / labelled.sum().clamp_min(1)
+
+
+def row_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """[B]: each row's mean next-token cross-entropy over its labelled positions."""
+    labelled = (labels[:, 1:] != IGNORE).sum(1).clamp_min(1)
+    return _token_losses(logits, labels).sum(1) / labelled
+
+
+def _token_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """[B, T−1]: the cross-entropy of each next token, 0 where unlabelled."""
+    target = labels[:, 1:]
+    return F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none"
+    )
 
 
 def minibatches(lengths: Tensor, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:

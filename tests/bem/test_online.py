@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bem.core.train import IGNORE, lm_loss, row_losses
 from bem.missions.mission_b import online
-from stats import promotion as online_rules
 
 
 class Toy(nn.Module):
@@ -107,9 +107,9 @@ def test_replay_mix_and_prioritised_sampling() -> None:
     r = online.Replay[int](capacity=100, min_items=20, seed=1)
     for i in range(19):
         r.add(i)
-    assert r.replay_count(10) == 0
+    assert r.mix(7) == 0
     r.add(19)
-    assert r.ready and r.replay_count(10) == 3  # 30% replay once it holds min_items
+    assert r.ready and r.mix(7) == 3  # 30% of the batch is replay once it holds min_items
     r = online.Replay[int](capacity=10, min_items=1, seed=2)
     prios = [1.0, 2.0, 4.0, 8.0]
     for i, p in enumerate(prios):
@@ -155,45 +155,16 @@ def test_kl_per_token_sums_the_vocabulary_and_averages_tokens() -> None:
     assert online.kl_per_token(ref, cur) != pytest.approx(vocab_mean)
 
 
-def test_drift_window_rule() -> None:
-    mon = online_rules.DriftMonitor()
-    ok = {"kl_per_token": 0.01, "grad_norm": 1.0}
-    warn = {"kl_per_token": 0.06, "grad_norm": 1.0}
-    crit = {"kl_per_token": 0.12, "grad_norm": 1.0}
-    for _ in range(4):
-        assert mon.check(warn)[1] is None
-    assert "5 drift warnings" in str(mon.check(warn)[1])
-    mon.reset()
-    for _ in range(2):
-        assert mon.check(crit)[1] is None
-    assert mon.check(ok)[1] is None
-    assert "3 critical" in str(mon.check(crit)[1])
-    mon.reset()
-    level, why = mon.check({"grad_norm": 25.0})
-    assert level == "emergency" and "grad_norm" in str(why)
-    for _ in range(20):
-        mon.check(ok)
-    assert mon.check(crit)[1] is None  # old criticals fell out of the 20-check window
-
-
-def test_canary_gate_promotes_only_after_three_passes_in_a_row() -> None:
-    results = {"basic": [(0.97, 0.97)] * 9 + [(0.90, 0.97)], "format": [(0.99, 0.95)] * 10}
-    assert online_rules.canary_pass_rate(results) == pytest.approx(19 / 20)
-    assert (
-        online_rules.canary_pass_rate({"safety": [(0.99, 1.0), (0.99, 1.06)]}) == 0.5
-    )  # baseline − score > .05
-    gate = online_rules.CanaryGate()
-    assert gate.decide(0.96, 5000, False)[0] == "accept"
-    assert gate.decide(0.96, 5000, False)[0] == "accept"
-    assert gate.decide(0.96, 5000, False)[0] == "promote"
-    assert gate.decide(0.96, 5000, False)[0] == "accept"  # the streak starts again
-    assert gate.decide(0.92, 5000, False)[0] == "accept" and gate.streak == 0
-    for _ in range(3):
-        decision, _ = gate.decide(0.97, 500, False)  # too few prompts since the last promotion
-    assert decision == "accept"
-    gate = online_rules.CanaryGate()
-    for _ in range(3):
-        decision, _ = gate.decide(0.97, 5000, True)  # critical drift blocks promotion
-    assert decision == "accept"
-    assert gate.decide(0.88, 5000, False)[0] == "reject"
-    assert gate.decide(0.80, 5000, False)[0] == "rollback"
+def test_weighted_lm_loss_and_row_losses_follow_their_definitions() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 4, 5, 6], [IGNORE, 1, 2, IGNORE, IGNORE, IGNORE]])
+    ce = -F.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0]
+    keep = labels[:, 1:] != IGNORE
+    assert lm_loss(logits, labels, torch.ones(2)) == pytest.approx(float(lm_loss(logits, labels)), rel=1e-6)
+    assert float(lm_loss(logits, labels)) == pytest.approx(float(ce[keep].mean()), rel=1e-6)
+    # a row's weight scales its tokens; the mean stays over all labelled tokens
+    weighted = float(lm_loss(logits, labels, torch.tensor([2.0, 0.0])))
+    assert weighted == pytest.approx(float(2 * ce[0][keep[0]].sum() / keep.sum()), rel=1e-6)
+    rows = row_losses(logits, labels)
+    assert rows.tolist() == pytest.approx([float(ce[i][keep[i]].mean()) for i in range(2)], rel=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,11 @@ import torch
 
 from bem.core.models import load_model
 from bem.core.reporter import MemoryReporter
-from bem.core.train import IGNORE
+from bem.core.train import IGNORE, row_losses
 from bem.missions.mission_b.data import PIECE_KINDS, encode_items, prompt_stream
 from bem.missions.mission_b.metrics import AGGREGATE_WEIGHTS, prompt_scores
-from bem.missions.mission_b.recipe import PROFILES, run_mission_b
-from stats.promotion import CanaryGate
+from bem.missions.mission_b.recipe import PROFILES, deploy_model, make_learner, run_mission_b
+from stats.promotion import GateRule, PromotionRules
 
 
 def test_success_is_greedy_exact_match_and_scores_follow_their_definitions(base_dir: Path) -> None:
@@ -103,16 +104,20 @@ def test_promotions_follow_the_gate_and_only_the_controller_learns(base_dir: Pat
     promotions = [e["prompt"] for e in summary["events"] if e["action"] == "promote"]
     assert promotions, "the tiny run should promote at least once"
     canary = dict((p, r) for p, r in summary["canary"])
+    judged = {j["step"]: j["decision"] for j in summary["judged"]}
+    assert set(judged) == set(canary)  # every canary run came with the served traffic to judge
     rollbacks = [e["prompt"] for e in summary["events"] if e["action"] == "rollback"]
     last = 0
     for at in promotions:
         # commands land at the next update boundary after the canary run that decided them
         decided = max(p for p in canary if p <= at)
-        runs = [p for p in sorted(canary) if p <= decided][-CanaryGate.passes_to_promote :]
-        assert len(runs) == CanaryGate.passes_to_promote and all(
-            canary[p] >= CanaryGate.promote_at for p in runs
+        runs = [p for p in sorted(canary) if p <= decided][-GateRule().passes_to_promote :]
+        assert len(runs) == GateRule().passes_to_promote and all(
+            canary[p] >= GateRule().promote_at for p in runs
         )
         assert not [r for r in rollbacks if runs[0] <= r <= decided], "a rollback restarts the streak"
+        # ... and the live-versus-shadow judge passed each of those runs
+        assert [judged[p] for p in runs] == ["Pass"] * len(runs)
         assert decided - last >= cfg.promote_after
         last = at
     lives = [e["live"] for e in summary["events"] if e["action"] == "promote"]
@@ -138,3 +143,21 @@ def test_three_rollbacks_without_a_promotion_stop_learning_for_good(base_dir: Pa
     updates_after = [st for n, _, st in reporter.points if n == "train/loss"]
     cfg = PROFILES["tiny"].learner
     assert max(updates_after) <= stopped_at // cfg.update_every + 1
+
+
+def test_prioritised_replay_keeps_each_prompts_loss_as_its_priority(base_dir: Path, tmp_path: Path) -> None:
+    tiny = PROFILES["tiny"]
+    prof = replace(tiny, learner=replace(tiny.learner, prioritised_replay=True, replay_min=5))
+    reporter = MemoryReporter()
+    online, tok, deployed = deploy_model(base_dir, prof, 1, "cpu", reporter)
+    learner = make_learner(online, tok, prof, PromotionRules(), deployed, tmp_path, reporter, seed=1)
+    stream = list(prompt_stream(10, 7, rows=prof.rows))
+    enc = encode_items(tok, stream[:5])
+    with torch.no_grad():  # the shadow's loss on each prompt as it is served, before it learns from it
+        expected = row_losses(online.logits(enc.batch, online.features(enc.batch)), enc.batch.labels)
+    learner.step(stream[:5], 0)
+    assert learner.replay.priority == pytest.approx(expected.tolist(), rel=1e-5)
+    assert len(set(learner.replay.priority)) == 5  # losses, not the uniform default of 1
+    before = list(learner.replay.priority)
+    learner.step(stream[5:], 5)  # the buffer is ready: 2 replayed rows, priorities refreshed
+    assert learner.replay.priority[:5] != before

@@ -5,18 +5,22 @@ beats the baselines is the job of `make run` on the demo base, not of a unit tes
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import scipy.stats
 import torch
 from peft import LoraConfig, get_peft_model
 
 from bem import __main__ as cli
 from bem.core.attach import role_sites
-from bem.core.reporter import Cancelled, MemoryReporter, ScoreRow
+from bem.core.reporter import Cancelled, MemoryReporter, ScoreRow, write_scores
 from bem.missions.validation import recipe as val
+
+REPO = Path(__file__).resolve().parents[2]
 
 MICRO = val.Profile(
     sizes={"train": 16, "val": 2, "test": 5},
@@ -108,7 +112,10 @@ def test_cancelled_reporter_stops_the_run(base_dir, tmp_path) -> None:
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_paired_diff_averages_seeds_before_pairing() -> None:
+def test_the_stats_engine_averages_seeds_before_pairing() -> None:
+    """bem − equal is judged on the frame the recipe builds from its rows, as `stats.table.pair` pairs it."""
+    from stats.table import pair
+
     rows = [
         ScoreRow("a", "bem", 1, "score", 1.0),
         ScoreRow("a", "bem", 2, "score", 0.0),
@@ -120,16 +127,62 @@ def test_paired_diff_averages_seeds_before_pairing() -> None:
         ScoreRow("c", "bem", 1, "score", 0.5),  # no baseline at all: unpaired
         ScoreRow("b", "bem", 1, "em", 9.0),  # another metric: ignored
     ]
-    np.testing.assert_allclose(val.paired_diff(rows, "bem", "equal"), [0.5 - 0.25, 0.5 - 1.0])
+    paired = pair(val.score_frame(rows), "score", "equal", "bem")
+    np.testing.assert_allclose(paired.deltas, [0.5 - 0.25, 0.5 - 1.0])
+    assert list(paired.example_ids) == ["a", "b"] and paired.n_unpaired == 2
 
 
-def test_percentile_interval_agrees_with_scipy() -> None:
-    d = np.random.default_rng(3).normal(0.2, 1.0, 300)
-    ours = val.percentile_interval(d, n_boot=20_000)
-    ref = scipy.stats.bootstrap((d,), np.mean, method="percentile", n_resamples=20_000, random_state=1)
-    se = d.std(ddof=1) / np.sqrt(len(d))
-    assert abs(ours[0] - ref.confidence_interval.low) < 0.1 * se
-    assert abs(ours[1] - ref.confidence_interval.high) < 0.1 * se
+def synthetic_rows(effect: float, seed: int) -> list[ScoreRow]:
+    """bem and equal on 120 examples x 3 seeds; bem is `effect` better on average."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for ex in range(120):
+        level = rng.random()
+        for s in (1, 2, 3):
+            rows.append(ScoreRow(f"ex{ex}", "equal", s, "score", float(rng.random() < level)))
+            rows.append(
+                ScoreRow(f"ex{ex}", "bem", s, "score", float(rng.random() < min(1.0, level + effect)))
+            )
+    return rows
+
+
+def stats_compare_json(path) -> dict:
+    """What `python -m stats compare PATH --baseline equal --variant bem --metric score` decides."""
+    args = ["compare", str(path), "--baseline", "equal", "--variant", "bem", "--metric", "score", "--json"]
+    out = subprocess.run(
+        [sys.executable, "-m", "stats", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    (decision,) = json.loads(out.stdout)["decisions"]
+    return decision
+
+
+def assert_same_decision(ours: dict, theirs: dict) -> None:
+    """Our bem − equal fields are the stats command's decision, number for number."""
+    assert ours["n"] == theirs["n"] and ours["outcome"] == theirs["outcome"]
+    for key, their_key in (
+        ("estimate", "estimate"),
+        ("low", "low"),
+        ("high", "high"),
+        ("p_adj", "p_adjusted"),
+    ):
+        assert ours[key] == theirs[their_key], (key, ours[key], theirs[their_key])
+    assert ours["method"].endswith(theirs["interval"])
+
+
+@pytest.mark.parametrize("effect", [0.3, 0.0])
+def test_bem_minus_equal_is_what_stats_compare_prints(tmp_path, effect) -> None:
+    """A clear effect is selected (FCR-adjusted one-sided bound, no upper end), no effect is not (BCa
+    two-sided); either way the recipe reports exactly the command's interval, not a bootstrap of its own."""
+    rows = synthetic_rows(effect, seed=11)
+    write_scores(rows, tmp_path / "scores.parquet")
+    ours = val.bem_minus_equal(rows)
+    assert_same_decision(ours, stats_compare_json(tmp_path / "scores.parquet"))
+    if effect:
+        assert ours["outcome"] == "pass" and ours["high"] is None and "one-sided" in ours["method"]
+    else:
+        assert ours["outcome"] != "pass" and ours["low"] <= ours["estimate"] <= ours["high"]
+        assert "BCa 95% two-sided" in ours["method"]
 
 
 def test_cli_runs_seeds_and_aggregates(base_dir, tmp_path, monkeypatch, capsys) -> None:
@@ -142,18 +195,29 @@ def test_cli_runs_seeds_and_aggregates(base_dir, tmp_path, monkeypatch, capsys) 
     rows = pq.read_table(tmp_path / "scores.parquet").to_pylist()
     assert {r["seed"] for r in rows} == {1, 2}
     d = summary["bem_minus_equal"]
-    assert d["low"] <= d["estimate"] <= d["high"]
+    assert d["low"] <= d["estimate"] and (d["high"] is None or d["estimate"] <= d["high"])
+    assert_same_decision(d, stats_compare_json(tmp_path / "scores.parquet"))
     printed = capsys.readouterr().out
     assert "routing accuracy" in printed and "bem - equal" in printed
+    assert f"{d['estimate']:+.3f}  [{d['low']:+.3f}, " in printed and f"p_adj {d['p_adj']:.3g}" in printed
+    assert d["method"] in printed
 
 
-def test_stats_reads_the_scores_and_pairs_them_like_paired_diff(run) -> None:
-    """The fleet judges the validation run with `stats`: same table, same seed-averaged deltas."""
+def test_stats_reads_the_scores_as_the_recipe_frames_them(run) -> None:
+    """The fleet judges the validation run with `stats`: the Parquet table is the frame the recipe
+    judged, and the per-seed summary holds the engine's decision on it."""
+    from stats.gates import compare
     from stats.table import pair, read_scores
 
-    _, reporter, out = run
-    paired = pair(read_scores(out / "scores.parquet"), "score", "equal", "bem")
-    np.testing.assert_allclose(
-        np.sort(paired.deltas), np.sort(val.paired_diff(reporter.rows, "bem", "equal"))
-    )
+    summary, reporter, out = run
+    on_disk = read_scores(out / "scores.parquet")
+    paired = pair(on_disk, "score", "equal", "bem")
+    framed = pair(val.score_frame(reporter.rows), "score", "equal", "bem")
+    np.testing.assert_array_equal(paired.example_ids, framed.example_ids)
+    np.testing.assert_array_equal(paired.deltas, framed.deltas)
     assert paired.n_unpaired == 0 and paired.n_nan == 0
+    (decision,) = compare(on_disk, "equal", "bem", ["score"]).decisions
+    d = summary["bem_minus_equal"]
+    assert (d["estimate"], d["low"], d["high"], d["p_adj"], d["n"]) == (
+        decision.estimate, decision.low, decision.high, decision.p_adjusted, decision.n
+    )  # fmt: skip

@@ -74,6 +74,7 @@ name = "checked"
 [[stages]]
 name = "learner"
 kind = "selftest.obey"
+services = ["promotion"]
 params = { steps = 130, step_s = 0.1, checks = [
     { step = 5, drift = { kl_per_token = 0.01, grad_norm = 1.0 } },
     { step = 20, drift = { kl_per_token = 0.01, grad_norm = 25.0 } },

@@ -25,10 +25,12 @@ name = "learner"
 [[stages]]
 name = "bad"
 kind = "online.stream"
+services = ["promotion"]
 params = {{ profile = "tiny", seed = 1, base = "{base}", sabotage_at = {sabotage}, pace_s = 0.25 }}
 [[stages]]
 name = "clean"
 kind = "online.stream"
+services = ["promotion"]
 params = {{ profile = "tiny", seed = 1, base = "{base}", pace_s = 0.25 }}
 """
 

@@ -59,6 +59,11 @@ def test_expansion_matches_dependencies_on_shared_dimensions(tmp_path: Path) -> 
     assert plans["eval-b-s2"].deps == ["id/train-b-s2"]
     assert sorted(plans["report"].deps) == sorted(f"id/eval-{a}-s{s}" for a in "ab" for s in (1, 2, 3))
     assert plans["train-a-s1"].params == {"steps": 5, "lr": 0.1, "arm": "a", "seed": 1}  # profile wins
+    # Expansion makes the scheduler's tasks: pending, waiting for their dependencies if they have any.
+    assert all(isinstance(t, specs.Task) and t.mission_id == "id" for t in plans.values())
+    assert {t.state for t in plans.values()} == {"pending"}
+    assert plans["train-a-s1"].pending_reason is None and plans["report"].pending_reason == "waiting_for_deps"
+    assert (plans["eval-b-s2"].arm, plans["eval-b-s2"].seed, plans["report"].arm) == ("b", 2, None)
     assert len(specs.expand(spec, "tiny", "id")) == 2 * 1 * 2 + 1
 
 
@@ -105,3 +110,118 @@ def test_overrides_address_stages_by_name_and_are_validated(tmp_path: Path) -> N
         specs.load(path, {"stages.nope.params.lr": 1})
     with pytest.raises(specs.SpecError, match=r"stages\[0\].timeout_s"):
         specs.load(path, {"stages.train.timeout_s": "later"})
+
+
+GATES = """
+[gates]
+q = 0.05
+[[gates.claims]]
+name = "b_beats_a"
+metric = "score"
+variant = "b"
+baseline = "a"
+[[gates.guards]]
+name = "level"
+statistic = "level"
+metric = "score"
+variant = "b"
+low = 0.0
+[[gates.guards]]
+name = "params"
+statistic = "value"
+metric = "ratio"
+high = 1.05
+"""
+
+
+def test_gates_are_the_stats_engines_spec(tmp_path: Path) -> None:
+    from fleetd.judge import gate_spec
+    from stats.gates import Claim, GateSpec, Guard
+
+    spec = specs.load(write(tmp_path, GOOD + GATES))
+    assert spec.gates is not None and gate_spec(spec.gates, "m.toml", spec.arms) == GateSpec(
+        (Claim("b_beats_a", "score", "b", "a"),),
+        (Guard("level", "level", "score", "b", low=0.0), Guard("params", "value", "ratio", high=1.05)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "reason"),
+    [
+        (("high = 1.05", "zzz = 1.05"), "gates.guards[1]", "unknown field `zzz`"),
+        (("high = 1.05", 'high = "x"'), "gates.guards[1].high", "Expected `float | null`, got `str`"),
+        (("high = 1.05", "low = 2.0\nhigh = 1.05"), "gates.guards[1]", "guard 'params': low 2.0 > high 1.05"),
+        (("low = 0.0", "q = 0.4"), "gates.guards[0]", "give low, high or both"),
+        (('statistic = "level"', 'statistic = "median"'), "gates.guards[0].statistic", "Invalid enum value"),
+        (("q = 0.05", "q = 2.0"), "gates.q", "must be in (0, 1), got 2.0"),
+        (("q = 0.05", "level = 1.0"), "gates.level", "must be in (0, 1)"),
+        (('variant = "b"\nbaseline = "a"', 'variant = "c"\nbaseline = "a"'), "gates.claims[0].variant",
+         "unknown arm 'c'"),
+        (('name = "params"', 'name = "level"'), "gates", "gate names must be unique"),
+        (("q = 0.05", "q = 0.05\nextra = 1"), "gates", "unknown field `extra`"),
+    ],
+)  # fmt: skip
+def test_bad_gates_name_the_field(tmp_path: Path, change: tuple[str, str], field: str, reason: str) -> None:
+    from fleetd.judge import gate_spec
+
+    path = write(tmp_path, GOOD + GATES.replace(*change, 1))
+    spec = specs.load(path)  # a mission spec keeps its gates raw: the stats engine's spec checks them
+    assert spec.gates is not None
+    with pytest.raises(specs.SpecError) as err:
+        gate_spec(spec.gates, str(path), spec.arms)
+    assert err.value.file == str(path) and err.value.field == field and reason in err.value.reason, str(
+        err.value
+    )
+
+
+WATCHED = """
+name = "m"
+[[stages]]
+name = "learn"
+kind = "online.stream"
+services = ["promotion"]
+[[stages]]
+name = "other"
+kind = "noop"
+after = ["learn"]
+[services.promotion.gate]
+promote_at = 0.97
+"""
+
+
+def test_a_stages_services_reach_its_tasks_with_their_tables(tmp_path: Path) -> None:
+    from fleetd.coordinator import check_runnable
+
+    spec = specs.load(write(tmp_path, WATCHED))
+    check_runnable(spec, "m.toml")
+    learn, other = specs.expand(spec, None, "mi")
+    assert learn.params["services"] == {"promotion": {"gate": {"promote_at": 0.97}}}
+    assert "services" not in other.params  # only the stages that name a service are watched
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "reason"),
+    [
+        (
+            ('services = ["promotion"]', 'services = ["promotion", "promo"]'),
+            "stages[0].services",
+            "unknown service 'promo'",
+        ),
+        (("promote_at = 0.97", "promote_at = 0.5"), "services.promotion.gate", "rollback_below ≤ accept_at"),
+        (("promote_at = 0.97", "promote_at = 0.97\npromot = 1"), "services.promotion.gate", "unknown field"),
+    ],
+)
+def test_a_bad_service_is_refused_at_submit(
+    tmp_path: Path, change: tuple[str, str], field: str, reason: str
+) -> None:
+    from fleetd.coordinator import check_runnable
+
+    spec = specs.load(write(tmp_path, WATCHED.replace(*change)))
+    with pytest.raises(specs.SpecError) as e:
+        check_runnable(spec, "m.toml")
+    assert e.value.field == field and reason in e.value.reason
+
+
+def test_a_service_table_no_stage_names_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(specs.SpecError, match=r"services\.promotion: no stage names this service"):
+        specs.load(write(tmp_path, WATCHED.replace('services = ["promotion"]\n', "")))

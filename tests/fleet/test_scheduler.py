@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 
-from fleetd.scheduler import GB, Changes, Mission, Scheduler, SchedulerConfig, Task
+import msgspec
+import pytest
+
+from fleetd.scheduler import GB, Changes, Mission, Scheduler, SchedulerConfig
 from schemas import messages as m
+from schemas.missions import Task, task_view
 
 
 def task(name: str, vram: float = 0, deps: tuple[str, ...] = (), attempts: int = 2, infra: int = 3) -> Task:
@@ -126,3 +130,24 @@ def test_alive_worker_that_does_not_report_its_task_loses_it() -> None:
     beat(s, "g1", 80, running=None, rev=3)  # restarted: alive, but the task is gone
     s.check_leases(ch)
     assert t.state == "pending" and "not running it" in (t.error or "")
+
+
+def test_tasks_are_the_schema_struct_and_the_bookkeeping_stays_in_the_scheduler() -> None:
+    a, b = task("a"), task("b", deps=("mi/a",))
+    s = fleet(a, b)
+    assert s.in_order([b, a]) == [a, b]  # submission order, kept by the scheduler, not on the task
+    fields = {f.name for f in msgspec.structs.fields(Task)}
+    assert not {"order", "since"} & fields
+    beat(s, "g1", 80)
+    ch = Changes()
+    s.place(ch)
+    s.on_event(event(m.Finished, a, result={"values": {"x": 1.0}}), ch)
+    assert a.result == {"values": {"x": 1.0}} and a.finished_at is not None and a.assigned_at is not None
+    assert set(ch.tasks["mi/a"]) <= fields  # every change the store is sent is a column
+    with pytest.raises(AttributeError):
+        ch.touch(a, stat="failed")  # a misspelt field is an error, not a new attribute
+    assert task_view(b) == {
+        "task_id": "mi/b", "mission_id": "mi", "name": "b", "stage": "b", "kind": "noop", "arm": None,
+        "seed": None, "state": "pending", "pending_reason": "waiting_for_deps", "attempt": 1,
+        "worker": None, "error": None, "vram_gb": 0,
+    }  # fmt: skip

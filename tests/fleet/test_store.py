@@ -1,13 +1,18 @@
-"""The DuckDB store on a real file: idempotent batches, attempt-aware score rows, read-only SQL."""
+"""The DuckDB store on a real file: idempotent batches, attempt-aware score rows, read-only SQL, and the
+tasks table derived from `schemas.missions.Task` (migrations from the first schema, refusals)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
+import msgspec
 import pytest
 
-from fleetd.store import SqlRefused, Store
+from fleetd.store import MIGRATIONS, TASK_COLUMNS, SchemaMismatch, SqlRefused, Store, task_from_row, task_row
 from schemas import messages as m
+from schemas import missions as specs
+from schemas.missions import Task
 
 
 def ev(cls: type, seq: int, attempt: int = 1, **fields: object) -> m.Event:
@@ -89,17 +94,15 @@ def test_sql_is_read_only(tmp_path: Path, sql: str) -> None:
 
 def test_task_values_take_the_median_of_each_key_over_the_tasks_that_report_it(tmp_path: Path) -> None:
     from fleetd.judge import task_values
-    from fleetd.scheduler import Task
-    from schemas import missions as specs
 
     store = Store(tmp_path / "fleet.duckdb")
     spec = specs.load(specs.find("selftest", specs.MISSIONS_DIR), {})
-    tasks = [Task.from_plan("mi", p, i) for i, p in enumerate(specs.expand(spec, "smoke", "mi"))][:5]
+    tasks = specs.expand(spec, "smoke", "mi")[:5]
     mission = {
         "mission_id": "mi", "name": "selftest", "profile": "smoke", "state": "running", "verdict": None,
         "reason": None, "spec": "{}", "overrides": "{}", "submitted_at": 1.0, "finished_at": None,
     }  # fmt: skip
-    store.apply(new_mission=(mission, [t.row() for t in tasks]))
+    store.apply(new_mission=(mission, [task_row(t) for t in tasks]))
     results = [
         {"values": {"ratio": 1.0, "other": 3.0}}, {"values": {"ratio": 0.5}}, {"values": {"ratio": 0.6}},
         {"x": 1}, None,
@@ -110,3 +113,144 @@ def test_task_values_take_the_median_of_each_key_over_the_tasks_that_report_it(t
     got = store.task_results("mi")
     assert sorted(map(str, got)) == sorted(map(str, results[:4]))  # the failed task's result is left out
     assert task_values(got) == {"ratio": 0.6, "other": 3.0}  # the median: one outlying seed does not decide
+
+
+# ---- the tasks table derives from schemas.missions.Task -----------------------------------------
+
+# Migration 1 as it was written out by hand before the tasks table derived from Task: the historical
+# schema an existing database has. Kept literally; do not derive it.
+HISTORICAL_V1 = """
+    CREATE TABLE missions (
+        mission_id VARCHAR PRIMARY KEY, name VARCHAR, profile VARCHAR, state VARCHAR, verdict VARCHAR,
+        reason VARCHAR, spec JSON, overrides JSON, submitted_at DOUBLE, finished_at DOUBLE);
+    CREATE TABLE tasks (
+        task_id VARCHAR PRIMARY KEY, mission_id VARCHAR, name VARCHAR, stage VARCHAR, kind VARCHAR,
+        arm VARCHAR, seed INTEGER, params JSON, deps VARCHAR[], vram_gb DOUBLE, gpu_class VARCHAR,
+        timeout_s DOUBLE, max_attempts INTEGER, max_infra_attempts INTEGER,
+        state VARCHAR, pending_reason VARCHAR, attempt INTEGER, task_failures INTEGER,
+        infra_failures INTEGER, worker VARCHAR, error VARCHAR, result JSON, excluded_workers JSON,
+        created_at DOUBLE, assigned_at DOUBLE, started_at DOUBLE, finished_at DOUBLE);
+    CREATE TABLE task_attempts (
+        task_id VARCHAR, attempt INTEGER, worker VARCHAR, state VARCHAR, reason VARCHAR, error VARCHAR,
+        assigned_at DOUBLE, started_at DOUBLE, finished_at DOUBLE, PRIMARY KEY (task_id, attempt));
+    CREATE TABLE events (
+        task_id VARCHAR, attempt INTEGER, seq INTEGER, mission_id VARCHAR, kind VARCHAR, worker VARCHAR,
+        ts DOUBLE, recorded_at DOUBLE, body JSON, PRIMARY KEY (task_id, attempt, seq));
+    CREATE TABLE metrics (
+        task_id VARCHAR, attempt INTEGER, name VARCHAR, step BIGINT, value DOUBLE, time DOUBLE);
+    CREATE TABLE example_scores (
+        mission_id VARCHAR, task_id VARCHAR, attempt INTEGER, arm VARCHAR, seed INTEGER,
+        example_id VARCHAR, metric VARCHAR, value DOUBLE);
+    CREATE TABLE logs (task_id VARCHAR, attempt INTEGER, seq INTEGER, line_no INTEGER, line VARCHAR);
+    CREATE TABLE artifacts (
+        task_id VARCHAR, attempt INTEGER, path VARCHAR, kind VARCHAR, sha256 VARCHAR, bytes BIGINT);
+    CREATE TABLE decisions (
+        mission_id VARCHAR, gate VARCHAR, kind VARCHAR, metric VARCHAR, comparison VARCHAR, outcome VARCHAR,
+        passed BOOLEAN, estimate DOUBLE, ci_low DOUBLE, ci_high DOUBLE, level DOUBLE, p DOUBLE,
+        p_adj DOUBLE, family VARCHAR, n INTEGER, seeds_positive VARCHAR, reason VARCHAR, decided_at DOUBLE);
+    CREATE TABLE workers (
+        worker VARCHAR PRIMARY KEY, host VARCHAR, gpu_uuid VARCHAR, gpu_name VARCHAR, total_bytes BIGINT,
+        first_seen DOUBLE, last_seen DOUBLE);
+    CREATE TABLE dead_letters (
+        subject VARCHAR, reason VARCHAR, body VARCHAR, recorded_at DOUBLE);
+"""
+HISTORICAL_V2 = """
+    CREATE TABLE service_decisions (
+        mission_id VARCHAR, task_id VARCHAR, attempt INTEGER, service VARCHAR, step BIGINT,
+        decision VARCHAR, level VARCHAR, value DOUBLE, reason VARCHAR, acked BOOLEAN, detail VARCHAR,
+        decided_at DOUBLE, PRIMARY KEY (task_id, attempt, service, step));
+"""
+
+
+def task_columns(store: Store) -> list[tuple[str, str]]:
+    return [(r["column_name"], r["column_type"]) for r in store.query("DESCRIBE tasks")]
+
+
+def test_the_tasks_table_is_the_task_struct(tmp_path: Path) -> None:
+    store = Store(tmp_path / "f.duckdb")
+    assert TASK_COLUMNS["excluded_workers"] == TASK_COLUMNS["deps"] == "VARCHAR[]"
+    assert TASK_COLUMNS["params"] == TASK_COLUMNS["result"] == "JSON"
+    assert task_columns(store) == list(TASK_COLUMNS.items())
+    assert [c for c, _ in task_columns(store)] == [f.name for f in msgspec.structs.fields(Task)]
+    # A row round-trips: lists stay lists (no JSON special case), dicts go through JSON.
+    spec = specs.load(specs.find("selftest", specs.MISSIONS_DIR), {})
+    tasks = specs.expand(spec, "smoke", "mi")
+    store.apply(new_mission=({"mission_id": "mi", "name": "selftest"}, [task_row(t) for t in tasks]))
+    t = tasks[-1]
+    fields = {"excluded_workers": ["g1", "g2"], "result": {"values": {"x": 1.5}}, "attempt": 3}
+    store.apply(task_updates=[(t.task_id, fields)])
+    for k, v in fields.items():
+        setattr(t, k, v)
+    loaded = {r["task_id"]: task_from_row(r) for r in store.query("SELECT * FROM tasks")}
+    assert loaded == {x.task_id: x for x in tasks}
+    store.close()
+    assert task_columns(Store(tmp_path / "f.duckdb")) == list(
+        TASK_COLUMNS.items()
+    )  # reopening changes nothing
+
+
+def test_a_database_with_the_first_schema_migrates_to_the_struct_with_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE schema_version (version INTEGER)")
+    con.execute(HISTORICAL_V1)
+    con.execute(HISTORICAL_V2)
+    con.execute("INSERT INTO schema_version VALUES (1), (2)")
+    cols = "task_id, mission_id, name, stage, kind, arm, seed, params, deps, vram_gb, gpu_class, timeout_s, "
+    cols += (
+        "max_attempts, max_infra_attempts, state, pending_reason, attempt, task_failures, infra_failures, "
+    )
+    cols += "worker, error, result, excluded_workers, created_at, assigned_at, started_at, finished_at"
+    rows = [
+        ("mi/a", "mi", "a", "a", "x.a", "bem", 1, '{"lr": 0.1}', [], 8.0, None, 60.0, 2, 5, "succeeded", None,
+         2, 1, 0, "g2", None, '{"values": {"r": 1.0}}', '["g1"]', 1.0, 2.0, 3.0, 4.0),
+        ("mi/b", "mi", "b", "b", "x.b", None, None, "{}", ["mi/a"], 0.0, "H100", 60.0, 2, 5, "pending",
+         "retry_after_oom", 3, 2, 0, None, "oom", None, '["g1", "g2"]', 1.1, None, None, None),
+        ("mi/c", "mi", "c", "c", "x.c", None, None, "{}", ["mi/a"], 0.0, None, 60.0, 2, 5, "pending",
+         "waiting_for_deps", 1, 0, 0, None, None, None, "[]", 1.2, None, None, None),
+    ]  # fmt: skip
+    con.executemany(f"INSERT INTO tasks ({cols}) VALUES ({', '.join('?' * 27)})", rows)
+    # An even older database, from before two fields existed: their columns are added.
+    con.execute("ALTER TABLE tasks DROP COLUMN infra_failures")
+    con.execute("ALTER TABLE tasks DROP COLUMN started_at")
+    con.close()
+
+    store = Store(path)
+    assert store.query("SELECT max(version) AS v FROM schema_version")[0]["v"] == len(MIGRATIONS) == 3
+    assert sorted(task_columns(store)) == sorted(TASK_COLUMNS.items())
+    got = {r["task_id"]: r for r in store.query("SELECT * FROM tasks")}
+    assert {k: v["excluded_workers"] for k, v in got.items()} == {
+        "mi/a": ["g1"], "mi/b": ["g1", "g2"], "mi/c": []
+    }  # fmt: skip
+    tasks = {k: task_from_row(r) for k, r in got.items()}
+    a, b = tasks["mi/a"], tasks["mi/b"]
+    assert (a.params, a.result, a.arm, a.seed, a.worker, a.finished_at) == (
+        {"lr": 0.1}, {"values": {"r": 1.0}}, "bem", 1, "g2", 4.0
+    )  # fmt: skip
+    assert a.infra_failures == 0 and a.started_at is None  # added columns: the fields' defaults
+    assert (b.deps, b.gpu_class, b.pending_reason, b.attempt, b.task_failures, b.excluded_workers) == (
+        ["mi/a"], "H100", "retry_after_oom", 3, 2, ["g1", "g2"]
+    )  # fmt: skip
+    # And it is written to like a new one.
+    store.apply(task_updates=[("mi/c", {"excluded_workers": ["g3"], "state": "assigned"})])
+    assert task_from_row(store.query("SELECT * FROM tasks WHERE task_id = 'mi/c'")[0]).excluded_workers == [
+        "g3"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "column"),
+    [
+        ("ALTER TABLE tasks ALTER attempt SET DATA TYPE VARCHAR", "'attempt' is VARCHAR"),
+        ("ALTER TABLE tasks ALTER params SET DATA TYPE VARCHAR", "'params' is VARCHAR"),
+        ("ALTER TABLE tasks ADD COLUMN priority INTEGER", "'priority' (INTEGER) is not a field"),
+    ],
+)
+def test_a_column_that_disagrees_with_the_struct_is_refused(tmp_path: Path, change: str, column: str) -> None:
+    Store(tmp_path / "f.duckdb").close()
+    con = duckdb.connect(str(tmp_path / "f.duckdb"))
+    con.execute(change)
+    con.close()
+    with pytest.raises(SchemaMismatch, match="migration") as err:
+        Store(tmp_path / "f.duckdb")
+    assert f"tasks column {column}" in str(err.value)

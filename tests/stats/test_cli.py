@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from stats.gates import Claim, GateSpec, evaluate
+from stats.gates import compare as compare_arms
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +48,11 @@ def test_json_output_is_the_gate_evaluation(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     spec = GateSpec(
-        claims=(Claim("em", "em", "bem", "base"), Claim("f1", "f1", "bem", "base")), n_resamples=2000
+        claims=(
+            Claim(name="em", metric="em", variant="bem", baseline="base"),
+            Claim(name="f1", metric="f1", variant="bem", baseline="base"),
+        ),
+        n_resamples=2000,
     )
     want = evaluate(spec, df)
     assert got["verdict"] == want.verdict == "reject"  # em improves, f1 is noise: rule "all" fails
@@ -54,7 +60,32 @@ def test_json_output_is_the_gate_evaluation(tmp_path) -> None:
     for d in want.decisions:
         assert by_gate[d.gate]["outcome"] == d.outcome
         assert by_gate[d.gate]["p_adjusted"] == d.p_adjusted
+        assert by_gate[d.gate]["low"] == d.low and by_gate[d.gate]["interval"] == d.interval
     assert by_gate["em"]["outcome"] == "pass" and by_gate["em"]["high"] is None  # +inf written as null
+
+
+def test_the_command_is_gates_compare(tmp_path) -> None:
+    """`stats.gates.compare` (which `python -m bem validate` calls too) builds the spec written out by hand
+    above, and the command prints its decisions: one path, so the same table gets the same interval."""
+    df = write_scores(tmp_path / "scores.parquet")
+    shared = compare_arms(df, "base", "bem", n_resamples=2000)
+    spec = GateSpec(
+        claims=(
+            Claim(name="em", metric="em", variant="bem", baseline="base"),
+            Claim(name="f1", metric="f1", variant="bem", baseline="base"),
+        ),
+        n_resamples=2000,
+    )
+    assert shared == evaluate(spec, df)  # default metrics: every one both arms have, sorted
+    out = compare(tmp_path / "scores.parquet", "--metric", "f1", "--json", "--seed", "5")
+    assert out.returncode == 0, out.stderr
+    (got,) = json.loads(out.stdout)["decisions"]
+    (want,) = compare_arms(df, "base", "bem", ["f1"], n_resamples=2000, seed=5).decisions
+    assert (got["estimate"], got["low"], got["high"], got["p_adjusted"], got["interval"]) == (
+        want.estimate, want.low, want.high, want.p_adjusted, want.interval
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="arm 'ghost' is not in the score table"):
+        compare_arms(df, "base", "ghost")
 
 
 def test_table_output_and_metric_selection(tmp_path) -> None:

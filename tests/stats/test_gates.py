@@ -1,5 +1,8 @@
 """Gate specs into decisions and verdicts: BH family, guards as an IUT, the Monte-Carlo re-run rule."""
 
+import re
+
+import msgspec
 import numpy as np
 import pandas as pd
 import pytest
@@ -170,6 +173,34 @@ def test_bad_specs_are_refused() -> None:
         Guard("g", "value", "x", low=2, high=1)
     with pytest.raises(ValueError, match="lacks column"):
         evaluate(GateSpec(claims=claims("em")), pd.DataFrame({"x": [1]}))
+
+
+def test_a_spec_is_also_converted_from_a_table_with_the_same_checks() -> None:
+    """The Structs are the one definition of a mission's [gates] table: msgspec converts it strictly,
+    and a check failing in `__post_init__` comes back with the path of the entry that failed."""
+    raw = {
+        "q": 0.1,
+        "n_resamples": 2000,
+        "claims": [{"name": "em", "metric": "em", "variant": "bem", "baseline": "base", "min_effect": 0}],
+        "guards": [{"name": "p", "statistic": "value", "metric": "ratio", "high": 1}],
+    }
+    spec = msgspec.convert(raw, GateSpec, strict=True)
+    assert spec == GateSpec(claims("em"), (Guard("p", "value", "ratio", high=1.0),), q=0.1, n_resamples=2000)
+    assert spec.guards[0] == Guard(name="p", statistic="value", metric="ratio", high=1.0)  # by keyword too
+    assert msgspec.convert({"guards": raw["guards"]}, GateSpec).claims == ()  # guards only
+    with pytest.raises(AttributeError):
+        spec.q = 0.5  # type: ignore[misc]  # frozen
+    bad = [
+        ({**raw, "guards": [*raw["guards"], {"name": "g", "statistic": "delta", "metric": "em", "low": 0}]},
+         "needs a variant arm - at `$.guards[1]`"),
+        ({**raw, "claims": [{**raw["claims"][0], "typo": 1}]}, "unknown field `typo` - at `$.claims[0]`"),
+        ({**raw, "claims": raw["claims"] * 2}, "gate names must be unique"),
+        ({**raw, "fdr": "holm"}, "at `$.fdr`"),
+        ({**raw, "q": "0.1"}, "Expected `float`, got `str` - at `$.q`"),
+    ]  # fmt: skip
+    for table, message in bad:
+        with pytest.raises(msgspec.ValidationError, match=re.escape(message)):
+            msgspec.convert(table, GateSpec, strict=True)
 
 
 def test_guard_kinds_on_known_data() -> None:

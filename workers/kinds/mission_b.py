@@ -1,5 +1,6 @@
 """Mission B's kind: an online learner serves a prompt stream (or a clean soak) and obeys the fleet's
-drift monitor and canary gate, whose promote and rollback commands reach it through the reporter."""
+promotion service (drift monitor and canary gate), whose promote and rollback commands reach it
+through the reporter; the service's thresholds reach it in `params["services"]["promotion"]`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def stream(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         **run_args(params, ctx),
         mode=params.get("mode", "stream"),
         learner_overrides=params.get("learner"),
+        rules=(params.get("services") or {}).get("promotion"),  # the thresholds fleetd's service applies
         sabotage_at=None if sabotage is None else int(sabotage),
         pace_s=float(params.get("pace_s", 0.0)),
         soak_s=None if params.get("soak_s") is None else float(params["soak_s"]),

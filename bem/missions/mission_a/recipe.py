@@ -20,20 +20,21 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bem.core.attach import Attachment, attach_bems
 from bem.core.cache import RouterDecision, cache_safety_rate, codes_constant_in_chunks, kv_hit_ratio
 from bem.core.chunked import read_hidden
 from bem.core.models import load_model
-from bem.core.parity import Cost, adapter_parameters, linear_flops, parity
+from bem.core.parity import Cost, Parity, adapter_parameters, linear_flops, parity
 from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
 from bem.core.routing import chunk_means, lag_chunks, num_chunks
 from bem.core.train import LORA_RANK, lora_factors, train_lora
@@ -280,7 +281,443 @@ def plan_codes(blocks: Blocks, actions: list[MacroAction]) -> list[dict[str, Ten
     return [action_code(blocks, a, EXPERTS[a.expert]) for a in actions]
 
 
+# ---- the run's shared state -----------------------------------------------------------------------
+
+Factors = dict[str, dict[str, tuple[Tensor, Tensor]]]  # adapter -> site -> LoRA (A: r×d_in, B: d_out×r)
+Trace = tuple[skills.SkillExample, Tensor, int]  # a training example, its router features [K, d], K
+Stream = tuple[list[int], list[np.ndarray]]  # a request's token ids and the code bytes of its chunks
+
+
+@dataclass(frozen=True)
+class Data:
+    """One seed's examples; DATA_SEED fixes them, so test example_ids pair across training seeds."""
+
+    single: dict[str, list[skills.SkillExample]]  # per expert, its skill's training examples
+    composite: list[skills.SkillExample]  # composite training set (the router and the fused LoRA)
+    test: list[skills.SkillExample]  # composite test set
+
+
+def make_data(prof: Profile) -> Data:
+    """The single-skill training sets, the composite training set and the composite test set."""
+    single = {
+        s: skills.make_mixture(kinds, "train", prof.n_single, DATA_SEED)
+        for s, kinds in skills.SINGLE_SKILL.items()
+    }
+    composite = skills.make_mixture(skills.COMPOSITE, "train", prof.n_composite, DATA_SEED)
+    test = skills.make_mixture(skills.COMPOSITE, "test", prof.n_test, DATA_SEED)
+    return Data(single, composite, test)
+
+
+@dataclass(frozen=True)
+class Composed:
+    """What the router's phases share: the frozen base with every adapter loaded as an SVD block, the
+    layer the router reads, and how many tokens an answer may take (`cap`, set from the composite
+    training targets, never test ones)."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    att: Attachment
+    blocks: Blocks
+    layer: int
+    cap: int
+
+    @cached_property
+    def fused_code(self) -> dict[str, Tensor]:
+        """The fused arm's code, the same at every chunk: its block exactly as trained (built once, so
+        the fused arm's latency does not include building it)."""
+        return fixed_code(self.blocks, "fused")
+
+    def n_tokens(self, ex: skills.SkillExample) -> int:
+        """An episode's length in tokens: the prompt, then the longest answer it may write."""
+        return len(self.tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]) + self.cap
+
+    def episode_inputs(self, ex: skills.SkillExample) -> tuple[Tensor, int]:
+        """The router's per-chunk features for the whole episode, and its number of chunks."""
+        k = num_chunks(self.n_tokens(ex), CHUNK)
+        return chunk_features(self.model, self.att, self.tokenizer, ex, k, self.layer), k
+
+    def answer(self, prompt: str, chunk_codes: list[dict[str, Tensor]]) -> str:
+        """Greedy decoding of up to `cap` new tokens, each chunk under its code."""
+        return decode(self.model, self.tokenizer, self.att, prompt, chunk_codes, self.cap)
+
+
+# ---- step 1: the adapters, at parity --------------------------------------------------------------
+
+
+def train_experts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Data,
+    prof: Profile,
+    gen: torch.Generator,
+    reporter: Reporter,
+) -> Factors:
+    """One static LoRA (r 8) per skill, trained on that skill's single-skill data."""
+    factors: Factors = {}
+    for skill in EXPERTS:
+        peft_model = train_lora(
+            model, tokenizer, data.single[skill], rank=LORA_RANK, steps=prof.lora_steps, lr=prof.lora_lr,
+            batch_size=prof.batch_size, generator=gen, reporter=reporter, name=f"expert_{skill}",
+        )  # fmt: skip
+        factors[skill] = lora_factors(peft_model)
+        del peft_model
+    return factors
+
+
+def new_policy(model: PreTrainedModel, prof: Profile) -> MacroPolicy:
+    """The router, untrained; built before the fused LoRA because its size is part of the budget."""
+    d_model = model.config.hidden_size
+    return MacroPolicy(
+        d_model, len(EXPERTS), d_model=prof.policy_width, n_layers=prof.policy_layers, n_heads=4
+    ).to(torch.float32)
+
+
+def _expert_parameters(factors: Factors) -> int:
+    return sum(a.numel() + b.numel() for name in EXPERTS for a, b in factors[name].values())
+
+
+def fused_rank_for(factors: Factors, policy: MacroPolicy) -> int:
+    """The fused rank whose parameters match the experts' plus the router's (to the nearest rank)."""
+    per_rank = sum(a.shape[1] + b.shape[0] for a, b in factors[EXPERTS[0]].values())  # per unit of rank
+    return max(1, round((_expert_parameters(factors) + adapter_parameters([policy])) / per_rank))
+
+
+def train_fused(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Data,
+    rank: int,
+    prof: Profile,
+    gen: torch.Generator,
+    reporter: Reporter,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The baseline: one LoRA of the parity rank on every single-skill example plus the composite set."""
+    peft_model = train_lora(
+        model, tokenizer, [e for s in data.single.values() for e in s] + data.composite, rank=rank,
+        steps=2 * prof.lora_steps, lr=prof.lora_lr, batch_size=prof.batch_size, generator=gen,
+        reporter=reporter, name="fused",
+    )  # fmt: skip
+    return lora_factors(peft_model)
+
+
+def train_adapters(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Data,
+    prof: Profile,
+    gen: torch.Generator,
+    reporter: Reporter,
+) -> tuple[Factors, MacroPolicy, int]:
+    """The experts, then the router (untrained; its size sets the fused rank), then the fused LoRA.
+
+    Returns every adapter's factors (the experts, then "fused"), the router and the fused rank.
+    """
+    factors = train_experts(model, tokenizer, data, prof, gen, reporter)
+    policy = new_policy(model, prof)
+    fused_rank = fused_rank_for(factors, policy)
+    factors["fused"] = train_fused(model, tokenizer, data, fused_rank, prof, gen, reporter)
+    return factors, policy, fused_rank
+
+
+def adapter_parity(factors: Factors, policy: MacroPolicy, fused_rank: int) -> Parity:
+    """Experts plus router against the fused LoRA: parameters, and FLOPs per token (the router runs
+    once per chunk)."""
+    sites = [(a.shape[1], b.shape[0]) for a, b in factors[EXPERTS[0]].values()]
+    ar_cost = Cost(
+        _expert_parameters(factors) + adapter_parameters([policy]),
+        2 * sum(LORA_RANK * (i + o) for i, o in sites) + linear_flops(policy) / CHUNK,
+    )
+    fused_cost = Cost(
+        sum(a.numel() + b.numel() for a, b in factors["fused"].values()),
+        2 * sum(fused_rank * (i + o) for i, o in sites),
+    )
+    return parity(ar_cost, fused_cost)
+
+
+# ---- step 2: every adapter a block ----------------------------------------------------------------
+
+
+def answer_cap(tokenizer: PreTrainedTokenizerBase, composite: list[skills.SkillExample]) -> int:
+    """Tokens an answer may take: the longest composite training target's, and 4 to spare."""
+    return max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in composite) + 4
+
+
+def compose(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, factors: Factors, data: Data
+) -> Composed:
+    """Step 2: every adapter as a block in SVD form; the router reads the middle layer."""
+    att, blocks = load_blocks(model, factors)
+    cap = answer_cap(tokenizer, data.composite)
+    return Composed(model, tokenizer, att, blocks, model.config.num_hidden_layers // 2, cap)
+
+
+# ---- step 3: AR0 (behaviour cloning), AR1 (PPO) ---------------------------------------------------
+
+
+def teacher_labels(
+    c: Composed, policy: MacroPolicy, train_set: list[Trace], rng: random.Random
+) -> list[tuple[Tensor, list[MacroAction]]]:
+    """The teacher labels each training trace once (its noise and copies are part of the data): the
+    policy's states under the teacher's own previous actions, and the teacher's action per chunk."""
+    labelled = []
+    for ex, feats, k in train_set:
+        gold = teacher_actions(region_skills(ex, c.tokenizer, k), rng)
+        states = policy.states(feats, [planner.default_action(len(EXPERTS)), *gold[:-1]])
+        labelled.append((states, gold))
+    return labelled
+
+
+def bc_batch(
+    part: list[tuple[Tensor, list[MacroAction]]],
+) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    """Traces padded to the longest: states, per-head targets, biases, and the mask of real chunks."""
+    k_max = max(st.shape[0] for st, _ in part)
+    states = torch.stack([_pad(st, k_max) for st, _ in part])
+    targets = {
+        h: torch.stack([_pad(torch.tensor([a.heads()[h] for a in g]), k_max) for _, g in part])
+        for h in planner.HEADS
+    }
+    bias = torch.stack([_pad(torch.tensor([a.bias for a in g]), k_max) for _, g in part])
+    mask = torch.stack([_pad(torch.ones(len(g)), k_max) for _, g in part])
+    return states, targets, bias, mask
+
+
+def behaviour_clone(
+    policy: MacroPolicy,
+    labelled: list[tuple[Tensor, list[MacroAction]]],
+    prof: Profile,
+    rng: random.Random,
+    reporter: Reporter,
+) -> list[float]:
+    """AR0: the policy learns the teacher's per-chunk actions; returns each epoch's mean BC loss."""
+    policy.train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=prof.bc_lr)
+    bc_losses = []
+    for epoch in range(prof.bc_epochs):
+        order = list(range(len(labelled)))
+        rng.shuffle(order)
+        total, batches = 0.0, 0
+        for lo in range(0, len(order), prof.bc_batch):
+            states, targets, bias, mask = bc_batch([labelled[i] for i in order[lo : lo + prof.bc_batch]])
+            loss = planner.bc_loss(policy(states), targets, bias, mask)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, batches = total + loss.item(), batches + 1
+        bc_losses.append(total / batches)
+        reporter.metric("ar0/bc_loss", bc_losses[-1], epoch)
+        reporter.progress("train AR0", epoch + 1, prof.bc_epochs)
+        check_cancelled(reporter)
+    policy.eval()
+    return bc_losses
+
+
+def ppo_episode(
+    c: Composed, policy: MacroPolicy, trace: Trace, gen: torch.Generator
+) -> tuple[planner.Episode, Tensor]:
+    """One sampled plan, decoded and scored; the task reward (less flips) lands on the last chunk."""
+    ex, feats, k = trace
+    ep = planner.rollout(policy, feats, greedy=False, generator=gen)
+    pred = c.answer(ex.prompt, plan_codes(c.blocks, ep.actions))
+    em, f1 = metrics.score(pred, ex.golds)
+    reward = torch.zeros(k)
+    reward[-1] = planner.reward((em + f1) / 2, ep.flip_rate, 1.0)
+    return ep, reward
+
+
+def train_ppo(
+    c: Composed,
+    policy: MacroPolicy,
+    train_set: list[Trace],
+    prof: Profile,
+    rng: random.Random,
+    gen: torch.Generator,
+    reporter: Reporter,
+) -> list[dict[str, Any]]:
+    """AR1: PPO on the task reward, starting from AR0, with the KL early stop; returns each update's stats."""
+    ppo_opt = torch.optim.Adam(policy.parameters(), lr=prof.policy_lr)
+    ppo_stats = []
+    for it in range(prof.ppo_iterations):
+        picks = [train_set[rng.randrange(len(train_set))] for _ in range(prof.ppo_episodes)]
+        played = [ppo_episode(c, policy, trace, gen) for trace in picks]
+        eps, rewards = [ep for ep, _ in played], [r for _, r in played]
+        k_max = max(ep.states.shape[0] for ep in eps)
+        batch = _ppo_batch(eps, rewards, k_max)
+        policy.train()
+        stats = planner.ppo_update(policy, ppo_opt, batch)
+        policy.eval()
+        ppo_stats.append(asdict(stats))
+        reporter.metric("ar1/mean_reward", float(torch.stack([r.sum() for r in rewards]).mean()), it)
+        reporter.metric("ar1/kl", stats.kl, it)
+        reporter.progress("train AR1", it + 1, prof.ppo_iterations)
+        check_cancelled(reporter)
+    return ppo_stats
+
+
+# ---- step 4: evaluate every arm -------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """What evaluating the arms collects: per-example score rows, and per arm what the per-run scores
+    are made of."""
+
+    rows: list[ScoreRow] = field(default_factory=list)
+    per_arm: dict[str, dict[str, float]] = field(default_factory=dict)
+    streams: dict[str, list[Stream]] = field(default_factory=lambda: {arm: [] for arm in ARMS})
+    decisions: dict[str, list[RouterDecision]] = field(default_factory=lambda: {arm: [] for arm in ARMS})
+    swap_rate: dict[str, float] = field(default_factory=dict)
+
+
+def answer_as(
+    c: Composed, policy: MacroPolicy, arm: str, ex: skills.SkillExample
+) -> tuple[str, planner.Episode | None, float]:
+    """`ex` answered by `arm` (the fused code throughout, or the router's greedy plan), with the plan
+    and the seconds it took."""
+    t0 = time.perf_counter()
+    if arm == "fused":
+        pred = c.answer(ex.prompt, [c.fused_code] * num_chunks(c.n_tokens(ex), CHUNK))
+        return pred, None, time.perf_counter() - t0
+    feats, _ = c.episode_inputs(ex)
+    plan = planner.rollout(policy, feats, greedy=True)
+    pred = c.answer(ex.prompt, plan_codes(c.blocks, plan.actions))
+    return pred, plan, time.perf_counter() - t0
+
+
+def router_decisions(c: Composed, ex: skills.SkillExample, episode: planner.Episode) -> list[RouterDecision]:
+    """The plan's decisions, each marked with whether the code changed inside a chunk: measured on the
+    codes decoding used, not assumed from how they were built."""
+    used = token_codes(plan_codes(c.blocks, episode.actions), c.n_tokens(ex), torch.float64)
+    changed = not all(codes_constant_in_chunks(code, CHUNK) for code in used.values())
+    return [
+        RouterDecision(code_changed_inside_chunk=changed, span=a.chunks, bias_scale=a.bias)
+        for i, a in enumerate(episode.actions)
+        if episode.decided[i]
+    ]
+
+
+def score_test_set(
+    c: Composed, policy: MacroPolicy, arm: str, test: list[skills.SkillExample], seed: int, ev: Evaluation
+) -> None:
+    """Every test example under `arm`: EM, F1, plan length, flips and latency rows, and its decisions."""
+    ems = []
+    for ex in test:
+        pred, episode, seconds = answer_as(c, policy, arm, ex)
+        em, f1 = metrics.score(pred, ex.golds)
+        ems.append(em)
+        plan_len = episode.plan_length if episode else 1
+        flips = episode.flip_rate if episode else 0.0
+        for metric, value in (
+            ("em", em),
+            ("f1", f1),
+            ("plan_length", plan_len),
+            ("flip_rate", flips),
+            ("latency_ms", 1e3 * seconds),
+        ):
+            ev.rows.append(ScoreRow(ex.example_id, arm, seed, metric, float(value)))
+        if episode:
+            ev.decisions[arm] += router_decisions(c, ex, episode)
+    ev.per_arm[arm] = {"em": float(np.mean(ems))}
+
+
+def kv_streams(
+    c: Composed,
+    policy: MacroPolicy,
+    arm: str,
+    test: list[skills.SkillExample],
+    kv_features: dict[str, Tensor],
+) -> list[Stream]:
+    """KV-hit traffic: each test prompt, then a sibling asking about the same context (a shared prefix).
+
+    `kv_features` caches the router's features per prompt across arms: they do not depend on the arm.
+    """
+    streams = []
+    for i, ex in enumerate(test):
+        sibling = replace(test[(i + 1) % len(test)], table=ex.table)
+        for req in (ex, sibling):
+            ids = c.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+            k = num_chunks(len(ids), CHUNK)
+            if arm == "fused":
+                codes = [c.fused_code] * k
+            else:
+                if req.prompt not in kv_features:
+                    kv_features[req.prompt] = c.episode_inputs(req)[0]
+                plan = planner.rollout(policy, kv_features[req.prompt], greedy=True)
+                codes = plan_codes(c.blocks, plan.actions)
+            streams.append((ids, [_code_bytes(code) for code in codes[:k]]))
+    return streams
+
+
+def index_swap_rate(
+    c: Composed, policy: MacroPolicy, arm: str, swap_set: list[skills.SkillExample], seed: int
+) -> float:
+    """The share of the index-swap monotonicity checks `arm` passes (mean of EM and F1 per condition)."""
+    by_swap: dict[str, list[float]] = {s: [] for s in skills.SWAPS}
+    for ex in swap_set:
+        for cond, variant in skills.index_swaps(ex, seed).items():
+            pred, _, _ = answer_as(c, policy, arm, variant)
+            by_swap[cond].append(sum(metrics.score(pred, variant.golds)) / 2)
+    checks = metrics.monotonicity({cond: float(np.mean(v)) for cond, v in by_swap.items()})
+    return metrics.pass_rate(checks)
+
+
+def evaluate_arms(
+    c: Composed,
+    policy: MacroPolicy,
+    weights: dict[str, dict[str, Tensor]],
+    data: Data,
+    prof: Profile,
+    seed: int,
+    reporter: Reporter,
+) -> Evaluation:
+    """Every arm on the composite test set, then its KV-hit traffic and the index swaps; the router
+    arms load their policy `weights` (AR0, AR1) first."""
+    ev = Evaluation()
+    kv_features: dict[str, Tensor] = {}
+    by_kind = {kind: [e for e in data.test if e.kind == kind] for kind in skills.COMPOSITE}
+    swap_set = [ex for kind in skills.COMPOSITE for ex in by_kind[kind][: prof.n_swap]]
+    for arm in ARMS:
+        if arm != "fused":
+            policy.load_state_dict(weights[arm])
+        score_test_set(c, policy, arm, data.test, seed, ev)
+        ev.streams[arm] = kv_streams(c, policy, arm, data.test, kv_features)
+        ev.swap_rate[arm] = index_swap_rate(c, policy, arm, swap_set, seed)
+        reporter.progress("evaluate", ARMS.index(arm) + 1, len(ARMS))
+        check_cancelled(reporter)
+    return ev
+
+
+def run_rows(ev: Evaluation, seed: int) -> tuple[list[ScoreRow], dict[str, float]]:
+    """The per-run scores, example_id run-seed{seed}: KV-hit against the fused arm, index-swap pass rate,
+    cache-safety rate; and the KV-hit ratios for the summary."""
+    run_id = f"run-seed{seed}"
+    kv = {arm: kv_hit_ratio(ev.streams[arm], ev.streams["fused"], CHUNK) for arm in ARMS}
+    rows = []
+    for arm in ARMS:
+        safety = cache_safety_rate(ev.decisions[arm]) if ev.decisions[arm] else 1.0
+        for metric, value in (
+            ("kv_hit_ratio", kv[arm]),
+            ("index_swap_pass", ev.swap_rate[arm]),
+            ("cache_safety_rate", safety),
+        ):
+            rows.append(ScoreRow(run_id, arm, seed, metric, float(value)))
+    return rows, kv
+
+
 # ---- the run --------------------------------------------------------------------------------------
+
+
+def save_results(out: Path, reporter: Reporter, summary: dict[str, Any], rows: list[ScoreRow]) -> None:
+    """The score rows to the reporter, then summary.json and scores.parquet as artifacts."""
+    reporter.scores(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    reporter.artifact(out / "summary.json", "summary")
+    write_scores(rows, out / "scores.parquet")
+    reporter.artifact(out / "scores.parquet", "scores")
+
+
+def _snapshot(policy: MacroPolicy) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}
 
 
 def run_mission_a(
@@ -292,7 +729,11 @@ def run_mission_a(
     reporter: Reporter,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """One seed end to end; per-example score rows go to the reporter; returns the run summary."""
+    """One seed end to end; per-example score rows go to the reporter; returns the run summary.
+
+    Each random stream is drawn in a fixed order: torch's global one (dropout, the policy's initial
+    weights), `gen` (LoRA minibatches, PPO's plans), `rng` (the teacher, BC's shuffles, PPO's picks).
+    """
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,218 +741,35 @@ def run_mission_a(
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     laps = Laps()
-
     model, tokenizer = load_model(base_path, device=device)
     model.requires_grad_(False)
-    layer = model.config.num_hidden_layers // 2
-    single = {
-        s: skills.make_mixture(kinds, "train", prof.n_single, DATA_SEED)
-        for s, kinds in skills.SINGLE_SKILL.items()
-    }
-    composite = skills.make_mixture(skills.COMPOSITE, "train", prof.n_composite, DATA_SEED)
-    test = skills.make_mixture(skills.COMPOSITE, "test", prof.n_test, DATA_SEED)
-    cap = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in composite) + 4
+    data = make_data(prof)
 
-    # 1. experts, then the router (its size sets the fused rank), then the fused LoRA.
-    factors: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
-    for skill in EXPERTS:
-        peft_model = train_lora(
-            model, tokenizer, single[skill], rank=LORA_RANK, steps=prof.lora_steps, lr=prof.lora_lr,
-            batch_size=prof.batch_size, generator=gen, reporter=reporter, name=f"expert_{skill}",
-        )  # fmt: skip
-        factors[skill] = lora_factors(peft_model)
-        del peft_model
-    d_model = model.config.hidden_size
-    policy = MacroPolicy(
-        d_model, len(EXPERTS), d_model=prof.policy_width, n_layers=prof.policy_layers, n_heads=4
-    ).to(torch.float32)
-    expert_params = sum(a.numel() + b.numel() for f in factors.values() for a, b in f.values())
-    per_rank = sum(a.shape[1] + b.shape[0] for a, b in factors[EXPERTS[0]].values())  # per unit of rank
-    fused_rank = max(1, round((expert_params + adapter_parameters([policy])) / per_rank))
-    peft_model = train_lora(
-        model, tokenizer, [e for s in single.values() for e in s] + composite, rank=fused_rank,
-        steps=2 * prof.lora_steps, lr=prof.lora_lr, batch_size=prof.batch_size, generator=gen,
-        reporter=reporter, name="fused",
-    )  # fmt: skip
-    factors["fused"] = lora_factors(peft_model)
-    del peft_model
+    # 1. The experts, then the router (its size sets the fused rank), then the fused LoRA.
+    factors, policy, fused_rank = train_adapters(model, tokenizer, data, prof, gen, reporter)
     laps.lap("train_adapters")
+    # 2. All four as blocks in SVD form.
+    c = compose(model, tokenizer, factors, data)
+    par = adapter_parity(factors, policy, fused_rank)
 
-    att, blocks = load_blocks(model, factors)
-    sites = [(a.shape[1], b.shape[0]) for a, b in factors[EXPERTS[0]].values()]
-    ar_cost = Cost(
-        expert_params + adapter_parameters([policy]),
-        2 * sum(LORA_RANK * (i + o) for i, o in sites) + linear_flops(policy) / CHUNK,
-    )
-    fused_cost = Cost(
-        sum(a.numel() + b.numel() for a, b in factors["fused"].values()),
-        2 * sum(fused_rank * (i + o) for i, o in sites),
-    )
-    par = parity(ar_cost, fused_cost)
-
-    # 2. AR0: behaviour cloning on the teacher's plans.
-    def episode_inputs(ex: skills.SkillExample) -> tuple[Tensor, int]:
-        n_tokens = len(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]) + cap
-        k = num_chunks(n_tokens, CHUNK)
-        return chunk_features(model, att, tokenizer, ex, k, layer), k
-
-    train_set = [(ex, *episode_inputs(ex)) for ex in composite]
-    # The teacher labels each training trace once (its noise and copies are part of the data).
-    labelled = []
-    for ex, feats, k in train_set:
-        gold = teacher_actions(region_skills(ex, tokenizer, k), rng)
-        states = policy.states(feats, [planner.default_action(len(EXPERTS)), *gold[:-1]])
-        labelled.append((states, gold))
-    policy.train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=prof.bc_lr)
-    bc_losses = []
-    for epoch in range(prof.bc_epochs):
-        order = list(range(len(labelled)))
-        rng.shuffle(order)
-        total, batches = 0.0, 0
-        for lo in range(0, len(order), prof.bc_batch):
-            part = [labelled[i] for i in order[lo : lo + prof.bc_batch]]
-            k_max = max(st.shape[0] for st, _ in part)
-            states = torch.stack([_pad(st, k_max) for st, _ in part])
-            targets = {
-                h: torch.stack([_pad(torch.tensor([a.heads()[h] for a in g]), k_max) for _, g in part])
-                for h in planner.HEADS
-            }
-            bias = torch.stack([_pad(torch.tensor([a.bias for a in g]), k_max) for _, g in part])
-            mask = torch.stack([_pad(torch.ones(len(g)), k_max) for _, g in part])
-            loss = planner.bc_loss(policy(states), targets, bias, mask)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, batches = total + loss.item(), batches + 1
-        bc_losses.append(total / batches)
-        reporter.metric("ar0/bc_loss", bc_losses[-1], epoch)
-        reporter.progress("train AR0", epoch + 1, prof.bc_epochs)
-        check_cancelled(reporter)
-    policy.eval()
-    ar0 = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    # 3. AR0: behaviour cloning on the teacher's plans; AR1: PPO from AR0.
+    train_set = [(ex, *c.episode_inputs(ex)) for ex in data.composite]
+    bc_losses = behaviour_clone(policy, teacher_labels(c, policy, train_set, rng), prof, rng, reporter)
+    ar0 = _snapshot(policy)
     laps.lap("train_ar0")
-
-    # 3. AR1: PPO on the task reward, starting from AR0.
-    ppo_opt = torch.optim.Adam(policy.parameters(), lr=prof.policy_lr)
-    ppo_stats = []
-    for it in range(prof.ppo_iterations):
-        picks = [train_set[rng.randrange(len(train_set))] for _ in range(prof.ppo_episodes)]
-        eps, rewards = [], []
-        for ex, feats, k in picks:
-            ep = planner.rollout(policy, feats, greedy=False, generator=gen)
-            pred = decode(model, tokenizer, att, ex.prompt, plan_codes(blocks, ep.actions), cap)
-            em, f1 = metrics.score(pred, ex.golds)
-            r = torch.zeros(k)
-            r[-1] = planner.reward((em + f1) / 2, ep.flip_rate, 1.0)
-            eps.append(ep)
-            rewards.append(r)
-        k_max = max(ep.states.shape[0] for ep in eps)
-        batch = _ppo_batch(eps, rewards, k_max)
-        policy.train()
-        stats = planner.ppo_update(policy, ppo_opt, batch)
-        policy.eval()
-        ppo_stats.append(asdict(stats))
-        reporter.metric("ar1/mean_reward", float(torch.stack([r.sum() for r in rewards]).mean()), it)
-        reporter.metric("ar1/kl", stats.kl, it)
-        reporter.progress("train AR1", it + 1, prof.ppo_iterations)
-        check_cancelled(reporter)
-    ar1 = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    ppo_stats = train_ppo(c, policy, train_set, prof, rng, gen, reporter)
+    ar1 = _snapshot(policy)
     laps.lap("train_ar1")
 
-    # 4. Evaluate every arm on the composite test set, then the index swaps.
-    rows: list[ScoreRow] = []
-    streams: dict[str, list[tuple[list[int], list[np.ndarray]]]] = {arm: [] for arm in ARMS}
-    decisions: dict[str, list[RouterDecision]] = {arm: [] for arm in ARMS}
-    per_arm: dict[str, dict[str, float]] = {}
-    swap_rate: dict[str, float] = {}
-    fused_code = fixed_code(blocks, "fused")
-    kv_features: dict[str, Tensor] = {}
-    swap_set = [ex for kind in skills.COMPOSITE for ex in [e for e in test if e.kind == kind][: prof.n_swap]]
-    for arm in ARMS:
-        if arm != "fused":
-            policy.load_state_dict(ar0 if arm == "AR0" else ar1)
-
-        def run(ex: skills.SkillExample, arm: str = arm) -> tuple[str, planner.Episode | None, float]:
-            t0 = time.perf_counter()
-            if arm == "fused":
-                feats_k = num_chunks(
-                    len(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]) + cap, CHUNK
-                )
-                pred = decode(model, tokenizer, att, ex.prompt, [fused_code] * feats_k, cap)
-                return pred, None, time.perf_counter() - t0
-            feats, _ = episode_inputs(ex)
-            plan = planner.rollout(policy, feats, greedy=True)
-            pred = decode(model, tokenizer, att, ex.prompt, plan_codes(blocks, plan.actions), cap)
-            return pred, plan, time.perf_counter() - t0
-
-        ems = []
-        for ex in test:
-            pred, episode, seconds = run(ex)
-            em, f1 = metrics.score(pred, ex.golds)
-            ems.append(em)
-            plan_len = episode.plan_length if episode else 1
-            flips = episode.flip_rate if episode else 0.0
-            for metric, value in (
-                ("em", em),
-                ("f1", f1),
-                ("plan_length", plan_len),
-                ("flip_rate", flips),
-                ("latency_ms", 1e3 * seconds),
-            ):
-                rows.append(ScoreRow(ex.example_id, arm, seed, metric, float(value)))
-            if episode:
-                # Measured on the codes decoding used, not assumed from how they were built.
-                n_tokens = len(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]) + cap
-                used = token_codes(plan_codes(blocks, episode.actions), n_tokens, torch.float64)
-                changed = not all(codes_constant_in_chunks(c, CHUNK) for c in used.values())
-                decisions[arm] += [
-                    RouterDecision(code_changed_inside_chunk=changed, span=a.chunks, bias_scale=a.bias)
-                    for i, a in enumerate(episode.actions)
-                    if episode.decided[i]
-                ]
-        per_arm[arm] = {"em": float(np.mean(ems))}
-        # KV-hit: each test prompt, then a sibling asking about the same context (a shared prefix).
-        for i, ex in enumerate(test):
-            sibling = replace(test[(i + 1) % len(test)], table=ex.table)
-            for req in (ex, sibling):
-                ids = tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
-                k = num_chunks(len(ids), CHUNK)
-                if arm == "fused":
-                    codes = [fused_code] * k
-                else:
-                    if req.prompt not in kv_features:  # the router's state does not depend on the arm
-                        kv_features[req.prompt] = episode_inputs(req)[0]
-                    plan = planner.rollout(policy, kv_features[req.prompt], greedy=True)
-                    codes = plan_codes(blocks, plan.actions)
-                streams[arm].append((ids, [_code_bytes(c) for c in codes[:k]]))
-        by_swap: dict[str, list[float]] = {s: [] for s in skills.SWAPS}
-        for ex in swap_set:
-            for cond, variant in skills.index_swaps(ex, seed).items():
-                pred, _, _ = run(variant)
-                by_swap[cond].append(sum(metrics.score(pred, variant.golds)) / 2)
-        checks = metrics.monotonicity({c: float(np.mean(v)) for c, v in by_swap.items()})
-        swap_rate[arm] = metrics.pass_rate(checks)
-        reporter.progress("evaluate", ARMS.index(arm) + 1, len(ARMS))
-        check_cancelled(reporter)
+    # 4. Every arm on the composite test set, then the per-run scores.
+    ev = evaluate_arms(c, policy, {"AR0": ar0, "AR1": ar1}, data, prof, seed, reporter)
     laps.lap("evaluate")
-
-    run_id = f"run-seed{seed}"
-    kv = {arm: kv_hit_ratio(streams[arm], streams["fused"], CHUNK) for arm in ARMS}
-    for arm in ARMS:
-        safety = cache_safety_rate(decisions[arm]) if decisions[arm] else 1.0
-        for metric, value in (
-            ("kv_hit_ratio", kv[arm]),
-            ("index_swap_pass", swap_rate[arm]),
-            ("cache_safety_rate", safety),
-        ):
-            rows.append(ScoreRow(run_id, arm, seed, metric, float(value)))
-    reporter.scores(rows)
+    per_run, kv = run_rows(ev, seed)
     summary = {
         "profile": profile if isinstance(profile, str) else "custom",
         "seed": seed,
-        "arms": per_arm,
-        "index_swap_pass": swap_rate,
+        "arms": ev.per_arm,
+        "index_swap_pass": ev.swap_rate,
         "kv_hit_ratio": kv,
         "fused_rank": fused_rank,
         "parity": {"parameter_ratio": par.parameter_ratio, "flops_ratio": par.flops_ratio},
@@ -520,10 +778,7 @@ def run_mission_a(
         "timings_s": laps.timings,
         "values": {"adapter_param_ratio": par.parameter_ratio},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    reporter.artifact(out / "summary.json", "summary")
-    write_scores(rows, out / "scores.parquet")
-    reporter.artifact(out / "scores.parquet", "scores")
+    save_results(out, reporter, summary, ev.rows + per_run)
     return summary
 
 

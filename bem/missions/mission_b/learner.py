@@ -9,10 +9,11 @@ learns online. Three controller states share that LM:
 - frozen: the deployed controller, never updated: the baseline the aggregate gain is measured against.
 
 Every `drift_every` updates the learner reports drift signals on a fixed probe set (shadow against live,
-the anchor), and every `canary_every` prompts a canary pass rate, as metric points the fleet's services
-read (`fleetd.services`). It obeys `promote` and `rollback` commands at the next update boundary and
-acknowledges each with the state hashes, so a rollback is checkably exact. Without a fleet,
-`LocalServices` applies the same rules (`stats.promotion`) in process.
+the anchor), and every `canary_every` prompts a canary pass rate with the live and shadow scores of the
+traffic served since the previous run, as metric points the fleet's promotion service reads (the rules
+and the protocol: `stats.promotion`). It obeys `promote` and `rollback` commands at the next update
+boundary and acknowledges each with the state hashes, so a rollback is checkably exact. Without a
+fleet, `LocalServices` applies the same rules in process.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ from transformers import PreTrainedTokenizerBase
 from bem.core.attach import Attachment
 from bem.core.chunked import read_hidden
 from bem.core.controllers import SimpleController, masked_mean
-from bem.core.reporter import Command, Reporter
-from bem.core.train import IGNORE, LMBatch, lm_loss
+from bem.core.reporter import Command, Reporter, Value, sample
+from bem.core.train import IGNORE, LMBatch, lm_loss, row_losses
 from bem.missions.mission_b.data import Encoded, StreamItem, encode_items, rerender
-from bem.missions.mission_b.metrics import prompt_scores, token_hits
+from bem.missions.mission_b.metrics import SCORES, prompt_scores, token_hits
 from bem.missions.mission_b.online import (
     Checkpoints,
     OnlineEWC,
     Replay,
+    anneal_beta,
     as_state,
     check_optimizer,
     kl_per_token,
@@ -48,7 +50,7 @@ from bem.missions.mission_b.online import (
     state_hash,
     trainable,
 )
-from stats.promotion import DRIFT_THRESHOLDS, CanaryGate, LearnerWatch, Level, canary_pass_rate, drift_level
+from stats.promotion import PromotionRules, PromotionWatch
 
 # ---- encoding and per-prompt scores ------------------------------------------------------------------
 
@@ -117,6 +119,8 @@ class LearnerConfig:
     max_rejects: int = 3  # rejected updates in a row pause learning
     max_rollbacks: int = 3  # rollbacks without a promotion stop learning
     promote_after: int = 1000  # prompts since the last promotion before the next (the canary gate's rule)
+    prioritised_replay: bool = False  # replay p ∝ loss^.6 with importance weights, β .4 → 1 (optional)
+    beta_updates: int = 1000  # updates over which the importance exponent β anneals to 1
 
 
 @dataclass
@@ -149,9 +153,13 @@ class ShadowLearner:
         warm: Sequence[StreamItem],
         checkpoints: Checkpoints,
         reporter: Reporter,
+        rules: PromotionRules | None = None,
         seed: int = 0,
     ) -> None:
         self.model, self.tok, self.cfg, self.reporter = model, tokenizer, config, reporter
+        self.rules = rules or PromotionRules()
+        if unknown := sorted(set(self.judged_metrics) - set(SCORES)):
+            raise ValueError(f"the judge's metrics {unknown} are not per-prompt scores; known: {SCORES}")
         self.params = trainable(model, "controller")
         self.device = next(iter(self.params.values())).device
         self.optimizer = self._optimizer()
@@ -171,6 +179,9 @@ class ShadowLearner:
         self.canary_pool = list(canary_pool)
         self.stats = LearnerStats()
         self.grad_norms: list[float] = []
+        # Per-prompt scores of live and shadow on the traffic since the last canary run: the sample
+        # the live-versus-shadow judge compares.
+        self.mirrored: dict[str, dict[str, list[float]]] = {"live": {}, "shadow": {}}
 
     def _encode(self, items: Sequence[StreamItem]) -> Encoded:
         return encode_items(self.tok, items, self.device)
@@ -192,26 +203,52 @@ class ShadowLearner:
                 arm: prompt_scores(self.model.logits(new.batch, feats, state), new)
                 for arm, state in (("live", self.live), ("frozen", self.frozen))
             }
-        n_replay = round(len(items) * self.cfg.replay_fraction / (1 - self.cfg.replay_fraction))
-        replayed = self.replay.sample(n_replay)[0] if self.replay.ready else []
+        replayed, weights, picked = self._replayed(len(items))
         batch = self._encode([*items, *replayed]) if replayed else new
         logits = self.model.logits(batch.batch, self.model.features(batch.batch) if replayed else feats)
         with torch.no_grad():
             shadow = prompt_scores(logits[: len(items), : new.batch.input_ids.shape[1]], new)
         scores["shadow"] = shadow
         if self.learning:
-            self._update(logits, batch)
-        for it in items:
-            self.replay.add(it)
+            self._update(logits, batch, weights)
+        priority = [1.0] * len(items)
+        if self.cfg.prioritised_replay:  # a prompt's priority is the shadow's loss on it, when last seen
+            losses = row_losses(logits.detach(), batch.batch.labels).tolist()
+            priority = losses[: len(items)]
+            self.replay.reprioritise(picked, losses[len(items) :])
+        for it, prio in zip(items, priority, strict=True):
+            self.replay.add(it, prio)
+        for arm in self.mirrored:
+            for metric in self.judged_metrics:
+                self.mirrored[arm].setdefault(metric, []).extend(scores[arm][metric].tolist())
         self.stats.prompts_since_promotion += len(items)
         return scores
+
+    def _replayed(self, n_new: int) -> tuple[list[StreamItem], Tensor | None, list[int]]:
+        """Replay items for a batch with `n_new` new prompts, the importance weight of each of the
+        batch's rows (None: all 1, uniform replay) and the items' indices in the buffer."""
+        n = self.replay.mix(n_new, self.cfg.replay_fraction)
+        if n == 0:
+            return [], None, []
+        if not self.cfg.prioritised_replay:
+            items, _, picked = self.replay.sample(n)
+            return items, None, picked
+        beta = anneal_beta(self.stats.updates, self.cfg.beta_updates)
+        items, weights, picked = self.replay.sample(n, prioritised=True, beta=beta)
+        rows = torch.tensor([1.0] * n_new + weights, device=self.device)
+        return items, rows, picked
+
+    @property
+    def judged_metrics(self) -> list[str]:
+        """The per-prompt scores the live-versus-shadow judge compares (the rules name them)."""
+        return [m.name for m in self.rules.judge.metrics]
 
     @property
     def learning(self) -> bool:
         return not (self.stats.paused or self.stats.stopped)
 
-    def _update(self, logits: Tensor, batch: Encoded) -> None:
-        task = lm_loss(logits, batch.batch.labels)
+    def _update(self, logits: Tensor, batch: Encoded, weights: Tensor | None = None) -> None:
+        task = lm_loss(logits, batch.batch.labels, weights)
         ewc = self.ewc.penalty(self.params)
         prox = prox_penalty(self.params, self.accepted, self.cfg.lambda_prox)
         loss = task + ewc + prox
@@ -277,20 +314,23 @@ class ShadowLearner:
         """Run the checks due at this prompt and report them as one batch, drift first: a canary
         gate must never promote on a pass rate whose same-step drift check it has not seen. Returns
         the canary pass rate when canaries ran."""
-        points: dict[str, float] = {}
+        points: dict[str, float | list[float]] = {}
         if drift:
             signals = self.drift_signals()
             points.update({f"drift/{name}": value for name, value in signals.items()})
-            self.stats.drift.append((prompt, drift_level(signals)[0]))
+            self.stats.drift.append((prompt, self.rules.drift.level(signals)[0]))
         rate = None
         if canary:
             rate, suites = self.run_canary(prompt, active)
             points.update({f"canary_suite/{suite}": share for suite, share in suites.items()})
-            # The gate reads the rate with the prompts since the last promotion and this learner's
-            # minimum (see fleetd.services).
+            # The gate reads the rate with the prompts since the last promotion, this learner's
+            # minimum, and the served traffic since the last run for the judge (stats.promotion).
             points["canary/min_prompts"] = float(self.cfg.promote_after)
             points["canary/prompts_since_promotion"] = float(self.stats.prompts_since_promotion)
             points["canary/pass_rate"] = rate
+            for arm, scores in self.mirrored.items():
+                points.update({f"judge/{arm}/{metric}": values for metric, values in scores.items()})
+            self.mirrored = {"live": {}, "shadow": {}}
         if points:
             self.reporter.metrics(points, prompt)
         return rate
@@ -324,15 +364,16 @@ class ShadowLearner:
         """Run the canaries; accept (θ_prev ← shadow) at ≥ .90, else reject the updates since the last
         accepted state (3 rejects in a row pause learning). A rollback below .85 is the canary gate's
         call (the fleet's service, or `LocalServices`). Returns the pass rate and each suite's."""
+        gate = self.rules.gate
         results = self.canary_results(active)
-        rate = canary_pass_rate(results)
-        suites = {suite: canary_pass_rate({suite: tests}) for suite, tests in results.items()}
+        rate = gate.pass_rate(results)
+        suites = {suite: gate.pass_rate({suite: tests}) for suite, tests in results.items()}
         self.stats.canary.append((prompt, rate))
-        self.candidate = as_state(self.params) if rate >= CanaryGate.promote_at else None
-        if rate >= CanaryGate.accept_at:
+        self.candidate = as_state(self.params) if rate >= gate.promote_at else None
+        if rate >= gate.accept_at:
             self.accepted = as_state(self.params)
             self.stats.rejects_in_a_row = 0
-        elif rate >= CanaryGate.rollback_below:
+        elif rate >= gate.rollback_below:
             restore(self.params, self.accepted)
             self.stats.rejects_in_a_row += 1
             if self.stats.rejects_in_a_row >= self.cfg.max_rejects and not self.stats.paused:
@@ -416,45 +457,30 @@ def _under(item: StreamItem, active: tuple[str, ...]) -> StreamItem:
 
 @dataclass
 class LocalServices:
-    """The drift monitor and canary gate in process, for runs without fleetd: wraps a reporter, reads
-    the same metric points the fleet's services read, judges them through the same `LearnerWatch`
-    and queues the commands for the learner."""
+    """The promotion service in process, for runs without fleetd: wraps a reporter, reads the same
+    metric points the fleet's service reads, judges them through the same `PromotionWatch`
+    (`stats.promotion`) and queues the commands for the learner."""
 
     inner: Reporter
-    watch: LearnerWatch = field(default_factory=LearnerWatch)
+    watch: PromotionWatch = field(default_factory=PromotionWatch)
     pending: list[Command] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
-    _check: dict[int, dict[str, float]] = field(default_factory=dict)
-    _since: float = 0.0
-    _checked: tuple[int, Level] = (-1, "ok")  # the latest drift check's step and level, as measured
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
         self.inner.metric(name, value, step)
-        step = step or 0
-        if name.startswith("drift/"):
-            self._check.setdefault(step, {})[name.removeprefix("drift/")] = value
-            if len(self._check[step]) == len(DRIFT_THRESHOLDS):
-                level, why = self.watch.on_drift(self._check.pop(step))
-                self._checked = (step, level)
-                if why:
-                    self._decide("drift", step, "rollback", why)
-        elif name == "canary/prompts_since_promotion":
-            self._since = value
-        elif name == "canary/min_prompts":
-            self.watch.gate.min_prompts = int(value)
-        elif name == "canary/pass_rate":
-            same_step = self._checked[1] if self._checked[0] == step else None
-            decision, why, _ = self.watch.on_canary(value, int(self._since), same_step)
-            if decision in ("rollback", "promote"):
-                self._decide("canary", step, decision, why)
+        self._observe({name: [(step or 0, value)]})
 
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
-        for name, value in values.items():
-            self.metric(name, value, step)
+    def metrics(self, values: Mapping[str, Value], step: int) -> None:
+        self.inner.metrics(values, step)
+        self._observe({name: [(step, v) for v in sample(value)] for name, value in values.items()})
 
-    def _decide(self, service: str, step: int, decision: str, reason: str) -> None:
-        self.decisions.append({"service": service, "step": step, "decision": decision, "reason": reason})
-        self.pending.append(Command(f"{service}-{step}", decision))
+    def _observe(self, series: Mapping[str, list[tuple[int, float]]]) -> None:
+        for action in self.watch.observe(series):
+            self.decisions.append(
+                {"service": action.service, "step": action.step, "decision": action.decision,
+                 "reason": action.reason}
+            )  # fmt: skip
+            self.pending.append(Command(f"{action.service}-{action.step}", action.decision))
 
     def commands(self) -> list[Command]:
         out, self.pending = self.pending, []

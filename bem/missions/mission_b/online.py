@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -137,9 +137,15 @@ class Replay(Generic[T]):
         if j < self.capacity:
             self.items[j], self.priority[j] = item, priority
 
-    def replay_count(self, batch_size: int, fraction: float = 0.3) -> int:
-        """Replay items in a batch: 30% once the buffer is ready, none before."""
-        return round(batch_size * fraction) if self.ready else 0
+    def mix(self, n_new: int, fraction: float = 0.3) -> int:
+        """Replay items to add to `n_new` new ones so that replay is `fraction` of the batch (30%),
+        once the buffer is ready; none before."""
+        return round(n_new * fraction / (1 - fraction)) if self.ready else 0
+
+    def reprioritise(self, indices: Sequence[int], priorities: Sequence[float]) -> None:
+        """New priorities for replayed items (their loss when last seen); ε keeps every item drawable."""
+        for i, prio in zip(indices, priorities, strict=True):
+            self.priority[i] = max(float(prio), 1e-6)
 
     def sample(
         self, n: int, *, prioritised: bool = False, alpha: float = 0.6, beta: float = 0.4

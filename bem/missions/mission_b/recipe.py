@@ -19,7 +19,8 @@ import itertools
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +43,7 @@ from bem.missions.mission_b.data import (
 from bem.missions.mission_b.learner import LearnerConfig, LocalServices, OnlineModel, ShadowLearner
 from bem.missions.mission_b.metrics import SCORES, time_to_fix
 from bem.missions.mission_b.online import Checkpoints, state_hash
-from stats.promotion import CanaryGate
+from stats.promotion import PromotionRules, PromotionWatch
 
 CENSORED = 1001.0  # a time-to-fix that did not happen within 1,000 prompts (or before the next injection)
 CENSOR = 1000
@@ -98,46 +99,107 @@ def run_mission_b(
     device: str = "cpu",
     local_services: bool = False,
     learner_overrides: dict[str, Any] | None = None,
+    rules: PromotionRules | Mapping[str, Any] | None = None,
     sabotage_at: int | None = None,
     pace_s: float = 0.0,
     soak_s: float | None = None,
 ) -> dict[str, Any]:
-    """Deploy, then serve and learn over the stream (or the soak). `local_services` runs the drift
-    monitor and canary gate in process (no fleet); `sabotage_at` makes the update at that prompt use a
-    learning rate 1,000 times too large (the test of the safety net); `pace_s` is the least time a step
-    of `update_every` prompts takes, as when traffic arrives at a given rate; `soak_s` makes a soak run
-    for that long instead of the profile's prompt count (the full profile's 24-hour soak)."""
+    """Deploy, then serve and learn over the stream (or the soak).
+
+    `rules`: the promotion rules' thresholds (the mission TOML's `[services.promotion]` table; the
+    spec's by default); `local_services` runs the drift monitor and canary gate in process (no
+    fleet); `sabotage_at` makes the update at that prompt use a learning rate 1,000 times too large
+    (the test of the safety net); `pace_s` is the least time a step of `update_every` prompts takes,
+    as when traffic arrives at a given rate; `soak_s` makes a soak run for that long instead of the
+    profile's prompt count (the full profile's 24-hour soak)."""
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     if learner_overrides:
         prof = replace(prof, learner=replace(prof.learner, **learner_overrides))
+    rules = rules if isinstance(rules, PromotionRules) else PromotionRules.from_config(rules)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     laps = Laps()
     torch.manual_seed(seed)
-    services = LocalServices(reporter) if local_services else None
+    services = LocalServices(reporter, PromotionWatch(rules)) if local_services else None
     rep: Reporter = services or reporter
 
+    online, tok, deploy_items = deploy_model(base_path, prof, seed, device, rep)
+    laps.lap("deploy")
+    lm_deployed = lm_state(online)
+    flow = traffic(mode, prof, seed, soak_s)
+    learner = make_learner(online, tok, prof, rules, deploy_items, out, rep, seed)
+    laps.lap("learner")
+    served = serve(learner, flow, prof, rep, sabotage_at, pace_s)
+    laps.lap("stream")
+
+    rows = score_rows(served, seed)
+    reporter.scores(rows)
+    write_scores(rows, out / "scores.parquet")
+    summary = _summary(mode, prof, flow.plan, served, learner, laps)
+    # What stayed fixed: the deployed controller (the frozen arm) and the LM with its BEM bases.
+    summary["deployed_controller"] = state_hash(learner.frozen)
+    summary["lm_state"] = {"deployed": lm_deployed, "end": lm_state(online)}
+    if services is not None:
+        summary["decisions"] = services.decisions
+        summary["judged"] = [
+            {"step": step, "decision": r.decision, "score": r.score, "reason": r.reason}
+            for step, r in services.watch.judged
+        ]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    reporter.artifact(out / "summary.json", "summary")
+    return summary
+
+
+def deploy_model(
+    base_path: str | Path, prof: Profile, seed: int, device: str, reporter: Reporter
+) -> tuple[OnlineModel, Any, list[StreamItem]]:
+    """The model as shipped: BEM sites and a controller on the base, trained on clean traffic."""
     model, tok = load_model(base_path, device=device)
     attachment = attach_bems(model, rank_schedule=[prof.rank], max_overhead=50.0)
     d_model = int(model.config.hidden_size)
     controller = SimpleController(d_model, attachment.total_rank, hidden=prof.controller_hidden, dropout=0.0)
     online = OnlineModel(model, attachment, controller.to(device), READ_LAYER)
-    deploy_items = deployment_data(max(prof.deploy_steps * prof.deploy_batch, 256), seed, prof)
-    deploy(online, tok, deploy_items, prof, seed, rep)
-    laps.lap("deploy")
-    lm_deployed = lm_state(online)
+    items = deployment_data(max(prof.deploy_steps * prof.deploy_batch, 256), seed, prof)
+    deploy(online, tok, items, prof, seed, reporter)
+    return online, tok, items
 
+
+@dataclass
+class Traffic:
+    """What the learner serves: prompts drawn lazily, the injection plan, and when a timed soak ends."""
+
+    mode: str  # stream or soak
+    source: Iterator[StreamItem]
+    n: int  # prompts at most
+    plan: list[tuple[int, str]]  # (prompt, scenario) injections
+    started: float  # monotonic
+    soak_s: float | None  # a timed soak's length
+
+
+def traffic(mode: str, prof: Profile, seed: int, soak_s: float | None) -> Traffic:
     n = prof.soak if mode == "soak" else prof.warmup + len(SCENARIOS) * prof.spacing
     plan = [] if mode == "soak" else schedule(prof)
-    stream_seed = seed if mode == "stream" else 1000 + seed
-    timed = mode == "soak" and soak_s is not None
-    if timed:
+    timed = soak_s if mode == "soak" else None
+    if timed is not None:
         n = 10**9  # drawn lazily, until the time is up
+    stream_seed = seed if mode == "stream" else 1000 + seed
     source = prompt_stream(n, stream_seed, plan, rows=prof.rows)
-    items: list[StreamItem] = []
-    started = time.monotonic()
+    return Traffic(mode, source, n, plan, time.monotonic(), timed)
+
+
+def make_learner(
+    online: OnlineModel,
+    tok: Any,
+    prof: Profile,
+    rules: PromotionRules,
+    deploy_items: list[StreamItem],
+    out: Path,
+    reporter: Reporter,
+    seed: int,
+) -> ShadowLearner:
+    """The learner with its fixed probes, its canary pool, and a Fisher warmed on deployment traffic."""
     cfg = prof.learner
-    learner = ShadowLearner(
+    return ShadowLearner(
         online,
         tok,
         cfg,
@@ -145,38 +207,46 @@ def run_mission_b(
         canary_pool=list(prompt_stream(cfg.canary_tests * cfg.canary_prompts, 30_000 + seed, rows=prof.rows)),
         warm=deploy_items[: cfg.fisher_samples],
         checkpoints=Checkpoints(out / "checkpoints"),
-        reporter=rep,
+        reporter=reporter,
+        rules=rules,
         seed=seed,
     )
-    laps.lap("learner")
 
-    served: dict[str, dict[str, list[float]]] = {
-        arm: {k: [] for k in SCORES} for arm in ("live", "frozen", "shadow")
-    }
-    canary_ok: list[bool] = []
-    latest_ok = True
-    for steps, start in enumerate(range(0, n, cfg.update_every), start=1):
+
+@dataclass
+class Served:
+    """Every served prompt, its per-prompt scores per arm (live, frozen, shadow), and whether the
+    latest canary run passed when it was served (time-to-fix needs both)."""
+
+    items: list[StreamItem] = field(default_factory=list)
+    scores: dict[str, dict[str, list[float]]] = field(
+        default_factory=lambda: {arm: {k: [] for k in SCORES} for arm in ("live", "frozen", "shadow")}
+    )
+    canary_ok: list[bool] = field(default_factory=list)
+
+
+def serve(
+    learner: ShadowLearner,
+    flow: Traffic,
+    prof: Profile,
+    reporter: Reporter,
+    sabotage_at: int | None,
+    pace_s: float,
+) -> Served:
+    """The stream: at each update boundary obey the services' commands, serve and learn on the next
+    `update_every` prompts, run the checks that are due, and report window means."""
+    cfg, served, latest_ok = prof.learner, Served(), True
+    for steps, start in enumerate(range(0, flow.n, cfg.update_every), start=1):
         began = time.perf_counter()
         learner.obey(start)
-        if timed and time.monotonic() - started >= soak_s:  # type: ignore[operator]
+        if flow.soak_s is not None and time.monotonic() - flow.started >= flow.soak_s:
             break
-        chunk = list(itertools.islice(source, cfg.update_every))
-        items.extend(chunk)
+        chunk = list(itertools.islice(flow.source, cfg.update_every))
         sabotage = sabotage_at is not None and start <= sabotage_at < start + len(chunk)
-        if sabotage:
-            for group in learner.optimizer.param_groups:
-                group["lr"] = cfg.lr * 1000
-        scores = learner.step(chunk, start)
-        if sabotage:
-            for group in learner.optimizer.param_groups:
-                group["lr"] = cfg.lr
-            rep.metric("online/sabotaged", 1.0, start)
-        for arm, per in scores.items():
-            for k in SCORES:
-                served[arm][k].extend(per[k].tolist())
+        learn_step(learner, chunk, start, served, sabotage)
         prompt = start + len(chunk)
         # No check after the last prompt: no update boundary follows at which to obey its decision.
-        last = prompt >= n
+        last = prompt >= flow.n
         rate = learner.check(
             prompt,
             drift=steps % cfg.drift_every == 0 and not last,
@@ -184,41 +254,56 @@ def run_mission_b(
             active=chunk[-1].active,
         )
         if rate is not None:
-            latest_ok = rate >= CanaryGate.accept_at
-        canary_ok.extend([latest_ok] * len(chunk))
+            latest_ok = rate >= learner.rules.gate.accept_at
+        served.canary_ok.extend([latest_ok] * len(chunk))
         if steps % cfg.checkpoint_every == 0:
             learner.checkpoint()
         if prompt // prof.window > start // prof.window:
-            for arm in ("live", "frozen", "shadow"):
-                for k in ("aggregate", "success", "quality"):
-                    rep.metric(f"{arm}/{k}", sum(served[arm][k][-prof.window :]) / prof.window, prompt)
-            if timed:
-                rep.progress(mode, int(time.monotonic() - started), int(soak_s))  # type: ignore[arg-type]
-            else:
-                rep.progress(mode, prompt, n)
-            check_cancelled(rep)
+            report_window(served, prof.window, prompt, flow, reporter)
         time.sleep(max(0.0, pace_s - (time.perf_counter() - began)))
-    learner.obey(len(items))
-    laps.lap("stream")
+    learner.obey(len(served.items))
+    return served
 
-    rows = [
-        ScoreRow(it.example_id, arm, seed, k, served[src][k][i])
-        for i, it in enumerate(items)
+
+def learn_step(
+    learner: ShadowLearner, chunk: list[StreamItem], start: int, served: Served, sabotage: bool
+) -> None:
+    """Serve and learn on one chunk; a sabotaged step learns at 1,000 times the learning rate."""
+    lr = learner.cfg.lr
+    if sabotage:
+        for group in learner.optimizer.param_groups:
+            group["lr"] = lr * 1000
+    scores = learner.step(chunk, start)
+    if sabotage:
+        for group in learner.optimizer.param_groups:
+            group["lr"] = lr
+        learner.reporter.metric("online/sabotaged", 1.0, start)
+    served.items.extend(chunk)
+    for arm, per in scores.items():
+        for k in SCORES:
+            served.scores[arm][k].extend(per[k].tolist())
+
+
+def report_window(served: Served, window: int, prompt: int, flow: Traffic, reporter: Reporter) -> None:
+    """Window means of the served scores per arm, progress, and a chance to be cancelled."""
+    for arm in ("live", "frozen", "shadow"):
+        for k in ("aggregate", "success", "quality"):
+            reporter.metric(f"{arm}/{k}", sum(served.scores[arm][k][-window:]) / window, prompt)
+    if flow.soak_s is not None:
+        reporter.progress(flow.mode, int(time.monotonic() - flow.started), int(flow.soak_s))
+    else:
+        reporter.progress(flow.mode, prompt, flow.n)
+    check_cancelled(reporter)
+
+
+def score_rows(served: Served, seed: int) -> list[ScoreRow]:
+    """Per served prompt, the live model's scores (arm "online") and the frozen deployed one's."""
+    return [
+        ScoreRow(it.example_id, arm, seed, k, served.scores[src][k][i])
+        for i, it in enumerate(served.items)
         for arm, src in (("online", "live"), ("frozen", "frozen"))
         for k in SCORES
     ]
-    reporter.scores(rows)
-    write_scores(rows, out / "scores.parquet")
-
-    summary = _summary(mode, prof, items, plan, served, canary_ok, learner, laps)
-    # What stayed fixed: the deployed controller (the frozen arm) and the LM with its BEM bases.
-    summary["deployed_controller"] = state_hash(learner.frozen)
-    summary["lm_state"] = {"deployed": lm_deployed, "end": lm_state(online)}
-    if services is not None:
-        summary["decisions"] = services.decisions
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    reporter.artifact(out / "summary.json", "summary")
-    return summary
 
 
 def deployment_data(n: int, seed: int, prof: Profile) -> list[StreamItem]:
@@ -273,14 +358,13 @@ def deploy(
 def _summary(
     mode: str,
     prof: Profile,
-    items: list[StreamItem],
     plan: list[tuple[int, str]],
-    served: dict[str, dict[str, list[float]]],
-    canary_ok: list[bool],
+    served: Served,
     learner: ShadowLearner,
     laps: Laps,
 ) -> dict[str, Any]:
-    live, frozen = served["live"]["aggregate"], served["frozen"]["aggregate"]
+    items, canary_ok = served.items, served.canary_ok
+    live, frozen = served.scores["live"]["aggregate"], served.scores["frozen"]["aggregate"]
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     s = learner.stats
     summary: dict[str, Any] = {

@@ -7,7 +7,8 @@ Recipe, one seed:
    then a weight per block, so every arm is just a different code and all arms run in one mixed batch.
 3. Freeze everything but a simple controller in interpolation mode: c = softmax(controller(prompt
    features)) over the two skill blocks, trained with the LM loss on the mixed set, no task labels.
-4. Decode the test set greedily under every arm, score per example, and summarise.
+4. Decode the test set greedily under every arm, score per example, and summarise: per-arm means, and
+   bem − equal judged by the stats engine (`stats.gates.compare`, as `python -m stats compare` does).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
@@ -40,10 +43,14 @@ from bem.core.train import (
 )
 from bem.missions.validation.data import TASKS, Example, make_dataset
 from bem.missions.validation.metrics import score_example
+from stats.gates import compare
+from stats.table import COLUMNS
 
 ARMS = ("bem", "random", "fixed_json", "fixed_sum", "equal", "multitask", "oracle", "base")
 # Column blocks of the composed BEM: one per skill LoRA, then the multi-task LoRA (equal budget: 2 x r).
 BLOCKS = {"json": LORA_RANK, "summary": LORA_RANK, "multitask": 2 * LORA_RANK}
+# How bem − equal is judged: the stats engine's primary-claim path, the same as `python -m stats compare`.
+BEM_MINUS_EQUAL_METHOD = "paired BCa over seed-averaged per-example deltas, BH family (stats engine)"
 # The data seed is fixed so that test example_ids pair across training seeds (seeds are replicates).
 DATA_SEED = 0
 
@@ -211,14 +218,156 @@ def decode_arms(
     return predictions
 
 
-def percentile_interval(
-    d: np.ndarray, level: float = 0.95, n_boot: int = 10_000, seed: int = 0
-) -> tuple[float, float]:
-    """Plain percentile bootstrap of mean(d); the stats engine replaces it with paired BCa."""
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+def load_base(
+    base_path: str | Path, device: torch.device | str, read_layer: int | None
+) -> tuple[nn.Module, PreTrainedTokenizerBase, int]:
+    """The frozen base, and the layer the controller reads (the middle one unless told)."""
+    model, tokenizer = load_model(base_path, device=device)
+    model.requires_grad_(False)
+    layer = read_layer if read_layer is not None else model.config.num_hidden_layers // 2
+    return model, tokenizer, layer
+
+
+def train_loras(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Example],
+    *,
+    profile: Profile,
+    generator: torch.Generator,
+    reporter: Reporter,
+    out: Path,
+) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
+    """Step 1: a peft LoRA per skill on its own examples, and the multi-task LoRA (2 x r) on all of them.
+
+    Each is saved as a peft folder (an artifact) and kept as per-site factors for `compose`.
+    """
+    loras = {}
+    for name, examples, rank, steps in (
+        ("json", [e for e in train if e.task == "json"], LORA_RANK, profile.lora_steps),
+        ("summary", [e for e in train if e.task == "summary"], LORA_RANK, profile.lora_steps),
+        ("multitask", train, 2 * LORA_RANK, 2 * profile.lora_steps),
+    ):
+        peft_model = train_lora(
+            model, tokenizer, examples, rank=rank, steps=steps, lr=profile.lora_lr,
+            batch_size=profile.batch_size, generator=generator, reporter=reporter, name=f"lora_{name}",
+        )  # fmt: skip
+        peft_model.save_pretrained(str(out / f"lora_{name}"))
+        reporter.artifact(out / f"lora_{name}", "peft_lora")
+        loras[name] = lora_factors(peft_model)
+        del peft_model
+    return loras
+
+
+def compose_and_train_controller(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    loras: dict[str, dict[str, tuple[Tensor, Tensor]]],
+    train: list[Example],
+    layer: int,
+    *,
+    profile: Profile,
+    generator: torch.Generator,
+    reporter: Reporter,
+    out: Path,
+) -> tuple[Attachment, SimpleController]:
+    """Steps 2 and 3: the LoRAs as blocks of one BEM per site, then the controller over them; saved."""
+    att = compose(model, loras)
+    train_batch = encode(tokenizer, train)
+    device = next(model.parameters()).device
+    feats = prompt_features(model, att, train_batch.to(device), layer)
+    ctrl = train_controller(
+        model, att, train_batch, feats, profile=profile, generator=generator, reporter=reporter
+    )
+    save_bem(att, out / "bem", {"controller": ctrl})
+    reporter.artifact(out / "bem", "bem_checkpoint")
+    return att, ctrl
+
+
+def route_and_decode(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    att: Attachment,
+    ctrl: SimpleController,
+    train: list[Example],
+    test: list[Example],
+    layer: int,
+    *,
+    profile: Profile,
+    generator: torch.Generator,
+    reporter: Reporter,
+) -> tuple[float, list[str]]:
+    """Step 4, decoding: the controller routes the held-out prompts, then every arm decodes the test set.
+
+    Returns the routing accuracy (argmax weight on the example's own skill) and the predictions, arm
+    after arm in ARMS order (row r is example r % len(test)).
+    """
+    device = next(model.parameters()).device
+    test_batch = encode(tokenizer, test).to(device)
+    task_index = torch.tensor([TASKS.index(e.task) for e in test])
+    with torch.no_grad():
+        bem_weights = ctrl(prompt_features(model, att, test_batch, layer)).code
+    routing_accuracy = (bem_weights.argmax(-1).cpu() == task_index).float().mean().item()
+    reporter.metric("routing_accuracy", routing_accuracy)
+
+    weights = [arm_weights(arm, bem_weights, task_index, generator) for arm in ARMS]
+    codes = block_code(torch.cat(weights))
+    return routing_accuracy, decode_arms(model, tokenizer, att, test, codes, train, profile.eval_batch)
+
+
+def score_arms(
+    test: list[Example], predictions: list[str], seed: int
+) -> tuple[list[ScoreRow], dict[str, dict[str, float]]]:
+    """Step 4, scoring: a row per (arm, example, metric), and each arm's mean score overall and per task."""
+    rows: list[ScoreRow] = []
+    per_arm: dict[str, dict[str, float]] = {}
+    for a, arm in enumerate(ARMS):
+        scores = [score_example(ex, predictions[a * len(test) + i]) for i, ex in enumerate(test)]
+        rows += [
+            ScoreRow(ex.example_id, arm, seed, m, v)
+            for ex, s in zip(test, scores, strict=True)
+            for m, v in s.items()
+        ]
+        per_arm[arm] = {"score": float(np.mean([s["score"] for s in scores]))}
+        for task in TASKS:
+            per_arm[arm][task] = float(
+                np.mean([s["score"] for ex, s in zip(test, scores, strict=True) if ex.task == task])
+            )
+    return rows, per_arm
+
+
+def score_frame(rows: list[ScoreRow]) -> pd.DataFrame:
+    """The rows as the stats engine's score table, the same table `write_scores` puts in Parquet."""
+    return pd.DataFrame(
+        [(r.example_id, r.arm, r.seed, r.metric, r.value) for r in rows], columns=list(COLUMNS)
+    )
+
+
+def bem_minus_equal(rows: list[ScoreRow]) -> dict[str, Any]:
+    """bem − equal on "score", judged by the stats engine exactly as `python -m stats compare
+    SCORES.parquet --baseline equal --variant bem --metric score` judges it (one code path, its defaults).
+
+    The interval is the one the decision was made on: BCa two-sided when the claim is not selected,
+    the FCR-adjusted one-sided lower bound (high None) when it is.
+    """
+    decision = compare(score_frame(rows), "equal", "bem", ["score"]).decisions[0]
+    return {
+        "estimate": decision.estimate,
+        "low": decision.low,
+        "high": decision.high,
+        "p_adj": decision.p_adjusted,
+        "outcome": decision.outcome,
+        "method": f"{BEM_MINUS_EQUAL_METHOD}; {decision.interval}",
+        "n": decision.n,
+    }
+
+
+def samples(test: list[Example], predictions: list[str]) -> dict[str, list[str]]:
+    """One example of each task under every arm (the test split lists all JSON examples, then all
+    summaries), for a reader to look at."""
+    shown = [0, len(test) - 1]
+    by_arm = {arm: [predictions[a * len(test) + i] for i in shown] for a, arm in enumerate(ARMS)}
+    return {"prompts": [test[i].prompt for i in shown], **by_arm}
 
 
 def run_validation(
@@ -236,107 +385,38 @@ def run_validation(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     laps = Laps()
-
     torch.manual_seed(seed)  # dropout masks; every other draw uses an explicit generator
     gen = torch.Generator().manual_seed(seed)
-    model, tokenizer = load_model(base_path, device=device)
-    model.requires_grad_(False)
-    layer = read_layer if read_layer is not None else model.config.num_hidden_layers // 2
+    model, tokenizer, layer = load_base(base_path, device, read_layer)
     data = make_dataset(DATA_SEED, prof.sizes)
     train, test = data["train"], data["test"]
     laps.lap("setup")
 
-    loras = {}
-    for name, examples, rank, steps in (
-        ("json", [e for e in train if e.task == "json"], LORA_RANK, prof.lora_steps),
-        ("summary", [e for e in train if e.task == "summary"], LORA_RANK, prof.lora_steps),
-        ("multitask", train, 2 * LORA_RANK, 2 * prof.lora_steps),
-    ):
-        peft_model = train_lora(
-            model, tokenizer, examples, rank=rank, steps=steps, lr=prof.lora_lr, batch_size=prof.batch_size,
-            generator=gen, reporter=reporter, name=f"lora_{name}",
-        )  # fmt: skip
-        peft_model.save_pretrained(str(out / f"lora_{name}"))
-        reporter.artifact(out / f"lora_{name}", "peft_lora")
-        loras[name] = lora_factors(peft_model)
-        del peft_model
+    loras = train_loras(model, tokenizer, train, profile=prof, generator=gen, reporter=reporter, out=out)
     laps.lap("train_loras")
-
-    att = compose(model, loras)
-    train_batch = encode(tokenizer, train)
-    ctrl = train_controller(
-        model,
-        att,
-        train_batch,
-        prompt_features(model, att, train_batch.to(device), layer),
-        profile=prof,
-        generator=gen,
-        reporter=reporter,
+    att, ctrl = compose_and_train_controller(
+        model, tokenizer, loras, train, layer, profile=prof, generator=gen, reporter=reporter, out=out
     )
-    save_bem(att, out / "bem", {"controller": ctrl})
-    reporter.artifact(out / "bem", "bem_checkpoint")
     laps.lap("train_controller")
-
-    test_batch = encode(tokenizer, test).to(device)
-    task_index = torch.tensor([TASKS.index(e.task) for e in test])
-    with torch.no_grad():
-        bem_weights = ctrl(prompt_features(model, att, test_batch, layer)).code
-    routing_accuracy = (bem_weights.argmax(-1).cpu() == task_index).float().mean().item()
-    reporter.metric("routing_accuracy", routing_accuracy)
-
-    codes = block_code(torch.cat([arm_weights(arm, bem_weights, task_index, gen) for arm in ARMS]))
-    predictions = decode_arms(model, tokenizer, att, test, codes, train, prof.eval_batch)
+    routing_accuracy, predictions = route_and_decode(
+        model, tokenizer, att, ctrl, train, test, layer, profile=prof, generator=gen, reporter=reporter
+    )
     laps.lap("evaluate")
 
-    rows: list[ScoreRow] = []
-    per_arm: dict[str, dict[str, float]] = {}
-    for a, arm in enumerate(ARMS):
-        scores = [score_example(ex, predictions[a * len(test) + i]) for i, ex in enumerate(test)]
-        rows += [
-            ScoreRow(ex.example_id, arm, seed, m, v)
-            for ex, s in zip(test, scores, strict=True)
-            for m, v in s.items()
-        ]
-        per_arm[arm] = {"score": float(np.mean([s["score"] for s in scores]))}
-        for task in TASKS:
-            per_arm[arm][task] = float(
-                np.mean([s["score"] for ex, s in zip(test, scores, strict=True) if ex.task == task])
-            )
+    rows, per_arm = score_arms(test, predictions, seed)
     reporter.scores(rows)
-    # One example of each task (the test split lists all JSON examples, then all summaries).
-    shown = [0, len(test) - 1]
-    samples = {arm: [predictions[a * len(test) + i] for i in shown] for a, arm in enumerate(ARMS)}
-
     write_scores(rows, out / "scores.parquet")
     reporter.artifact(out / "scores.parquet", "scores")
-    diff = paired_diff(rows, "bem", "equal")
-    low, high = percentile_interval(diff, seed=seed)
     summary = {
         "profile": profile if isinstance(profile, str) else "custom",
         "seed": seed,
         "routing_accuracy": routing_accuracy,
         "arms": per_arm,
-        "bem_minus_equal": {"estimate": float(diff.mean()), "low": low, "high": high, "n": len(diff)},
+        "bem_minus_equal": bem_minus_equal(rows),
         "timings_s": laps.timings,
         "config": {**asdict(prof), "read_layer": layer, "data_seed": DATA_SEED, "base": str(base_path)},
-        "samples": {"prompts": [test[i].prompt for i in shown], **samples},
+        "samples": samples(test, predictions),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     reporter.artifact(out / "summary.json", "summary")
     return summary
-
-
-def paired_diff(rows: list[ScoreRow], variant: str, baseline: str, metric: str = "score") -> np.ndarray:
-    """Per-example variant − baseline on `metric`, each arm first averaged over the seeds both have."""
-    table: dict[tuple[str, str], dict[int, float]] = {}
-    for r in rows:
-        if r.metric == metric and r.arm in (variant, baseline):
-            table.setdefault((r.example_id, r.arm), {})[r.seed] = r.value
-    ids = sorted({eid for eid, _ in table})
-    diffs = []
-    for eid in ids:
-        v, b = table.get((eid, variant), {}), table.get((eid, baseline), {})
-        seeds = v.keys() & b.keys()
-        if seeds:
-            diffs.append(np.mean([v[s] for s in seeds]) - np.mean([b[s] for s in seeds]))
-    return np.asarray(diffs, dtype=np.float64)
