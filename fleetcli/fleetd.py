@@ -105,6 +105,24 @@ async def run_cmd(cfg: config.FleetConfig) -> int:
     return 0
 
 
+def worker_args(
+    worker_id: str,
+    url: str,
+    home: Path,
+    gpu: str | None = None,
+    threads: int | None = None,
+    log_file: Path | None = None,
+) -> list[str]:
+    """`python` arguments that start one worker (`fleet-worker` as a module) on `gpu`, or a CPU worker."""
+    args = ["-m", "workers", "--id", worker_id, "--nats", url, "--home", str(home)]
+    args += ["--gpu", gpu] if gpu else ["--cpu"]
+    if threads:
+        args += ["--threads", str(threads)]
+    if log_file is not None:
+        args += ["--log-file", str(log_file)]
+    return args
+
+
 class WorkerProcs:
     """The worker children of `fleetd up`, restarted when they exit (as Restart=on-failure would)."""
 
@@ -121,22 +139,8 @@ class WorkerProcs:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, worker_id: str, gpu: str | None) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "workers",
-            "--id",
-            worker_id,
-            "--nats",
-            self.url,
-            "--home",
-            str(self.home),
-            "--log-file",
-            str(self.home / "logs" / f"worker-{worker_id}.log"),
-        ]
-        cmd += ["--gpu", gpu] if gpu else ["--cpu"]
-        if self.threads:
-            cmd += ["--threads", str(self.threads)]
+        log_file = self.home / "logs" / f"worker-{worker_id}.log"
+        cmd = [sys.executable, *worker_args(worker_id, self.url, self.home, gpu, self.threads, log_file)]
         self.procs[worker_id] = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, env=self.env, preexec_fn=die_with_parent
         )

@@ -107,9 +107,16 @@ class Services:
         config = (self.configs(ev.task_id) or {}).get(name) if isinstance(ev, m.Metrics) else None
         if isinstance(ev, m.Metrics) and config is not None:
             key = (name, ev.task_id, ev.attempt)
-            if key not in self.watches:
-                self.watches[key] = factory(config)
-            for action in self.watches[key].observe(points(ev)):
+            try:
+                if key not in self.watches:
+                    self.watches[key] = factory(config)
+                actions = self.watches[key].observe(points(ev))
+            except (ValueError, TypeError, msgspec.ValidationError) as e:
+                # Points the service cannot judge (say, a drift signal it has no levels for): a task's
+                # mistake, logged with the reason; it must not stop the service for every other task.
+                log.warning("service_cannot_judge", service=name, task=ev.task_id, error=str(e))
+                actions = []
+            for action in actions:
                 await self._act(ev, action)
         await msg.ack()
 

@@ -17,7 +17,7 @@ import pytest
 
 from fleet.client import FleetClient
 from fleet.natsserver import NatsServer
-from fleetcli.fleetd import stop_all
+from fleetcli.fleetd import stop_all, worker_args
 from schemas import messages as m
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,22 +121,8 @@ class Fleet:
         wait_for(lambda: call(self.url, "workers", timeout=1) is not None, 30, "fleetd to answer")
 
     def start_worker(self, worker_id: str, gpu: str | None = None, env: dict[str, str] | None = None) -> None:
-        which = ["--gpu", gpu] if gpu else ["--cpu"]
-        self.workers[worker_id] = self.spawn(
-            "-m",
-            "workers",
-            *which,
-            "--id",
-            worker_id,
-            "--nats",
-            self.url,
-            "--home",
-            str(self.home),
-            "--threads",
-            "1",
-            log=f"worker-{worker_id}",
-            env=env,
-        )
+        args = worker_args(worker_id, self.url, self.home, gpu, threads=1)
+        self.workers[worker_id] = self.spawn(*args, log=f"worker-{worker_id}", env=env)
 
     def wait_workers(self, n: int) -> None:
         wait_for(

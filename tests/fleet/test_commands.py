@@ -76,6 +76,7 @@ name = "learner"
 kind = "selftest.obey"
 services = ["promotion"]
 params = { steps = 130, step_s = 0.1, checks = [
+    { step = 3, drift = { bogus = 1.0 } },
     { step = 5, drift = { kl_per_token = 0.01, grad_norm = 1.0 } },
     { step = 20, drift = { kl_per_token = 0.01, grad_norm = 25.0 } },
     { step = 40, canary = 0.97, prompts_since_promotion = 1500 },
@@ -89,7 +90,8 @@ NEXT_CHECK = {20: 40, 80: 100, 100: 130}  # the step of the learner's next check
 
 def test_services_roll_back_and_promote_through_the_real_bus(fleet: Fleet, tmp_path: Path) -> None:
     """An emergency drift check, three canary passes in a row, then a canary failure: the drift monitor
-    and the canary gate (in fleetd) decide, command the worker, and store each decision and its ack."""
+    and the canary gate (in fleetd) decide, command the worker, and store each decision and its ack.
+    A check the service cannot judge (an unknown signal, step 3) is logged and skipped, not fatal."""
     fleet.env["FLEET_MISSIONS_DIR"] = str(mission_dir(tmp_path, "checked", CHECKED))
     fleet.start_fleetd()
     fleet.start_worker("w0")

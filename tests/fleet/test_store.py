@@ -9,7 +9,16 @@ import duckdb
 import msgspec
 import pytest
 
-from fleetd.store import MIGRATIONS, TASK_COLUMNS, SchemaMismatch, SqlRefused, Store, task_from_row, task_row
+from fleetd.store import (
+    MIGRATIONS,
+    TASK_COLUMNS,
+    SchemaMismatch,
+    SqlRefused,
+    Store,
+    create_table,
+    task_from_row,
+    task_row,
+)
 from schemas import messages as m
 from schemas import missions as specs
 from schemas.missions import Task
@@ -117,12 +126,10 @@ def test_task_values_take_the_median_of_each_key_over_the_tasks_that_report_it(t
 
 # ---- the tasks table derives from schemas.missions.Task -----------------------------------------
 
-# Migration 1 as it was written out by hand before the tasks table derived from Task: the historical
-# schema an existing database has. Kept literally; do not derive it.
-HISTORICAL_V1 = """
-    CREATE TABLE missions (
-        mission_id VARCHAR PRIMARY KEY, name VARCHAR, profile VARCHAR, state VARCHAR, verdict VARCHAR,
-        reason VARCHAR, spec JSON, overrides JSON, submitted_at DOUBLE, finished_at DOUBLE);
+# The tasks table as migration 1 wrote it by hand before the table derived from Task: the historical
+# schema an existing database has. Kept literally; do not derive it. The other tables of migration 1
+# did not change, so they come from the migration itself.
+HISTORICAL_TASKS = """
     CREATE TABLE tasks (
         task_id VARCHAR PRIMARY KEY, mission_id VARCHAR, name VARCHAR, stage VARCHAR, kind VARCHAR,
         arm VARCHAR, seed INTEGER, params JSON, deps VARCHAR[], vram_gb DOUBLE, gpu_class VARCHAR,
@@ -130,30 +137,9 @@ HISTORICAL_V1 = """
         state VARCHAR, pending_reason VARCHAR, attempt INTEGER, task_failures INTEGER,
         infra_failures INTEGER, worker VARCHAR, error VARCHAR, result JSON, excluded_workers JSON,
         created_at DOUBLE, assigned_at DOUBLE, started_at DOUBLE, finished_at DOUBLE);
-    CREATE TABLE task_attempts (
-        task_id VARCHAR, attempt INTEGER, worker VARCHAR, state VARCHAR, reason VARCHAR, error VARCHAR,
-        assigned_at DOUBLE, started_at DOUBLE, finished_at DOUBLE, PRIMARY KEY (task_id, attempt));
-    CREATE TABLE events (
-        task_id VARCHAR, attempt INTEGER, seq INTEGER, mission_id VARCHAR, kind VARCHAR, worker VARCHAR,
-        ts DOUBLE, recorded_at DOUBLE, body JSON, PRIMARY KEY (task_id, attempt, seq));
-    CREATE TABLE metrics (
-        task_id VARCHAR, attempt INTEGER, name VARCHAR, step BIGINT, value DOUBLE, time DOUBLE);
-    CREATE TABLE example_scores (
-        mission_id VARCHAR, task_id VARCHAR, attempt INTEGER, arm VARCHAR, seed INTEGER,
-        example_id VARCHAR, metric VARCHAR, value DOUBLE);
-    CREATE TABLE logs (task_id VARCHAR, attempt INTEGER, seq INTEGER, line_no INTEGER, line VARCHAR);
-    CREATE TABLE artifacts (
-        task_id VARCHAR, attempt INTEGER, path VARCHAR, kind VARCHAR, sha256 VARCHAR, bytes BIGINT);
-    CREATE TABLE decisions (
-        mission_id VARCHAR, gate VARCHAR, kind VARCHAR, metric VARCHAR, comparison VARCHAR, outcome VARCHAR,
-        passed BOOLEAN, estimate DOUBLE, ci_low DOUBLE, ci_high DOUBLE, level DOUBLE, p DOUBLE,
-        p_adj DOUBLE, family VARCHAR, n INTEGER, seeds_positive VARCHAR, reason VARCHAR, decided_at DOUBLE);
-    CREATE TABLE workers (
-        worker VARCHAR PRIMARY KEY, host VARCHAR, gpu_uuid VARCHAR, gpu_name VARCHAR, total_bytes BIGINT,
-        first_seen DOUBLE, last_seen DOUBLE);
-    CREATE TABLE dead_letters (
-        subject VARCHAR, reason VARCHAR, body VARCHAR, recorded_at DOUBLE);
 """
+HISTORICAL_V1 = MIGRATIONS[0].replace(create_table("tasks", TASK_COLUMNS, "task_id"), HISTORICAL_TASKS)
+assert MIGRATIONS[0] != HISTORICAL_V1, "the derived tasks table is no longer in migration 1 as expected"
 HISTORICAL_V2 = """
     CREATE TABLE service_decisions (
         mission_id VARCHAR, task_id VARCHAR, attempt INTEGER, service VARCHAR, step BIGINT,

@@ -1,8 +1,8 @@
-"""Task kinds: the thin glue from an assignment's params to a library call (DESIGN.md section 2).
+"""Task kinds: the thin glue from an assignment's params to a library call (docs/architecture.md).
 
-Names map to "module:function" so fleetd can check a spec's kinds without importing torch, and a
-task's child process imports only what its kind needs. A kind is `fn(params, ctx) -> dict` (the
-result); it reports through `ctx.reporter` and raises to fail.
+`fleet.registry.KINDS` maps each kind's name to "module:function" in this package, so fleetd checks a
+spec's kinds without importing torch, and a task's child process imports only what its kind needs.
+A kind is `fn(params, ctx) -> dict` (the result); it reports through `ctx.reporter` and raises to fail.
 """
 
 from __future__ import annotations
