@@ -49,6 +49,13 @@ class WebConfig(Struct, forbid_unknown_fields=True):
     token_file: str = ""
 
 
+class SqlConfig(Struct, forbid_unknown_fields=True):
+    """`fleetctl sql` and the page's reads: stopped past `timeout_s`, at most `max_rows` rows back."""
+
+    timeout_s: float = 30.0
+    max_rows: int = 10_000
+
+
 class FleetConfig(Struct, forbid_unknown_fields=True):
     home: str = ".fleet"
     missions_dir: str = ""  # empty: the missions shipped in schemas/missions
@@ -56,6 +63,7 @@ class FleetConfig(Struct, forbid_unknown_fields=True):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     web: WebConfig = msgspec.field(default_factory=WebConfig)
+    sql: SqlConfig = msgspec.field(default_factory=SqlConfig)
 
     @property
     def home_path(self) -> Path:
@@ -87,6 +95,7 @@ def load(path: Path | None = None, env: dict[str, str] | None = None, **flags: A
         ("scheduler", SchedulerConfig),
         ("worker", WorkerConfig),
         ("web", WebConfig),
+        ("sql", SqlConfig),
     ):
         for name in cls.__struct_fields__:
             key = f"FLEET_{section}_{name}".upper()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import sys
 import tomllib
@@ -155,9 +157,45 @@ async def sql(client: FleetClient, args: argparse.Namespace, console: Console) -
 
 
 async def export(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
-    out = await client.call("export", m.ExportRequest(directory=str(args.directory.resolve())))
-    _json(out) if args.json else console.print("\n".join(out["files"]))
+    """Every table as DIR/<table>.parquet, received over the bus in chunks and written here, so it
+    works from any host that reaches the fleet's NATS."""
+    args.directory.mkdir(parents=True, exist_ok=True)
+    sizes = (await client.call("export", m.ExportRequest()))["tables"]
+    written = {}
+    for table in sizes:
+        path = args.directory / f"{table}.parquet"
+        written[table] = {"file": str(path), "rows": await _export_table(client, table, path)}
+    if args.json:
+        _json(written)
+    else:
+        for w in written.values():
+            console.print(f"{w['file']}  {w['rows']:,} rows", highlight=False)
     return 0
+
+
+async def _export_table(client: FleetClient, table: str, path: Path) -> int:
+    """Append each chunk's rows to one Parquet file, written to a temporary name and then renamed, so
+    a file that exists is whole."""
+    import pyarrow.parquet as pq  # here: the other verbs need not pay for pyarrow's import
+
+    partial = path.with_suffix(".parquet.partial")
+    after, rows = -1, 0
+    writer = None
+    try:
+        while True:
+            chunk = await client.call("export", m.ExportRequest(table=table, after=after))
+            data = pq.read_table(io.BytesIO(base64.b64decode(chunk["parquet"])))
+            if writer is None:
+                writer = pq.ParquetWriter(partial, data.schema)
+            if chunk["rows"] == 0:
+                break
+            writer.write_table(data)
+            rows, after = rows + chunk["rows"], chunk["last"]
+    finally:
+        if writer is not None:
+            writer.close()
+    partial.replace(path)
+    return rows
 
 
 async def missions(client: FleetClient, args: argparse.Namespace, console: Console) -> int:

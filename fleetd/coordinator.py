@@ -583,7 +583,8 @@ class Coordinator:
 
     async def ctl_sql(self, data: bytes) -> dict[str, Any]:
         req = msgspec.json.decode(data, type=m.SqlRequest)
-        cols, rows, truncated = await self.read(self.store.read_only_sql, req.query, req.limit)
+        limit, timeout = min(req.limit, self.cfg.sql.max_rows), self.cfg.sql.timeout_s
+        cols, rows, truncated = await self.read(self.store.read_only_sql, req.query, limit, timeout)
         return {"columns": cols, "rows": msgspec.to_builtins(rows, builtin_types=()), "truncated": truncated}
 
     async def ctl_logs(self, data: bytes) -> dict[str, Any]:
@@ -600,9 +601,12 @@ class Coordinator:
         return {"task_id": req.task_id, "attempt": attempt, "state": task.state, "lines": lines}
 
     async def ctl_export(self, data: bytes) -> dict[str, Any]:
-        req = msgspec.json.decode(data, type=m.ExportRequest)
-        paths = await self.read(self.store.export, Path(req.directory))
-        return {"files": [str(p) for p in paths]}
+        """The tables travel to the client, which writes them: fleetd writes nowhere a client names."""
+        req = msgspec.json.decode(data, type=m.ExportRequest) if data else m.ExportRequest()
+        if not req.table:
+            return {"tables": await self.read(self.store.table_sizes)}
+        parquet, rows, last = await self.read(self.store.export_chunk, req.table, req.after)
+        return {"table": req.table, "rows": rows, "last": last, "parquet": parquet}
 
 
 def check_runnable(spec: specs.MissionSpec, file: str) -> None:

@@ -10,7 +10,9 @@ Times are unix seconds (DOUBLE) everywhere: cheap to write, and `to_timestamp(co
 
 from __future__ import annotations
 
+import io
 import json
+import threading
 import time
 import typing
 from collections.abc import Iterable, Sequence
@@ -21,6 +23,7 @@ from typing import Any
 import duckdb
 import msgspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from schemas.messages import Artifact, Event, Log, Metrics, Scores
 from schemas.missions import Task
@@ -153,6 +156,7 @@ TABLES = (
     "decisions",
     "workers",
     "dead_letters",
+    "service_decisions",
 )
 READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
@@ -176,6 +180,19 @@ class Store:
         self.path = path
         self.con = duckdb.connect(str(path))
         self.migrate()
+        self.lock_down()
+
+    def lock_down(self) -> None:
+        """No file outside the database, no extension, and no way back, for any query on this
+        connection and its cursors: `fleetctl sql` reaches DuckDB, and table functions such as
+        read_text('/proc/self/environ') would otherwise read any file the fleetd user can."""
+        for setting in (
+            "enable_external_access = false",
+            "autoinstall_known_extensions = false",
+            "autoload_known_extensions = false",
+            "lock_configuration = true",
+        ):
+            self.con.execute(f"SET {setting}")
 
     def close(self) -> None:
         self.con.close()
@@ -427,9 +444,13 @@ class Store:
         finally:
             cur.close()
 
-    def read_only_sql(self, sql: str, limit: int = 10_000) -> tuple[list[str], list[list[Any]], bool]:
-        """Run one SELECT (or EXPLAIN) inside a read-only transaction; anything else is refused."""
+    def read_only_sql(
+        self, sql: str, limit: int = 10_000, timeout_s: float = 30.0
+    ) -> tuple[list[str], list[list[Any]], bool]:
+        """Run one SELECT (or EXPLAIN) inside a read-only transaction; anything else is refused, and
+        so is a query still running after `timeout_s` (interrupted) or one that touches a file."""
         cur = self.con.cursor()
+        timer = threading.Timer(timeout_s, cur.interrupt)
         try:
             try:
                 statements = cur.extract_statements(sql)
@@ -441,34 +462,52 @@ class Store:
             if kind not in READ_ONLY_STATEMENTS:
                 raise SqlRefused(f"fleetctl sql is read-only: {kind.name} statements are refused")
             cur.execute("BEGIN TRANSACTION READ ONLY")
+            timer.start()
             try:
                 res = cur.execute(sql)
                 cols = [d[0] for d in res.description or []]
                 rows = res.fetchmany(limit + 1)
+            except duckdb.InterruptException:
+                raise SqlRefused(
+                    f"the query ran past {timeout_s:g} s and was stopped (sql.timeout_s)"
+                ) from None
+            except duckdb.PermissionException as e:
+                raise SqlRefused(f"fleetctl sql reads the fleet's tables only: {e}") from None
             except duckdb.Error as e:
                 raise SqlRefused(str(e)) from None
             finally:
+                timer.cancel()
                 cur.execute("ROLLBACK")
             return cols, [list(r) for r in rows[:limit]], len(rows) > limit
         finally:
             cur.close()
 
-    def export(self, directory: Path) -> list[Path]:
-        directory.mkdir(parents=True, exist_ok=True)
-        out = []
+    def table_sizes(self) -> dict[str, int]:
+        """Rows per exported table."""
+        return {t: self.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}
+
+    def export_chunk(self, table: str, after: int, budget: int = 512 * 1024) -> tuple[bytes, int, int]:
+        """The rows of `table` past rowid `after` that fit in about `budget` bytes of Parquet:
+        (parquet bytes, rows, the last rowid). Keyset paging on rowid, so a chunk costs the same
+        wherever it starts; zero rows still carry the table's schema."""
+        if table not in TABLES:
+            raise SqlRefused(f"no exported table {table!r}; tables: {', '.join(TABLES)}")
+        rows = 50_000
         cur = self.con.cursor()
         try:
-            for table in TABLES:
-                path = directory / f"{table}.parquet"
-                cur.execute(f"COPY {table} TO '{_quote(path)}' (FORMAT parquet)")
-                out.append(path)
+            while True:
+                data = cur.sql(
+                    f"SELECT rowid AS _rowid, * FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                    params=[after, rows],
+                ).to_arrow_table()
+                last = int(data.column("_rowid")[-1].as_py()) if data.num_rows else after
+                buf = io.BytesIO()
+                pq.write_table(data.drop_columns(["_rowid"]), buf)
+                if buf.tell() <= budget or data.num_rows <= 1:
+                    return buf.getvalue(), data.num_rows, last
+                rows = max(1, int(data.num_rows * 0.9 * budget / buf.tell()))  # rows that should fit
         finally:
             cur.close()
-        return out
-
-
-def _quote(path: Path) -> str:
-    return str(path).replace("'", "''")
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[dict[str, Any]]) -> None:

@@ -197,8 +197,12 @@ class LogsRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
 
 
 class ExportRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Without a table: the exported tables and their sizes. With one: its rows past rowid `after`, as
+    Parquet in a reply of bounded size; the client asks again from the last rowid it got."""
+
     v: int = SCHEMA_VERSION
-    directory: str
+    table: str = ""
+    after: int = -1
 
 
 class ErrorInfo(Struct, frozen=True):

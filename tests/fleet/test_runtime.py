@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import nats
+import pyarrow.parquet as pq
 import pytest
 
 from schemas.messages import IdRequest
@@ -97,6 +98,29 @@ def test_selftest_completes_on_two_cpu_workers_with_fleetd_up(tmp_path: Path) ->
         )
         assert refused.returncode == 2 and "read-only" in refused.stderr and "DELETE" in refused.stderr
         assert sql(url, "SELECT count(*) AS n FROM tasks")[0]["n"] == 9
+        # Files stay out of reach of the SQL door: table functions that read files are refused.
+        fleetctl = [sys.executable, "-m", "fleetcli.fleetctl", "--home", str(home)]
+        for query in (
+            "SELECT * FROM read_text('/etc/passwd')",
+            "SELECT * FROM read_blob('/proc/self/environ')",
+        ):
+            out = subprocess.run(
+                [*fleetctl, "sql", query], cwd=REPO, capture_output=True, text=True, timeout=60
+            )
+            assert out.returncode == 2 and "tables only" in out.stderr and "root:" not in out.stdout, out
+
+        # Export travels over the bus and is written by the client: every table, row for row.
+        out = subprocess.run(
+            [*fleetctl, "export", str(tmp_path / "export"), "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        written = json.loads(out.stdout)
+        for table in ("tasks", "events", "metrics", "example_scores", "decisions"):
+            want = sql(url, f"SELECT count(*) AS n FROM {table}")[0]["n"]
+            got = pq.read_table(written[table]["file"])
+            assert got.num_rows == written[table]["rows"] == want > 0, table
+        assert set(pq.read_table(written["tasks"]["file"]).column_names) >= {"task_id", "state", "params"}
     finally:
         up.terminate()
         out = up.communicate(timeout=30)[0].decode()

@@ -3,10 +3,13 @@ tasks table derived from `schemas.missions.Task` (migrations from the first sche
 
 from __future__ import annotations
 
+import io
+import time
 from pathlib import Path
 
 import duckdb
 import msgspec
+import pyarrow.parquet as pq
 import pytest
 
 from fleetd.store import (
@@ -99,6 +102,61 @@ def test_sql_is_read_only(tmp_path: Path, sql: str) -> None:
     assert counts(store)["events"] == 5
     cols, rows, truncated = store.read_only_sql("SELECT kind FROM events ORDER BY seq", limit=3)
     assert cols == ["kind"] and [r[0] for r in rows] == ["started", "metrics", "scores"] and truncated
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM read_text('{secret}')",
+        "SELECT * FROM read_blob('{secret}')",
+        "SELECT * FROM read_csv('{secret}')",
+        "SELECT * FROM glob('{home}/*')",
+        "SELECT * FROM read_parquet('{home}/*.parquet')",
+        "SELECT * FROM '{secret}'",
+    ],
+)
+def test_sql_reads_no_file_outside_the_tables(tmp_path: Path, sql: str) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("FLEET_WEB_TOKEN=hunter2\n")
+    store = Store(tmp_path / "f.duckdb")
+    with pytest.raises(SqlRefused) as refused:
+        store.read_only_sql(sql.format(secret=secret, home=tmp_path))
+    # A file function is refused by the lock; a bare path is no table at all (no replacement scan).
+    assert "tables only" in str(refused.value) or "does not exist" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+    with pytest.raises(duckdb.Error, match="configuration"):  # and the lock cannot be undone
+        store.con.execute("SET enable_external_access = true")
+    store.apply(batch(), current_attempt={})  # the fleet's own writes are unaffected
+    assert counts(store)["events"] == 5
+
+
+def test_a_slow_query_is_stopped_at_the_time_limit(tmp_path: Path) -> None:
+    store = Store(tmp_path / "f.duckdb")
+    started = time.perf_counter()
+    with pytest.raises(SqlRefused, match=r"ran past 0\.3 s"):
+        store.read_only_sql("SELECT count(*) FROM range(1000000000000)", timeout_s=0.3)
+    assert time.perf_counter() - started < 10
+    assert store.read_only_sql("SELECT 1 AS one", timeout_s=0.3)[1] == [[1]]  # the next query runs
+
+
+def test_export_chunks_carry_every_row_once_within_the_budget(tmp_path: Path) -> None:
+    store = Store(tmp_path / "f.duckdb")
+    store.con.execute("INSERT INTO metrics SELECT 't', 1, 'loss', i, i / 7, 0 FROM range(30000) t(i)")
+    store.con.execute("DELETE FROM metrics WHERE step % 10 = 3")  # holes in rowid
+    after, steps, sizes = -1, [], []
+    while True:
+        data, rows, after = store.export_chunk("metrics", after, budget=64 * 1024)
+        table = pq.read_table(io.BytesIO(data))
+        assert table.num_rows == rows and "_rowid" not in table.column_names
+        if rows == 0:
+            assert table.column_names == ["task_id", "attempt", "name", "step", "value", "time"]
+            break
+        steps += table.column("step").to_pylist()
+        sizes.append(len(data))
+    assert steps == [i for i in range(30000) if i % 10 != 3]
+    assert len(sizes) > 1 and max(sizes) <= 64 * 1024
+    with pytest.raises(SqlRefused, match="no exported table"):
+        store.export_chunk("schema_version; DROP TABLE tasks", -1)
 
 
 def test_task_values_take_the_median_of_each_key_over_the_tasks_that_report_it(tmp_path: Path) -> None:
