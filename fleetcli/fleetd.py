@@ -26,7 +26,7 @@ from fleet import bus, config, logs, render, sdnotify
 from fleet.client import FleetClient, FleetError
 from fleet.natsserver import NatsServer, NatsServerError, die_with_parent
 from fleetd.coordinator import Coordinator
-from fleetd.store import Store
+from fleetd.store import SchemaMismatch, Store
 from web import app as web_app
 from workers import gpus
 from workers.worker import default_id
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure()
     try:
         return anyio.run(up_cmd, cfg, args) if args.command == "up" else anyio.run(run_cmd, cfg)
-    except (HomeBusy, NatsServerError, FleetError, config.ConfigError) as e:
+    except (HomeBusy, NatsServerError, FleetError, config.ConfigError, SchemaMismatch) as e:
         print(f"fleetd: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -104,7 +104,7 @@ class Services:
         except (msgspec.ValidationError, msgspec.DecodeError):
             await msg.ack()  # the recorder dead-letters malformed events; nothing to decide on
             return
-        config = (self.configs(ev.task_id) or {}).get(name) if isinstance(ev, m.Metrics) else None
+        config = self._config(name, ev.task_id) if isinstance(ev, m.Metrics) else None
         if isinstance(ev, m.Metrics) and config is not None:
             key = (name, ev.task_id, ev.attempt)
             try:
@@ -119,6 +119,12 @@ class Services:
             for action in actions:
                 await self._act(ev, action)
         await msg.ack()
+
+    def _config(self, name: str, task_id: str) -> Mapping[str, Any] | None:
+        """This service's table for the task, if the task's stage named the service."""
+        tables = self.configs(task_id)
+        config = tables.get(name) if isinstance(tables, Mapping) else None
+        return config if isinstance(config, Mapping) else None
 
     async def _act(self, ev: m.Metrics, action: Action) -> None:
         row = {

@@ -10,12 +10,19 @@ Events are one tagged union (`Event`): the `kind` tag is also the last token of 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 SCHEMA_VERSION = 1
+
+# Every name that becomes a path or a subject token: missions, stages, arms, profiles, workers. A task
+# id is `<mission>/<name>`. Checked wherever one is decoded, so a forged message with `../` or `.` in
+# an id is a malformed message (dead-lettered), never a path.
+NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+Name = Annotated[str, Meta(pattern=f"^{NAME}$")]
+TaskId = Annotated[str, Meta(pattern=f"^{NAME}/{NAME}$")]
 
 # The seq of the failure a restarted worker reports for a redelivered assignment: above any seq a
 # task's own events reach, so it never collides with what the worker's earlier incarnation sent.
@@ -35,8 +42,8 @@ class Assignment(Struct, frozen=True, kw_only=True):
     """A task placed on one worker: published to `fleet.task.<worker_id>` with Msg-Id task:attempt."""
 
     v: int = SCHEMA_VERSION
-    task_id: str
-    mission_id: str
+    task_id: TaskId
+    mission_id: Name
     kind: str
     params: dict[str, Any]
     attempt: int
@@ -49,11 +56,11 @@ class Assignment(Struct, frozen=True, kw_only=True):
 
 class _Event(Struct, frozen=True, kw_only=True, tag_field="kind"):
     v: int = SCHEMA_VERSION
-    mission_id: str
-    task_id: str
+    mission_id: Name
+    task_id: TaskId
     attempt: int
     seq: int
-    worker: str
+    worker: Name
     ts: float  # unix seconds at the source
 
 
@@ -67,6 +74,10 @@ class Series(Struct, frozen=True, array_like=True):
     steps: list[int]
     values: list[float]
     times: list[float]
+
+    def __post_init__(self) -> None:
+        if not len(self.steps) == len(self.values) == len(self.times):
+            raise ValueError("a series' steps, values and times must have one entry per point")
 
 
 class Metrics(_Event, frozen=True, tag="metrics"):
@@ -91,6 +102,11 @@ class Scores(_Event, frozen=True, tag="scores"):
     seed: list[int]
     metric: list[str]
     value: list[float]
+
+    def __post_init__(self) -> None:
+        columns = (self.example_id, self.arm, self.seed, self.metric, self.value)
+        if len({len(c) for c in columns}) != 1:
+            raise ValueError("scores' columns must have one entry per row")
 
 
 class Artifact(_Event, frozen=True, tag="artifact"):
@@ -145,7 +161,7 @@ class GpuInfo(Struct, frozen=True):
 
 class Heartbeat(Struct, frozen=True, kw_only=True):
     v: int = SCHEMA_VERSION
-    worker: str
+    worker: Name
     host: str
     pid: int
     gpu: GpuInfo | None  # None: a CPU worker
@@ -159,7 +175,7 @@ class Heartbeat(Struct, frozen=True, kw_only=True):
 class Command(Struct, frozen=True, kw_only=True):
     v: int = SCHEMA_VERSION
     action: Literal["cancel", "promote", "rollback"]
-    task_id: str
+    task_id: TaskId
     attempt: int
 
 

@@ -21,8 +21,13 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
+from schemas.messages import NAME
+
 MISSIONS_DIR = Path(__file__).parent / "missions"
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_NAME = re.compile(f"^{NAME}$")
+NAME_RULE = "starts with a letter or digit, then letters, digits, '_' or '-', at most 64 in all"
+# A mission id is `<name>-YYYYmmdd-HHMMSS-xxxx`, itself a name: the spec's name leaves room for it.
+MISSION_NAME_MAX = 64 - len("-20261206-205346-6c6d")
 _KIND = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
 
 
@@ -149,7 +154,7 @@ def available(directory: Path = MISSIONS_DIR) -> list[str]:
 
 def find(name: str, directory: Path = MISSIONS_DIR) -> Path:
     if not _NAME.match(name):
-        raise SpecError(name, "name", "a mission name is letters, digits, '_' and '-'")
+        raise SpecError(name[:80], "name", f"a mission name {NAME_RULE}")
     path = directory / f"{name}.toml"
     if not path.is_file():
         raise SpecError(
@@ -220,6 +225,11 @@ def _check(spec: MissionSpec, file: str, stem: str) -> None:
 
     if spec.name != stem:
         fail("name", f"{spec.name!r} must match the file name {stem!r}")
+    if not _NAME.match(spec.name) or len(spec.name) > MISSION_NAME_MAX:
+        fail("name", f"{spec.name!r}: a mission name {NAME_RULE}, and at most {MISSION_NAME_MAX} long")
+    for i, arm in enumerate(spec.arms):  # an arm becomes part of a task's name: a path and a subject
+        if not _NAME.match(arm):
+            fail(f"arms[{i}]", f"{arm!r}: an arm name {NAME_RULE}")
     if not spec.stages:
         fail("stages", "a mission needs at least one stage")
     if spec.default_profile not in spec.profiles and spec.profiles:
@@ -233,7 +243,9 @@ def _check(spec: MissionSpec, file: str, stem: str) -> None:
             fail(field, "seeds must be a non-empty list without repeats")
     for name, prof in spec.profiles.items():
         if not _NAME.match(name):
-            fail(f"profiles.{name}", "a profile name is letters, digits, '_' and '-'")
+            fail(f"profiles.{name}", f"a profile name {NAME_RULE}")
+        if "services" in prof.params:
+            fail(f"profiles.{name}.params.services", "is set from the stages' `services` and [services.NAME]")
         for arm in prof.arms or []:
             if arm not in spec.arms:
                 fail(f"profiles.{name}.arms", f"unknown arm {arm!r}; arms are {spec.arms}")
@@ -241,7 +253,7 @@ def _check(spec: MissionSpec, file: str, stem: str) -> None:
     for i, st in enumerate(spec.stages):
         where = f"stages[{i}]"
         if not _NAME.match(st.name):
-            fail(f"{where}.name", f"{st.name!r}: a stage name is letters, digits, '_' and '-'")
+            fail(f"{where}.name", f"{st.name!r}: a stage name {NAME_RULE}")
         if st.name in seen:
             fail(f"{where}.name", f"duplicate stage {st.name!r}")
         if not _KIND.match(st.kind):
@@ -298,6 +310,8 @@ def expand(spec: MissionSpec, profile: str | None, mission_id: str) -> list[Task
         for combo in combos:
             coords = dict(zip(st.foreach, combo, strict=True))
             name = "-".join([st.name] + [f"{'s' if d == 'seed' else ''}{v}" for d, v in coords.items()])
+            if not _NAME.match(name):  # a task's name is a path and a subject token too
+                raise SpecError(spec.name, f"stages.{st.name}", f"task name {name!r}: a name {NAME_RULE}")
             deps = [
                 up.task_id
                 for dep in st.after

@@ -132,8 +132,15 @@ class PromotionRules(_Rule, frozen=True):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> PromotionRules:
-        """From a mission TOML's table; a bad one raises msgspec.ValidationError naming the field."""
-        return msgspec.convert(dict(config or {}), cls, strict=True)
+        """From a mission TOML's table; a bad one raises msgspec.ValidationError naming the field.
+        A `drift.levels` or `gate.suites` table changes or adds entries to the spec's, never drops them:
+        a learner reports every signal and suite."""
+        raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in (config or {}).items()}
+        for section, key, spec in (("drift", "levels", SPEC_LEVELS), ("gate", "suites", SPEC_SUITES)):
+            table = raw.get(section)
+            if isinstance(table, dict) and isinstance(table.get(key), Mapping):
+                table[key] = {**spec, **table[key]}
+        return msgspec.convert(raw, cls, strict=True)
 
 
 @dataclass(frozen=True)
@@ -160,34 +167,37 @@ class PromotionWatch:
         self.min_prompts = self.rules.gate.min_prompts
         self.prompts: dict[int, float] = {}  # step -> prompts since the last promotion
         self.judged: list[tuple[int, CanaryReport]] = []  # every live-versus-shadow judgement
+        self.unjudged: list[tuple[int, str]] = []  # canary runs whose samples could not be judged
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> PromotionWatch:
         return cls(PromotionRules.from_config(config))
 
     def observe(self, series: Series) -> list[Action]:
-        """The actions one batch of points calls for: drift checks first, then canary runs, each
-        judged with the drift level measured at its own step (sent in the same batch), so the gate
-        never promotes what the drift monitor is rolling back at that step."""
+        """The actions one batch of points calls for, step by step: at each step the drift check
+        first, then the canary run, judged with the drift level measured at its own step (sent in the
+        same batch), so the gate never promotes what the drift monitor is rolling back at that step;
+        a canary run at a step whose check rolled back decides nothing."""
         actions: list[Action] = []
-        same_step: dict[int, Level] = {}
-        for step, signals in sorted(_by_step(series, "drift/").items()):
-            level, why = self.on_drift(signals)
-            same_step[step] = level
-            if why is not None:
-                actions.append(Action("drift", step, "rollback", level, max(signals.values()), why))
+        checks = _by_step(series, "drift/")
+        rates = dict(series.get("canary/pass_rate", ()))
         for _, value in series.get("canary/min_prompts", ()):
             self.min_prompts = int(value)
         self.prompts.update(series.get("canary/prompts_since_promotion", ()))
-        rolled_back = {a.step for a in actions}
-        for step, rate in series.get("canary/pass_rate", ()):
-            if step in rolled_back:
-                continue  # it measured the shadow this step's rollback discards: it decides nothing
-            prompts = self.prompts.get(step, max(self.prompts.values(), default=0.0))
-            report = self.judge(series, step)
-            decision, why, level = self.on_canary(rate, int(prompts), same_step.get(step), report)
-            if decision == "rollback" or decision == "promote":
-                actions.append(Action("canary", step, decision, level, rate, why))
+        # Step by step, as the learner measured them (a batch may hold several checks).
+        for step in sorted(checks.keys() | rates.keys()):
+            level: Level | None = None
+            if step in checks:
+                level, why = self.on_drift(checks[step])
+                if why is not None:
+                    actions.append(Action("drift", step, "rollback", level, max(checks[step].values()), why))
+                    continue  # this step's canary run measured the shadow the rollback discards
+            if step in rates:
+                prompts = self.prompts.get(step, max(self.prompts.values(), default=0.0))
+                report = self.judge(series, step)
+                decision, why, seen = self.on_canary(rates[step], int(prompts), level, report)
+                if decision == "rollback" or decision == "promote":
+                    actions.append(Action("canary", step, decision, seen, rates[step], why))
         return actions
 
     def on_drift(self, signals: Mapping[str, float]) -> tuple[Level, str | None]:
@@ -219,7 +229,12 @@ class PromotionWatch:
                 arms[arm][metric] = [v for s, v in points if s == step]
         if not any(arms["live"].values()) and not any(arms["shadow"].values()):
             return None
-        report = judge(self.rules.judge, arms["live"], arms["shadow"])
+        try:
+            report = judge(self.rules.judge, arms["live"], arms["shadow"])
+        except ValueError as e:  # samples it cannot judge (a metric it does not know, too many pairs)
+            self.unjudged.append((step, str(e)))
+            # Not a pass: it holds the streak, as a Marginal does, and the reason says why.
+            return CanaryReport((), (), 0.0, "Marginal", f"could not judge the samples: {e}")
         self.judged.append((step, report))
         return report
 

@@ -129,3 +129,30 @@ def test_the_libraries_public_surface_resolves(package: str) -> None:
     code = "import sys, bem, bem.core.reporter, stats; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
+
+
+def test_the_bem_core_never_imports_a_mission() -> None:
+    """Missions build on the core; the core knows no mission (a mission's parts belong in its folder)."""
+    wrong = []
+    for path in sorted((REPO / "bem" / "core").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            if any(name.startswith("bem.missions") for name in names):
+                wrong.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not wrong, wrong
+
+
+def test_every_registered_kind_and_service_resolves() -> None:
+    """The registry's strings name real objects: a typo must fail here, not in a task's process."""
+    from fleet import registry
+
+    for table in (registry.KINDS, registry.SERVICES):
+        for name, ref in table.items():
+            assert callable(registry.resolve(ref)), (name, ref)
+    for ref in registry.SERVICES.values():
+        assert callable(registry.resolve(ref).from_config)

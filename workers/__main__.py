@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import anyio
 
     from fleet import config, logs
+    from schemas.messages import NAME
     from workers import gpus
     from workers.worker import Worker, default_id
 
@@ -54,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu not in found:
             parser.error(f"GPU {args.gpu} not found; this machine has: {', '.join(found) or 'none'}")
         gpu = found[args.gpu]
+    worker_id = args.id or default_id(gpu, args.index)
+    if not re.fullmatch(NAME, worker_id):  # it names a subject and a log file
+        parser.error(
+            f"worker id {worker_id!r}: letters, digits, '_' and '-' (a letter or digit first), at most 64"
+        )
     worker = Worker(
-        args.id or default_id(gpu, args.index),
+        worker_id,
         args.nats,
         args.home,
         gpu,

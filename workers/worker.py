@@ -25,6 +25,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from fleet import bus, sdnotify
+from fleet.paths import under
 from schemas import messages as m
 from schemas.messages import GpuInfo
 from workers import gpus
@@ -254,7 +255,7 @@ class Worker:
 
             run = p.Run(
                 assignment=a,
-                out_dir=str(self.home / "runs" / a.task_id / f"attempt-{a.attempt}"),
+                out_dir=str(under(self.home, "runs", a.task_id, f"attempt-{a.attempt}")),
                 cache_dir=str(self.home / "cache"),
                 device="cuda" if self.gpu else "cpu",
                 worker=self.id,

@@ -225,3 +225,59 @@ def test_a_bad_service_is_refused_at_submit(
 def test_a_service_table_no_stage_names_is_refused(tmp_path: Path) -> None:
     with pytest.raises(specs.SpecError, match=r"services\.promotion: no stage names this service"):
         specs.load(write(tmp_path, WATCHED.replace('services = ["promotion"]\n', "")))
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"arms": ["a", "/../../../../tmp/x"]}, "arms[1]"),
+        ({"arms": ["a", "b.c"]}, "arms[1]"),  # a '.' would split a subject token
+        ({"arms": ["a", "-b"]}, "arms[1]"),
+        ({"arms": ["a", "x" * 65]}, "arms[1]"),
+        ({"profiles.bad.name": {"description": "x"}}, None),  # an unknown key: refused too
+    ],
+)
+def test_names_that_become_paths_or_subjects_are_checked(
+    tmp_path: Path, override: dict, field: str | None
+) -> None:
+    with pytest.raises(specs.SpecError) as e:
+        specs.load(write(tmp_path, GOOD), override)
+    if field is not None:
+        assert e.value.field == field and "at most 64" in e.value.reason
+
+
+def test_stage_profile_and_mission_names_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(specs.SpecError, match=r"stages\[0\]\.name"):
+        specs.load(write(tmp_path, GOOD.replace('name = "train"', 'name = "../train"')))
+    with pytest.raises(specs.SpecError, match=r"profiles\.\.\."):
+        specs.load(write(tmp_path, GOOD.replace("[profiles.tiny]", '[profiles."..."]')))
+    long = "m" * (specs.MISSION_NAME_MAX + 1)
+    with pytest.raises(specs.SpecError, match="at most 43"):  # room for the mission id's suffix
+        specs.load(write(tmp_path, GOOD.replace('name = "m"', f'name = "{long}"'), long))
+    with pytest.raises(specs.SpecError, match="a mission name"):
+        specs.find("../etc/passwd")
+    # A task's name (stage-arm-seed) is checked as a whole, too.
+    spec = specs.load(write(tmp_path, GOOD), {"arms": ["a" * 60, "b"], "profiles.tiny.arms": ["b"]})
+    with pytest.raises(specs.SpecError, match="task name"):
+        specs.expand(spec, "smoke", "mi")
+
+
+def test_forged_ids_on_the_bus_are_malformed_messages() -> None:
+    import msgspec
+
+    from fleet.paths import under
+    from schemas import messages as m
+
+    good = m.Assignment(task_id="m1/t", mission_id="m1", kind="noop", params={}, attempt=1, timeout_s=1)
+    assert m.decode_assignment(m.encode(good)) == good
+    for task_id, mission_id in (("m1/../../x", "m1"), ("m1/t/u", "m1"), ("m1/t", "m.1"), ("/t", "m1")):
+        forged = msgspec.structs.replace(good, task_id=task_id, mission_id=mission_id)
+        with pytest.raises(msgspec.ValidationError):
+            m.decode_assignment(m.encode(forged))
+    event = m.Started(mission_id="m1", task_id="m1/t", attempt=1, seq=0, worker="../w", ts=0.0)
+    with pytest.raises(msgspec.ValidationError):
+        m.decode_event(m.encode(event))
+    home = Path("/tmp/fleet-home")
+    assert under(home, "runs", "m1/t", "attempt-1") == home.resolve() / "runs/m1/t/attempt-1"
+    with pytest.raises(ValueError, match="outside"):
+        under(home, "runs", "../../etc", "x")

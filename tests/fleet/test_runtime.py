@@ -138,11 +138,21 @@ def test_malformed_messages_are_dead_lettered_without_a_crash(fleet: Fleet) -> N
         await js.publish("fleet.evt.m.t.metrics", b"{not json", timeout=5)
         await js.publish("fleet.evt.m.t.finished", b'{"kind": "finished", "task_id": 3}', timeout=5)
         await js.publish("fleet.task.w0", b'{"task_id": "x"}', timeout=5)  # an assignment missing fields
+        # Well-formed JSON that would break the store: a series with more steps than values.
+        bad_series = (
+            b'{"kind": "metrics", "mission_id": "m", "task_id": "m/t", "attempt": 1, "seq": 0, '
+            b'"worker": "w0", "ts": 0.0, "series": {"loss": [[1, 2], [0.5], [0.0, 0.0]]}}'
+        )
+        await js.publish("fleet.evt.m.t-2.metrics", bad_series, timeout=5)
+        # A forged id that would be a path outside the fleet home.
+        forged = b'{"task_id": "m/../../../tmp/x", "mission_id": "m", "kind": "noop", "params": {}, '
+        forged += b'"attempt": 1, "timeout_s": 5}'
+        await js.publish("fleet.task.w0", forged, timeout=5)
         await nc.flush()
         sub = await js.subscribe("fleet.dlq.>", ordered_consumer=True)
         reasons = []
         deadline = time.monotonic() + 20
-        while len(reasons) < 3 and time.monotonic() < deadline:
+        while len(reasons) < 5 and time.monotonic() < deadline:
             try:
                 msg = await sub.next_msg(timeout=1)
             except nats.errors.TimeoutError:
@@ -154,12 +164,16 @@ def test_malformed_messages_are_dead_lettered_without_a_crash(fleet: Fleet) -> N
     import anyio
 
     reasons = anyio.run(poison)
-    assert len(reasons) == 3, reasons
-    assert sum("malformed event" in r for r in reasons) == 2 and any(
-        "malformed assignment" in r for r in reasons
-    )
+    assert len(reasons) == 5, reasons
+    assert sum("malformed event" in r for r in reasons) == 3
+    assert sum("malformed assignment" in r for r in reasons) == 2
+    assert any("one entry per point" in r for r in reasons) and any("task_id" in r for r in reasons)
     rows = sql(fleet.url, "SELECT subject, reason FROM dead_letters ORDER BY subject")
-    assert [r["subject"] for r in rows] == ["fleet.evt.m.t.finished", "fleet.evt.m.t.metrics"]
+    assert [r["subject"] for r in rows] == [
+        "fleet.evt.m.t-2.metrics",
+        "fleet.evt.m.t.finished",
+        "fleet.evt.m.t.metrics",
+    ]
     # Both processes live on and work.
     mission = submit(fleet.url, "selftest", "quick")
     assert wait_mission(fleet.url, mission)["missions"][0]["state"] == "succeeded"

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _run(tmp: Path, kind: str, params: dict[str, Any] | None = None, attempt: int = 1, timeout_s: float = 30):
     a = Assignment(
-        task_id=f"m/{kind}",
+        task_id=f"m/{kind.replace('.', '-')}",  # a task id is two names: no dots
         mission_id="m",
         kind=kind,
         params=params or {},

@@ -172,3 +172,32 @@ def test_a_bad_table_is_refused_naming_the_field(table: dict, where: str) -> Non
 def test_an_unknown_drift_signal_is_an_error_not_ok() -> None:
     with pytest.raises(ValueError, match="drift signal 'kl' has no levels"):
         PromotionWatch().on_drift({"kl": 0.3})
+
+
+def test_a_batch_of_several_checks_is_judged_in_step_order() -> None:
+    """The worker may batch two checks: a canary run at step 100 comes before a rollback at 105, so
+    it belongs to the streak the rollback ends, not to the new one."""
+    watch = PromotionWatch()
+    watch.observe(canary(50, 0.97))
+    batch = {**canary(100, 0.97), "drift/grad_norm": [(105, 25.0)]}
+    assert [(a.step, a.decision) for a in watch.observe(batch)] == [(105, "rollback")]
+    assert watch.streak == 0
+    assert [a.decision for s in (150, 200) for a in watch.observe(canary(s, 0.97))] == []
+    assert [a.decision for a in watch.observe(canary(250, 0.97))] == ["promote"]
+
+
+def test_samples_the_judge_cannot_judge_hold_the_streak_and_say_why() -> None:
+    watch = PromotionWatch()
+    odd = {"judge/live/unknown": [(50, 0.5)] * 5, "judge/shadow/unknown": [(50, 0.5)] * 5}
+    for step in (50, 100, 150):
+        batch = canary(step, 0.97, **{k: [(step, v) for _, v in pts] for k, pts in odd.items()})
+        assert watch.observe(batch) == []  # never a promotion on unjudged samples
+    assert len(watch.unjudged) == 3 and "no MetricSpec" in watch.unjudged[0][1]
+
+
+def test_partial_tables_change_the_spec_levels_and_suites_without_dropping_any() -> None:
+    rules = PromotionRules.from_config({"drift": {"levels": {"grad_norm": [1.0, 2.0, 3.0]}},
+                                        "gate": {"suites": {"safety": 0.99}}})  # fmt: skip
+    assert rules.drift.levels["grad_norm"] == (1.0, 2.0, 3.0)
+    assert rules.drift.levels["kl_per_token"] == PromotionRules().drift.levels["kl_per_token"]
+    assert rules.gate.suites == {**PromotionRules().gate.suites, "safety": 0.99}

@@ -157,9 +157,7 @@ class ShadowLearner:
         seed: int = 0,
     ) -> None:
         self.model, self.tok, self.cfg, self.reporter = model, tokenizer, config, reporter
-        self.rules = rules or PromotionRules()
-        if unknown := sorted(set(self.judged_metrics) - set(SCORES)):
-            raise ValueError(f"the judge's metrics {unknown} are not per-prompt scores; known: {SCORES}")
+        self.rules = check_rules(rules or PromotionRules())
         self.params = trainable(model, "controller")
         self.device = next(iter(self.params.values())).device
         self.optimizer = self._optimizer()
@@ -415,6 +413,7 @@ class ShadowLearner:
         self.accepted = as_state(self.params)
         self.optimizer = self._optimizer()
         after, live = state_hash(self.params), self.live_digest
+        self.mirrored = {"live": {}, "shadow": {}}  # the judge's sample was of the shadow just discarded
         s = self.stats
         s.rollbacks += 1
         s.rollbacks_since_promotion += 1
@@ -437,6 +436,7 @@ class ShadowLearner:
         self.live, self.candidate = self.candidate, None
         digest = self.live_digest = self.checkpoints.save("live", self.live)
         self.ewc.consolidate(self._fisher(self.replay.sample(self.cfg.fisher_samples)[0]), self.live)
+        self.mirrored = {"live": {}, "shadow": {}}  # live changed: the sample so far compares the old one
         s = self.stats
         s.promotions += 1
         s.prompts_since_promotion = 0
@@ -444,6 +444,13 @@ class ShadowLearner:
         s.events.append({"action": "promote", "prompt": prompt, "live": digest})
         self.reporter.metric("online/promotions", float(s.promotions), prompt)
         return True, f"promoted at prompt {prompt}: live {digest[:12]}"
+
+
+def check_rules(rules: PromotionRules) -> PromotionRules:
+    """Rules this learner can follow: the judge compares per-prompt scores it has (`SCORES`)."""
+    if unknown := sorted({m.name for m in rules.judge.metrics} - set(SCORES)):
+        raise ValueError(f"the judge's metrics {unknown} are not per-prompt scores; known: {SCORES}")
+    return rules
 
 
 def _under(item: StreamItem, active: tuple[str, ...]) -> StreamItem:

@@ -128,6 +128,7 @@ class Replay(Generic[T]):
         return len(self.items) >= self.min_items
 
     def add(self, item: T, priority: float = 1.0) -> None:
+        priority = max(float(priority), 1e-6)  # a loss of exactly 0 must not make an item undrawable
         self.seen += 1
         if len(self.items) < self.capacity:
             self.items.append(item)

@@ -40,7 +40,13 @@ from bem.missions.mission_b.data import (
     probe_set,
     prompt_stream,
 )
-from bem.missions.mission_b.learner import LearnerConfig, LocalServices, OnlineModel, ShadowLearner
+from bem.missions.mission_b.learner import (
+    LearnerConfig,
+    LocalServices,
+    OnlineModel,
+    ShadowLearner,
+    check_rules,
+)
 from bem.missions.mission_b.metrics import SCORES, time_to_fix
 from bem.missions.mission_b.online import Checkpoints, state_hash
 from stats.promotion import PromotionRules, PromotionWatch
@@ -115,7 +121,8 @@ def run_mission_b(
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     if learner_overrides:
         prof = replace(prof, learner=replace(prof.learner, **learner_overrides))
-    rules = rules if isinstance(rules, PromotionRules) else PromotionRules.from_config(rules)
+    # Checked before the minutes of deployment, not after them.
+    rules = check_rules(rules if isinstance(rules, PromotionRules) else PromotionRules.from_config(rules))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     laps = Laps()
