@@ -79,3 +79,27 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     ours = [line for line in proc.stderr.splitlines() if str(tmp_path) in line or "fleetd" in line]
     assert proc.returncode == 0 and not ours, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize(
+    ("name", "at_most"),
+    [("fleetd.service", 4.0), ("fleetd-nats.service", 4.0), ("fleetd-worker@GPU-0000.service", 2.5)],
+)
+def test_units_are_sandboxed(tmp_path: Path, name: str, at_most: float) -> None:
+    """systemd's own exposure score (0 safest, 10 unsandboxed); the worker keeps the NVIDIA devices."""
+    for src in UNITS.glob("*.service"):
+        shutil.copy(src, tmp_path / src.name)
+    shutil.copy(tmp_path / "fleetd-worker@.service", tmp_path / "fleetd-worker@GPU-0000.service")
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    line = proc.stdout.strip().splitlines()[-1]
+    exposure = float(line.split(":")[1].split()[0])  # "→ Overall exposure level for X: 1.5 OK"
+    assert exposure <= at_most, proc.stdout
+    worker = unit("fleetd-worker@.service")
+    assert "char-nvidia-frontend rw" in worker["DeviceAllow"] and worker["DevicePolicy"] == ["closed"]
