@@ -132,11 +132,13 @@ def baseline(db: Path, task_id: str, n: int) -> list[float]:
     return times
 
 
-def timed(conn: http.client.HTTPConnection, path: str, n: int, warmup: int = 5) -> tuple[list[float], int]:
+def timed(
+    conn: http.client.HTTPConnection, path: str, n: int, token: str, warmup: int = 5
+) -> tuple[list[float], int]:
     times, size = [], 0
     for i in range(warmup + n):
         t = time.perf_counter()
-        conn.request("GET", path)
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
         resp = conn.getresponse()
         body = resp.read()
         elapsed = time.perf_counter() - t
@@ -189,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.1)
             url = urlsplit(json.loads(found.read_text())["web_url"])
             conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+            token = (home / "web-token").read_text().strip()  # the API needs it (web.guard)
             endpoints = {
                 "mission JSON": f"/api/missions/{mission_id}",
                 "task curves (500k points -> 500/metric)": f"/api/tasks/{big}/curves?points=500",
                 "mission curves (40 tasks, 1 metric)": f"/api/missions/{mission_id}/curves?points=300",
                 "fleet page JSON": "/api/fleet",
             }
-            results = {name: timed(conn, path, args.requests) for name, path in endpoints.items()}
+            results = {name: timed(conn, path, args.requests, token) for name, path in endpoints.items()}
             conn.close()
         finally:
             stop_all([fleetd])

@@ -46,7 +46,9 @@ class WorkerConfig(Struct, forbid_unknown_fields=True):
 class WebConfig(Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8080
-    token_file: str = ""
+    token_file: str = ""  # empty: FLEET_WEB_TOKEN, else a token generated into <home>/web-token
+    names: list[str] = []  # host names the page also answers to (a reverse proxy's, say)
+    open: list[str] = msgspec.field(default_factory=lambda: ["/healthz", "/metrics"])  # no token needed
 
 
 class SqlConfig(Struct, forbid_unknown_fields=True):

@@ -28,6 +28,7 @@ from fleet.natsserver import NatsServer, NatsServerError, die_with_parent
 from fleetd.coordinator import Coordinator
 from fleetd.store import SchemaMismatch, Store
 from web import app as web_app
+from web import guard
 from workers import gpus
 from workers.worker import default_id
 
@@ -74,15 +75,16 @@ async def coordinator(cfg: config.FleetConfig, url: str) -> AsyncIterator[Coordi
 async def _serve(coord: Coordinator, home: Path, url: str, console: Console | None = None) -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(coord.run)
-        web_url = await tg.start(web_app.serve, coord, coord.cfg.web)
+        token = guard.web_token(coord.cfg.web, home)
+        web_url = await tg.start(web_app.serve, coord, coord.cfg.web, token)
         found = {"nats_url": url, "web_url": web_url, "pid": os.getpid()}
         (home / "fleetd.json").write_text(json.dumps(found))
         # Bus, store and web are up: systemd's Type=notify start completes here.
         sdnotify.notify("READY=1", f"STATUS=serving {web_url}, NATS {url}")
         tg.start_soon(sdnotify.watchdog_loop)
         log.info("fleetd_ready", web=web_url, nats=url)
-        if console is not None:
-            console.print(f"status page: [bold]{web_url}[/]")
+        if console is not None:  # the link signs this browser in (a cookie), as Jupyter's does
+            console.print(f"status page: [bold]{web_url}/?token={token}[/]", soft_wrap=True)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
                 log.info("shutting_down", signal=signal.Signals(sig).name)
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config, **flags)
         if args.command != "config":
-            web_app.load_token(cfg.web)  # refuse a page beyond loopback without a token before starting
+            guard.configured_token(cfg.web)  # refuse a page beyond loopback without a token, up front
     except config.ConfigError as e:
         print(f"fleetd: {e}", file=sys.stderr)
         return 2

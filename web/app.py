@@ -5,15 +5,12 @@ Served by fleetd itself on 127.0.0.1:8080 by default, from what the coordinator 
 Every asset, the charting library included, is a file in web/static: nothing is fetched from the
 network at page load.
 
-Write actions (submit, cancel) go through the same control API as fleetctl. They need the bearer
-token when one is configured, and a JSON body, which a cross-site form cannot send without a CORS
-preflight that this server never grants. Binding beyond loopback without a token is refused.
+Write actions (submit, cancel) go through the same control API as fleetctl. Who may ask what, the
+Host check, the token and same-origin writes, is `web.guard`.
 """
 
 from __future__ import annotations
 
-import hmac
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,47 +25,27 @@ from fleet.config import ConfigError, WebConfig
 from fleet.view import FleetView
 from schemas import messages as m
 from web import queries
+from web.guard import Guard, error
 from web.live import Hub
 
 log = structlog.get_logger("fleetd.web")
 STATIC = Path(__file__).parent / "static"
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 MAX_CURVE_TASKS = 40  # lines on one mission chart; past that the chart says how many it left out
 HTTP_STATUS = {"bad_request": 400, "invalid_spec": 400, "not_found": 404, "refused": 403}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def load_token(cfg: WebConfig, env: dict[str, str] | None = None) -> str | None:
-    """The bearer token for write actions: $FLEET_WEB_TOKEN, else the file web.token_file names."""
-    env = dict(os.environ) if env is None else env
-    token = env.get("FLEET_WEB_TOKEN", "").strip()
-    if not token and cfg.token_file:
-        try:
-            token = Path(cfg.token_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"web.token_file: cannot read {cfg.token_file}: {e.strerror}") from None
-    if cfg.host not in LOOPBACK and not token:
-        raise ConfigError(
-            f"web.host = {cfg.host!r} serves beyond loopback: set web.token_file or FLEET_WEB_TOKEN"
-        )
-    return token or None
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return _json({"error": {"code": code, "message": message}}, status)
-
-
 class Site:
-    def __init__(self, fleet: FleetView, token: str | None) -> None:
-        self.fleet, self.token = fleet, token
+    def __init__(self, fleet: FleetView, guard: Guard) -> None:
+        self.fleet, self.guard = fleet, guard
         self.hub = Hub(fleet)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard_writes])
+        app = web.Application(middlewares=[self.guard.middleware])
         page = self._page
         app.add_routes(
             [
@@ -92,20 +69,6 @@ class Site:
             ]
         )
         return app
-
-    # ---- guards -----------------------------------------------------------------------------------
-
-    @web.middleware
-    async def _guard_writes(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method in ("GET", "HEAD", "OPTIONS"):
-            return await handler(request)
-        if self.token is not None:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
-                return _error(401, "unauthorized", "this action needs the fleet's bearer token")
-        if request.content_type != "application/json":
-            return _error(415, "bad_request", "send the request body as application/json")
-        return await handler(request)
 
     def _page(self, name: str) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -143,7 +106,7 @@ class Site:
         fleet, mission_id = self.fleet, request.match_info["mission_id"]
         row = await fleet.read_sql(queries.mission_row, mission_id)
         if row is None:
-            return _error(404, "not_found", f"no mission {mission_id!r}")
+            return error(404, "not_found", f"no mission {mission_id!r}")
         tasks = fleet.task_views(mission_id)
         row["tasks"] = tasks
         row["counts"] = fleet.counts(mission_id)
@@ -176,7 +139,7 @@ class Site:
         task_id = _task_id(request)
         view = self.fleet.task_view(task_id)
         if view is None:
-            return _error(404, "not_found", f"no task {task_id!r}")
+            return error(404, "not_found", f"no task {task_id!r}")
         detail = await self.fleet.read_sql(queries.task_detail, task_id)
         return _json({**view, **detail})
 
@@ -184,7 +147,7 @@ class Site:
         task_id = _task_id(request)
         view = self.fleet.task_view(task_id)
         if view is None:
-            return _error(404, "not_found", f"no task {task_id!r}")
+            return error(404, "not_found", f"no task {task_id!r}")
         attempt = int(request.query.get("attempt", view["attempt"]))
         lines = await self.fleet.read_sql(queries.curves, [(task_id, attempt)], _points(request))
         return _json({"task_id": task_id, "attempt": attempt, "metrics": lines.get(task_id, {})})
@@ -196,7 +159,7 @@ class Site:
         try:
             req = msgspec.json.decode(await request.read(), type=m.SubmitRequest)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            return _error(400, "bad_request", f"submit: {e}")
+            return error(400, "bad_request", f"submit: {e}")
         return self._reply(await self.fleet.call("submit", msgspec.json.encode(req)))
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -208,7 +171,7 @@ class Site:
         if reply.ok:
             return _json(reply.data)
         assert reply.error is not None
-        return _error(HTTP_STATUS.get(reply.error.code, 500), reply.error.code, reply.error.message)
+        return error(HTTP_STATUS.get(reply.error.code, 500), reply.error.code, reply.error.message)
 
     # ---- operations -----------------------------------------------------------------------------
 
@@ -238,11 +201,12 @@ def _points(request: web.Request) -> int:
 async def serve(
     fleet: FleetView,
     cfg: WebConfig,
+    token: str,
     *,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; `task_status` gets the page's URL once it listens."""
-    site = Site(fleet, load_token(cfg))
+    site = Site(fleet, Guard(cfg, token))
     # A stop must not wait for open pages: their streams are ended first, the rest gets 3 s.
     runner = web.AppRunner(site.app(), access_log=None, handle_signals=False, shutdown_timeout=3.0)
     await runner.setup()
@@ -255,8 +219,9 @@ async def serve(
                 f"web: cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); set web.port or --web-port"
             ) from None
         host, port = runner.addresses[0][:2]
+        site.guard.listening(port)
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        log.info("web_ready", url=url, token=site.token is not None)
+        log.info("web_ready", url=url)
         task_status.started(url)
         await site.hub.watch_workers()
     finally:

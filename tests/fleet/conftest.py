@@ -91,6 +91,10 @@ class Fleet:
     def url(self) -> str:
         return self.server.url
 
+    def web_token(self) -> str:
+        """The page's token: the configured one, else the one fleetd generated into the home."""
+        return self.env.get("FLEET_WEB_TOKEN") or (self.home / "web-token").read_text().strip()
+
     def web_url(self) -> str:
         """The running fleetd's page (a free port; fleetd writes it to fleetd.json once it listens)."""
 

@@ -49,7 +49,7 @@ def test_fleet_page_follows_a_mission_live(fleet: Fleet, browser: object, tmp_pa
     fleet.start_worker("w1")
     fleet.wait_workers(2)
     web = fleet.web_url()
-    d.get(web + "/")  # type: ignore[attr-defined]
+    d.get(f"{web}/?token={fleet.web_token()}")  # type: ignore[attr-defined]  # signs in: a cookie
     wait = WebDriverWait(d, 60, poll_frequency=0.1)
     wait.until(lambda d: d.find_element(By.ID, "live").text == "live")
     d.execute_script("window.__notReloaded = true")  # type: ignore[attr-defined]

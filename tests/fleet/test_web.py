@@ -18,14 +18,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.config import ConfigError, WebConfig
 from tests.fleet.conftest import REPO, Fleet, sql, wait_for, wait_mission
-from web.app import load_token
+from web.guard import configured_token, web_token
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
 
 
 def http(
-    url: str, body: Any = None, token: str | None = None, content_type: str = "application/json"
+    url: str,
+    body: Any = None,
+    token: str | None = None,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
@@ -33,6 +37,8 @@ def http(
         req.add_header("Content-Type", content_type)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             raw = r.read()
@@ -61,13 +67,29 @@ def test_api_token_metrics_and_health(fleet: Fleet) -> None:
         "workers": True,
     }
 
-    # Write actions: refused without the token, with a wrong one, and as a form; nothing is created.
+    # Reads need the token too (only /healthz and /metrics are open by default).
+    assert http(f"{web}/api/missions")[0] == 401 and http(f"{web}/api/fleet", token="wrong")[0] == 401
+    # Another host name (DNS rebinding) is not answered at all, token or not.
+    assert http(f"{web}/api/missions", token=TOKEN, headers={"Host": "evil.example"})[0] == 421
+    assert http(f"{web}/healthz", headers={"Host": "evil.example:80"})[0] == 421
+    # Write actions: refused without the token, with a wrong one, as a form, and from another
+    # origin; nothing is created.
     request = {"mission": "selftest", "profile": "smoke"}
     assert http(f"{web}/api/missions", request)[0] == 401
     assert http(f"{web}/api/missions", request, token="wrong")[0] == 401
     form = http(f"{web}/api/missions", b"mission=selftest", token=TOKEN, content_type="text/plain")
     assert form[0] == 415
-    assert http(f"{web}/api/missions")[1] == []
+    cross = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+    assert http(f"{web}/api/missions", request, token=TOKEN, headers=cross)[0] == 403
+    assert http(f"{web}/api/missions", token=TOKEN)[1] == []
+    # The sign-in link sets the token as a cookie, which then serves for reads.
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        opener.open(f"{web}/?token=wrong", timeout=10)
+    with opener.open(f"{web}/?token={TOKEN}", timeout=10) as r:
+        assert r.status == 200 and "token=" not in r.url  # redirected to the page, token dropped
+    with opener.open(f"{web}/api/missions", timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read()) == []
     status, bad = http(f"{web}/api/missions", {"mission": "no_such_mission"}, token=TOKEN)
     assert (
         status == 400
@@ -80,21 +102,21 @@ def test_api_token_metrics_and_health(fleet: Fleet) -> None:
 
     st = wait_mission(fleet.url, mission, timeout=150)
     assert st["missions"][0]["state"] == "succeeded"
-    status, ms = http(f"{web}/api/missions/{mission}")
+    status, ms = http(f"{web}/api/missions/{mission}", token=TOKEN)
     assert status == 200 and ms["state"] == "succeeded" and ms["arms"] == ["a", "b"] and ms["seeds"] == [1, 2]
     assert {d["gate"] for d in ms["decisions"]} == {"b_beats_a", "b_level_sane", "verdict"}
     assert len(ms["tasks"]) == len(sub["tasks"]) and all(t["state"] == "succeeded" for t in ms["tasks"])
     task = next(t["task_id"] for t in ms["tasks"] if t["name"] == "crash")
-    status, detail = http(f"{web}/api/tasks/{task}")
+    status, detail = http(f"{web}/api/tasks/{task}", token=TOKEN)
     assert status == 200 and [a["state"] for a in detail["attempts"]] == ["failed", "succeeded"]
     assert "crashing on attempt 1" in "\n".join(line["line"] for line in detail["log_tail"])
-    status, curves = http(f"{web}/api/tasks/{task}/curves?points=10")
+    status, curves = http(f"{web}/api/tasks/{task}/curves?points=10", token=TOKEN)
     assert status == 200 and 0 < len(curves["metrics"]["crash/loss"]["step"]) <= 10
-    assert http(f"{web}/api/tasks/{mission}/nope")[0] == 404
-    assert http(f"{web}/api/missions/nope")[0] == 404
-    workers = http(f"{web}/api/workers")[1]
+    assert http(f"{web}/api/tasks/{mission}/nope", token=TOKEN)[0] == 404
+    assert http(f"{web}/api/missions/nope", token=TOKEN)[0] == 404
+    workers = http(f"{web}/api/workers", token=TOKEN)[1]
     assert [w["worker"] for w in workers] == ["w0"]
-    fleet_page = http(f"{web}/api/fleet")[1]
+    fleet_page = http(f"{web}/api/fleet", token=TOKEN)[1]
     assert fleet_page["queue"] == [] and {t["task_id"] for t in fleet_page["recent"]} <= set(sub["tasks"])
 
     # /metrics parses with prometheus-client's own parser and follows the naming rules.
@@ -134,8 +156,11 @@ def test_live_feed_tells_the_page_within_a_second(fleet: Fleet) -> None:
     notes: list[tuple[float, dict[str, Any]]] = []
     stop = threading.Event()
 
+    token = fleet.web_token()  # none configured: the one fleetd generated into the home
+
     def listen() -> None:
-        with urllib.request.urlopen(f"{web}/api/events", timeout=60) as r:
+        feed = urllib.request.Request(f"{web}/api/events", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(feed, timeout=60) as r:
             event = None
             for raw in r:
                 line = raw.decode().strip()
@@ -148,8 +173,8 @@ def test_live_feed_tells_the_page_within_a_second(fleet: Fleet) -> None:
 
     threading.Thread(target=listen, daemon=True).start()
     time.sleep(0.5)
-    status, sub = http(f"{web}/api/missions", {"mission": "selftest", "profile": "smoke"})
-    assert status == 200  # loopback without a token configured: writes need JSON, not a token
+    status, sub = http(f"{web}/api/missions", {"mission": "selftest", "profile": "smoke"}, token=token)
+    assert status == 200
     mission = sub["mission_id"]
     wait_mission(fleet.url, mission, timeout=150)
     stop.set()
@@ -164,12 +189,17 @@ def test_live_feed_tells_the_page_within_a_second(fleet: Fleet) -> None:
 
 def test_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"web\.token_file or FLEET_WEB_TOKEN"):
-        load_token(WebConfig(host="0.0.0.0"), env={})
-    assert load_token(WebConfig(host="0.0.0.0"), env={"FLEET_WEB_TOKEN": "t"}) == "t"
+        configured_token(WebConfig(host="0.0.0.0"), env={})
+    assert configured_token(WebConfig(host="0.0.0.0"), env={"FLEET_WEB_TOKEN": "t"}) == "t"
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
-    assert load_token(WebConfig(host="0.0.0.0", token_file=str(token_file)), env={}) == "from-file"
-    assert load_token(WebConfig(), env={}) is None
+    assert configured_token(WebConfig(host="0.0.0.0", token_file=str(token_file)), env={}) == "from-file"
+    assert configured_token(WebConfig(), env={}) is None
+    # On loopback without one, a token is made on first start: private to the fleet's user, stable.
+    made = web_token(WebConfig(), tmp_path, env={})
+    assert len(made) >= 40 and (tmp_path / "web-token").stat().st_mode & 0o777 == 0o600
+    assert web_token(WebConfig(), tmp_path, env={}) == made
+    assert web_token(WebConfig(), tmp_path, env={"FLEET_WEB_TOKEN": "t"}) == "t"
     # And fleetd itself refuses to start that way, naming the setting.
     proc = subprocess.run(
         [
@@ -195,7 +225,10 @@ def test_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
 def test_an_open_page_does_not_hold_up_a_stop(fleet: Fleet) -> None:
     fleet.start_fleetd()
     web = fleet.web_url()
-    stream = urllib.request.urlopen(f"{web}/api/events", timeout=30)
+    feed = urllib.request.Request(
+        f"{web}/api/events", headers={"Authorization": f"Bearer {fleet.web_token()}"}
+    )
+    stream = urllib.request.urlopen(feed, timeout=30)
     assert stream.readline().startswith(b"retry:")
     assert fleet.fleetd is not None
     started = time.monotonic()

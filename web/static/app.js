@@ -6,8 +6,20 @@
 const fleet = (() => {
   async function get(url) {
     const r = await fetch(url, { headers: { Accept: "application/json" } });
+    if (r.status === 401) signIn();
     if (!r.ok) throw new Error(`${url}: ${r.status}`);
     return r.json();
+  }
+
+  // The API needs the fleet's web token: the link `fleetd up` prints (/?token=...) sets it as a cookie.
+  function signIn() {
+    if (document.getElementById("sign-in")) return;
+    const note = document.createElement("p");
+    note.id = "sign-in";
+    note.className = "error";
+    note.textContent = "This page needs the fleet's web token: open the link `fleetd up` printed " +
+      "(http://HOST:PORT/?token=...), or the token in <fleet home>/web-token as ?token=... .";
+    document.body.prepend(note);
   }
 
   // el("td", {class: "x", dataset: {task: id}}, "text", childNode, ...)
