@@ -481,7 +481,7 @@ class Coordinator:
         shown = {r["mission_id"] for r in missions}
         tasks = [
             specs.task_view(t)
-            for t in self.sched.in_order(self.sched.tasks.values())
+            for t in self.sched.tasks.values()  # in submission order
             if t.mission_id in shown and (req.id is not None or t.state not in TERMINAL)
         ]
         out: dict[str, Any] = {"missions": missions, "tasks": tasks, "workers": self.workers_view()}
@@ -536,7 +536,7 @@ class Coordinator:
 
     def task_views(self, mission_id: str | None = None) -> list[dict[str, Any]]:
         tasks = self.sched.mission_tasks(mission_id) if mission_id is not None else self.sched.tasks.values()
-        return [specs.task_view(t) for t in self.sched.in_order(tasks)]
+        return [specs.task_view(t) for t in tasks]  # both in submission order
 
     def task_view(self, task_id: str) -> dict[str, Any] | None:
         task = self.sched.tasks.get(task_id)

@@ -11,7 +11,6 @@ A pending task always carries a machine-readable reason.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,9 +85,8 @@ class Scheduler:
         self.tasks: dict[str, Task] = {}
         self.missions: dict[str, Mission] = {}
         self.workers: dict[str, WorkerView] = {}
-        # Runtime-only bookkeeping, not persisted: submission order (older missions and earlier stages
-        # go first) and the monotonic time of each task's last assignment or sign of life.
-        self.order: dict[str, int] = {}
+        # `tasks` is in submission order (older missions and earlier stages first: dicts keep insertion
+        # order). Runtime-only, not persisted: the monotonic time of each task's last sign of life.
         self.since: dict[str, float] = {}
 
     # ---- loading --------------------------------------------------------------------------------
@@ -97,14 +95,9 @@ class Scheduler:
         self.missions[mission.mission_id] = mission
         now = time.monotonic()
         for t in tasks:
-            self.order[t.task_id] = len(self.order)
             self.since[t.task_id] = now
             self.tasks[t.task_id] = t
             mission.task_ids.append(t.task_id)
-
-    def in_order(self, tasks: Iterable[Task]) -> list[Task]:
-        """Tasks in submission order."""
-        return sorted(tasks, key=lambda t: self.order[t.task_id])
 
     def mission_tasks(self, mission_id: str) -> list[Task]:
         mission = self.missions.get(mission_id)
@@ -246,7 +239,7 @@ class Scheduler:
             if t.state in ACTIVE and t.worker in load:
                 load[t.worker] += 1
         idle = {w for w, n in load.items() if n < self.config.tasks_per_worker}
-        pending = self.in_order(t for t in self.tasks.values() if t.state == "pending")
+        pending = [t for t in self.tasks.values() if t.state == "pending"]  # in submission order
         for task in pending:
             if self.missions.get(task.mission_id, Mission("", "")).state == "cancelled":
                 continue

@@ -63,7 +63,7 @@ def web_token(cfg: WebConfig, home: Path, env: dict[str, str] | None = None) -> 
 
 def allowed_hosts(cfg: WebConfig, port: int) -> frozenset[str] | None:
     """Host header values the page answers to; None when bound to every address without names."""
-    names = set(cfg.names)
+    names = {n.lower() for n in cfg.names}  # compared with the lower-cased Host header
     if cfg.host in ("0.0.0.0", "::", ""):
         if not names:
             return None

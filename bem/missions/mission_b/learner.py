@@ -177,9 +177,7 @@ class ShadowLearner:
         self.canary_pool = list(canary_pool)
         self.stats = LearnerStats()
         self.grad_norms: list[float] = []
-        # Per-prompt scores of live and shadow on the traffic since the last canary run: the sample
-        # the live-versus-shadow judge compares.
-        self.mirrored: dict[str, dict[str, list[float]]] = {"live": {}, "shadow": {}}
+        self.new_sample()
 
     def _encode(self, items: Sequence[StreamItem]) -> Encoded:
         return encode_items(self.tok, items, self.device)
@@ -235,6 +233,11 @@ class ShadowLearner:
         items, weights, picked = self.replay.sample(n, prioritised=True, beta=beta)
         rows = torch.tensor([1.0] * n_new + weights, device=self.device)
         return items, rows, picked
+
+    def new_sample(self) -> None:
+        """Start the judge's next sample: live's and the shadow's per-prompt scores on the traffic
+        served from now until the next canary run."""
+        self.mirrored: dict[str, dict[str, list[float]]] = {"live": {}, "shadow": {}}
 
     @property
     def judged_metrics(self) -> list[str]:
@@ -328,7 +331,7 @@ class ShadowLearner:
             points["canary/pass_rate"] = rate
             for arm, scores in self.mirrored.items():
                 points.update({f"judge/{arm}/{metric}": values for metric, values in scores.items()})
-            self.mirrored = {"live": {}, "shadow": {}}
+            self.new_sample()
         if points:
             self.reporter.metrics(points, prompt)
         return rate
@@ -413,7 +416,7 @@ class ShadowLearner:
         self.accepted = as_state(self.params)
         self.optimizer = self._optimizer()
         after, live = state_hash(self.params), self.live_digest
-        self.mirrored = {"live": {}, "shadow": {}}  # the judge's sample was of the shadow just discarded
+        self.new_sample()  # the judge's sample was of the shadow just discarded
         s = self.stats
         s.rollbacks += 1
         s.rollbacks_since_promotion += 1
@@ -436,7 +439,7 @@ class ShadowLearner:
         self.live, self.candidate = self.candidate, None
         digest = self.live_digest = self.checkpoints.save("live", self.live)
         self.ewc.consolidate(self._fisher(self.replay.sample(self.cfg.fisher_samples)[0]), self.live)
-        self.mirrored = {"live": {}, "shadow": {}}  # live changed: the sample so far compares the old one
+        self.new_sample()  # live changed: the sample so far compares the old one
         s = self.stats
         s.promotions += 1
         s.prompts_since_promotion = 0
