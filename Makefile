@@ -1,17 +1,33 @@
 # The one entry point for humans and CI. `make test` and `make run` bootstrap .venv first.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed-stamp
+LOCK    := requirements/cpu.txt
 CPU_WORKERS ?= 2
 
-.PHONY: test run bench lint clean
+.PHONY: test run bench lint clean lock
 
-# torch goes in first and pinned: an unpinned resolve pulls a newer CUDA build (several GB).
-$(STAMP): pyproject.toml
+# Everything comes from the CPU lock, pinned and hash-checked (pip, torch's CPU build, the dev tools);
+# then the project itself, editable, built with the locked setuptools and bringing nothing else.
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q torch==2.13.0 -e '.[dev]'
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Recompiles requirements/cpu.txt and cuda.txt (pip-tools, in its own venv) from pyproject.toml and
+# requirements/*.in, keeping existing pins; `make lock LOCK_ARGS=--upgrade` (or --upgrade-package NAME)
+# takes new releases. The CUDA lock is resolved against PyPI alone, without pip's configuration (so
+# not the local CPU wheel); fast-deps reads wheel metadata by range requests instead of downloading.
+# Hashes already in a lock are reused; a new pin is hashed from PyPI's JSON API, or where an index
+# mirror's JSON does not give PyPI's file URLs (this machine's), by downloading each of its files.
+PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" .venv/lock-tools/bin/pip-compile -q --generate-hashes \
+	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links --pip-args=--use-feature=fast-deps
+lock:
+	test -x .venv/lock-tools/bin/pip-compile || python3 -m venv .venv/lock-tools
+	.venv/lock-tools/bin/pip install -q --upgrade pip pip-tools==7.6.2
+	$(PIP_COMPILE) $(LOCK_ARGS) --extra dev -o requirements/cpu.txt pyproject.toml requirements/cpu.in
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+		$(PIP_COMPILE) $(LOCK_ARGS) -o requirements/cuda.txt pyproject.toml requirements/cuda.in
 
 test: $(STAMP)
 	$(PY) -m pytest -q

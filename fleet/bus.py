@@ -6,7 +6,9 @@ async callbacks routed to structlog, a short ping interval, reconnect forever.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import nats
 import nats.errors
@@ -24,6 +26,8 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
+
+from fleet import creds
 
 log = structlog.get_logger("fleet.bus")
 
@@ -46,11 +50,29 @@ def cmd_subject(worker: str) -> str:
     return f"fleet.cmd.{worker}"
 
 
-def ctl_subject(verb: str) -> str:
-    return f"fleet.ctl.{verb}"
+def ctl_subject(caller: str, verb: str) -> str:
+    """A control call; `caller` is the credential's public key, which the server holds it to."""
+    return f"fleet.ctl.{caller}.{verb}"
 
 
-async def connect(url: str, name: str, **extra: Any) -> Client:
+ANONYMOUS = "anonymous"  # the caller token of a connection without a credential (an open test server)
+
+
+def identity(creds_file: Path | None) -> creds.Identity | None:
+    return creds.read_identity(creds_file) if creds_file is not None else None
+
+
+async def connect(url: str, name: str, creds_file: Path | None = None, **extra: Any) -> Client:
+    """Connect as the credential in `creds_file` (an NKEY seed); none only to a loopback server."""
+    me = identity(creds_file)
+    if me is None:
+        hosts = [urlparse(u.strip()).hostname or "" for u in url.split(",")]
+        if not all(creds.is_loopback(h) for h in hosts):
+            raise creds.CredsError(
+                f"refusing to connect to {url} without a credential: pass --creds or set "
+                "nats.credentials_file (see docs/security.md)"
+            )
+
     async def error_cb(e: Exception) -> None:
         log.warning("nats_error", client=name, error=repr(e))
 
@@ -75,8 +97,11 @@ async def connect(url: str, name: str, **extra: Any) -> Client:
         "max_outstanding_pings": 2,
         "pending_size": 32 * 1024 * 1024,
     }
+    if me is not None:
+        options["nkeys_seed_str"] = me.seed
+        options["inbox_prefix"] = creds.inbox_prefix(me.public_key)
     options.update(extra)
-    return await nats.connect(url, **options)
+    return await nats.connect(url.split(","), **options)
 
 
 async def ensure_streams(js: JetStreamContext, *, events_max_bytes: int = 8 * 1024**3) -> None:

@@ -18,7 +18,9 @@ from msgspec import Struct
 class NatsConfig(Struct, forbid_unknown_fields=True):
     url: str = ""  # empty: fleetd up starts an embedded nats-server; fleetd run needs one
     host: str = "127.0.0.1"  # where the embedded server binds
-    credentials_file: str = ""  # required (by nats-server) when binding beyond loopback
+    # The NKEY seed this process connects with; empty: <home>/creds/<role>.nk (coordinator, worker,
+    # client), which `fleetd up` and `fleetd creds ensure` generate. Needed for any non-loopback URL.
+    credentials_file: str = ""
 
 
 class SchedulerConfig(Struct, forbid_unknown_fields=True):

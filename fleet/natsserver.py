@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from fleet import creds
 
 MIN_VERSION = (2, 11)
 
@@ -45,13 +48,41 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def reload_servers(store_dir: Path) -> list[int]:
+    """SIGHUP the running servers of `store_dir` (their ports files name them): they re-read the
+    authorization, and connections of a removed or rotated key are closed. The pids signalled."""
+    done = []
+    for ports in sorted((Path(store_dir) / "ports").glob("nats-server_*.ports")):
+        pid = int(ports.stem.rsplit("_", 1)[1])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
+            done.append(pid)
+    return done
+
+
 class NatsServer:
-    """One nats-server process with JetStream on 127.0.0.1 and a file store under `store_dir`."""
+    """One nats-server process with JetStream on 127.0.0.1 and a file store under `store_dir`.
+
+    `auth` is the authorization file `fleet.creds` writes (`fleetd up` always passes it). Without one
+    the server takes anyone who can reach it, so it is refused anywhere but loopback.
+    """
 
     def __init__(
-        self, store_dir: Path, *, host: str = "127.0.0.1", port: int = -1, log_file: Path | None = None
+        self,
+        store_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        log_file: Path | None = None,
+        auth: Path | None = None,
     ):
+        if auth is None and not creds.is_loopback(host):
+            raise NatsServerError(
+                f"refusing to bind NATS to {host} without credentials: anyone who reaches it could "
+                "submit, cancel and forge results (fleetd up generates them; see docs/security.md)"
+            )
         self.store_dir = Path(store_dir)
+        self.auth = auth
         self.host = host
         self.port = port
         self.monitor_port = -1
@@ -82,6 +113,8 @@ class NatsServer:
             "-l",
             str(self.log_file),
         ]
+        if self.auth is not None:
+            cmd[1:1] = ["-c", str(self.auth)]  # the flags after it win over anything else in the file
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout

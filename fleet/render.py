@@ -72,9 +72,13 @@ def status_tables(status: dict[str, Any]) -> list[Table]:
         mt.add_column(col, no_wrap=True)
     mt.add_column("tasks", ratio=1)
     mt.add_column("verdict", no_wrap=True)
+    mt.add_column("by", no_wrap=True)
     for ms in status["missions"]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(ms["tasks"].items()))
-        mt.add_row(ms["mission_id"], ms["profile"], ms["state"], counts, ms.get("verdict") or "")
+        mt.add_row(
+            ms["mission_id"], ms["profile"], ms["state"], counts, ms.get("verdict") or "",
+            ms.get("submitted_by") or "",
+        )  # fmt: skip
     out.append(mt)
     if status["tasks"]:
         # One mission's tasks go by their names, so the table fits 80 columns.
@@ -101,6 +105,16 @@ def status_tables(status: dict[str, Any]) -> list[Table]:
                 d["task_id"].rsplit("/", 1)[-1], d["service"], str(d["step"]), d["decision"], acked, note
             )
         out.append(st)
+    if status.get("audit"):
+        at = Table(title="who asked (newest first)", title_justify="left")
+        for col in ("time", "action", "target", "role", "credential"):
+            at.add_column(col, no_wrap=True)
+        at.add_column("detail", overflow="fold", ratio=1)
+        for a in status["audit"]:
+            when = time.strftime("%H:%M:%S", time.localtime(a["asked_at"]))
+            target = a["target"].removeprefix(status["missions"][0]["mission_id"] + "/")
+            at.add_row(when, a["action"], target, a["role"], a["credential"], a["detail"] or "")
+        out.append(at)
     out.append(workers_table(status["workers"]))
     return out
 

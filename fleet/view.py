@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from fleet.creds import Actor
 from schemas import messages as m
 
 T = TypeVar("T")
@@ -46,8 +47,8 @@ class FleetView(Protocol):
         """`fn(query, *args)` on a reader thread, with `query` running read-only SQL."""
         ...
 
-    async def call(self, verb: str, data: bytes) -> m.Reply:
-        """One control API call, as fleetctl makes it (submit, cancel, ...)."""
+    async def call(self, verb: str, data: bytes, actor: Actor) -> m.Reply:
+        """One control API call, as fleetctl makes it (submit, cancel, ...), recorded as `actor`'s."""
         ...
 
     def metrics_exposition(self) -> bytes:

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from fleet import logs as log_setup
 from fleet import render
-from fleet.client import FleetClient, FleetError, find_url
+from fleet.client import FleetClient, FleetError, find_creds, find_url
 from schemas import messages as m
 
 
@@ -36,6 +36,10 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fleetctl", description="submit and watch BEM missions")
     top.add_argument("--home", type=Path, help="fleet home (default $FLEET_HOME or ./.fleet)")
     top.add_argument("--nats", help="NATS URL of the fleet (default: read from the home)")
+    top.add_argument(
+        "--creds",
+        help="your NKEY seed file (default $FLEET_NATS_CREDENTIALS_FILE, else <home>/creds/client.nk)",
+    )
     sub = top.add_subparsers(dest="verb", required=True)
 
     def verb(name: str, help: str) -> argparse.ArgumentParser:
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _main(args: argparse.Namespace, console: Console) -> int:
-    client = await FleetClient.connect(find_url(args.home, args.nats))
+    client = await FleetClient.connect(find_url(args.home, args.nats), find_creds(args.home, args.creds))
     try:
         return await VERBS[args.verb](client, args, console)
     finally:

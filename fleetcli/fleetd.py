@@ -1,4 +1,4 @@
-"""`fleetd up | run | config show`.
+"""`fleetd up | run | creds | config show`.
 
 `up` is the all-in-one local mode: embedded nats-server, coordinator, and worker processes (one per
 GPU, or --cpu-workers N), all children that die with it. `run` is the coordinator alone (systemd).
@@ -21,10 +21,11 @@ from typing import IO, Any
 import anyio
 import structlog
 from rich.console import Console
+from rich.table import Table
 
-from fleet import bus, config, logs, render, sdnotify
+from fleet import bus, config, creds, logs, render, sdnotify
 from fleet.client import FleetClient, FleetError
-from fleet.natsserver import NatsServer, NatsServerError, die_with_parent
+from fleet.natsserver import NatsServer, NatsServerError, die_with_parent, reload_servers
 from fleetd.coordinator import Coordinator
 from fleetd.store import SchemaMismatch, Store
 from web import app as web_app
@@ -60,7 +61,7 @@ def lock_home(home: Path) -> IO[str]:
 async def coordinator(cfg: config.FleetConfig, url: str) -> AsyncIterator[Coordinator]:
     home = cfg.home_path
     store = Store(home / "fleet.duckdb")
-    nc = await bus.connect(url, "fleetd")
+    nc = await bus.connect(url, "fleetd", creds.find(home, "coordinator", cfg.nats.credentials_file))
     try:
         js = nc.jetstream(timeout=5)
         await bus.ensure_streams(js)
@@ -192,7 +193,8 @@ async def up_cmd(cfg: config.FleetConfig, args: argparse.Namespace) -> int:
     home = cfg.home_path.resolve()
     console = Console()
     lock = lock_home(home)
-    server = NatsServer(home / "nats", host=cfg.nats.host)
+    creds.ensure(home)  # first start: a credential per role; later starts keep them
+    server = NatsServer(home / "nats", host=cfg.nats.host, auth=creds.auth_conf(home))
     try:
         await anyio.to_thread.run_sync(server.start)
         found = gpus.discover()
@@ -210,7 +212,7 @@ async def up_cmd(cfg: config.FleetConfig, args: argparse.Namespace) -> int:
                 tg.start_soon(workers.supervise)
                 tg.start_soon(_serve_then_cancel, coord, home, server.url, console, tg)
                 if args.demo:
-                    tg.start_soon(_demo, server.url, console, args.exit_when_done, tg)
+                    tg.start_soon(_demo, server.url, home, console, args.exit_when_done, tg)
         finally:
             workers.stop()
     finally:
@@ -226,10 +228,12 @@ async def _serve_then_cancel(
     tg.cancel_scope.cancel()
 
 
-async def _demo(url: str, console: Console, exit_when_done: bool, tg: anyio.abc.TaskGroup) -> None:
+async def _demo(
+    url: str, home: Path, console: Console, exit_when_done: bool, tg: anyio.abc.TaskGroup
+) -> None:
     await anyio.sleep(0.5)  # let the coordinator subscribe
     try:
-        await _demo_once(url, console)
+        await _demo_once(url, home, console)
     except FleetError as e:  # the fleet keeps serving; the user can follow with fleetctl
         console.print(f"[red]following the demo failed: {e}[/]; `fleetctl status` shows it")
     if exit_when_done:
@@ -238,8 +242,8 @@ async def _demo(url: str, console: Console, exit_when_done: bool, tg: anyio.abc.
         console.print("serving; Ctrl-C to stop")
 
 
-async def _demo_once(url: str, console: Console) -> None:
-    client = await FleetClient.connect(url)
+async def _demo_once(url: str, home: Path, console: Console) -> None:
+    client = await FleetClient.connect(url, creds.seed_path(home, "client"))
     try:
         sub = await client.submit("demo", "smoke")
         console.print(
@@ -253,6 +257,38 @@ async def _demo_once(url: str, console: Console) -> None:
             console.print(f"verdict: [bold]{mission['verdict']}[/]: {mission['reason']}")
     finally:
         await client.close()
+
+
+def creds_cmd(home: Path, args: argparse.Namespace) -> int:
+    """Generate, list, add, rotate or remove credentials; a running embedded nats-server reloads."""
+    console = Console()
+    if args.action in ("add", "rotate", "remove") and not args.name:
+        raise creds.CredsError(f"{args.action} needs a credential name")
+    if args.action == "list":
+        table = Table(title=f"credentials in {creds.creds_dir(home)}", title_justify="left")
+        for col in ("name", "role", "public key", "seed file"):
+            table.add_column(col, no_wrap=True)
+        for e in creds.load_roster(home).values():
+            table.add_row(e.name, e.role, e.public_key, str(creds.seed_path(home, e.name)))
+        console.print(table)
+        return 0
+    if args.action == "ensure":
+        creds.ensure(home)
+    elif args.action == "add":
+        console.print(f"wrote {creds.add(home, args.name, args.role)}")
+    elif args.action == "rotate":
+        console.print(f"wrote a new seed to {creds.rotate(home, args.name)}; the old one no longer works")
+    else:
+        creds.remove(home, args.name)
+        console.print(f"removed {args.name}")
+    if args.action != "ensure":
+        pids = reload_servers(home / "nats")
+        console.print(
+            f"nats-server {', '.join(map(str, pids))} reloaded"
+            if pids
+            else "no embedded nats-server runs on this home: reload yours (systemctl reload fleetd-nats)"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="the coordinator alone, for systemd (needs nats.url)")
     run.add_argument("--home", dest="home_", help=argparse.SUPPRESS)
     run.add_argument("--nats", help="NATS URL")
+    cr = sub.add_parser("creds", help="the bus credentials: ensure, list, add, rotate, remove")
+    cr.add_argument("--home", dest="home_", help=argparse.SUPPRESS)
+    cr.add_argument("action", choices=["ensure", "list", "add", "rotate", "remove"])
+    cr.add_argument("name", nargs="?", help="the credential (add, rotate, remove)")
+    cr.add_argument("--role", choices=creds.ROLES, default="client", help="for add (default client)")
     show = sub.add_parser("config", help="print the effective configuration")
     show.add_argument("action", choices=["show"])
     args = top.parse_args(argv)
@@ -282,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         flags["web__port"] = args.web_port
     try:
         cfg = config.load(args.config, **flags)
-        if args.command != "config":
+        if args.command not in ("config", "creds"):
             guard.configured_token(cfg.web)  # refuse a page beyond loopback without a token, up front
     except config.ConfigError as e:
         print(f"fleetd: {e}", file=sys.stderr)
@@ -290,13 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(config.show(cfg))
         return 0
+    if args.command == "creds":
+        try:
+            return creds_cmd(cfg.home_path, args)
+        except creds.CredsError as e:
+            print(f"fleetd creds: {e}", file=sys.stderr)
+            return 2
     if args.command == "up":
         logs.configure(path=cfg.home_path / "logs" / "fleetd.log")
     else:
         logs.configure()
     try:
         return anyio.run(up_cmd, cfg, args) if args.command == "up" else anyio.run(run_cmd, cfg)
-    except (HomeBusy, NatsServerError, FleetError, config.ConfigError, SchemaMismatch) as e:
+    except (HomeBusy, NatsServerError, FleetError, config.ConfigError, SchemaMismatch, creds.CredsError) as e:
         print(f"fleetd: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

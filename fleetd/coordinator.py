@@ -17,7 +17,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -33,13 +33,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from fleet import bus, registry
+from fleet import bus, creds, registry
 from fleet.config import FleetConfig
+from fleet.creds import Actor
 from fleet.view import Commit
 from fleetd import judge
 from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig, assignment
 from fleetd.services import Services, watch_factory
-from fleetd.store import SqlRefused, Store, task_from_row, task_row
+from fleetd.store import SqlRefused, Store, audit_row, task_from_row, task_row
 from fleetd.telemetry import FleetMetrics
 from schemas import messages as m
 from schemas import missions as specs
@@ -47,6 +48,7 @@ from stats.gates import evaluate
 
 log = structlog.get_logger("fleetd")
 T = TypeVar("T")
+STATS_ENGINE = Actor(role="coordinator", credential="stats-engine")  # who decides a mission's verdict
 BATCH = 1024
 
 
@@ -74,6 +76,8 @@ class Coordinator:
         self, cfg: FleetConfig, store: Store, nc: Client, js: JetStreamContext, kv: KeyValue
     ) -> None:
         self.cfg, self.store, self.nc, self.js, self.kv = cfg, store, nc, js, kv
+        self.roster = creds.load_roster(cfg.home_path)  # caller key -> credential, for the audit
+        self.consumers: set[str] = set()  # workers whose task consumer exists (only we may create one)
         s = cfg.scheduler
         self.sched = Scheduler(SchedulerConfig(s.lease_s, s.assign_grace_s, s.tasks_per_worker))
         self.lock = anyio.Lock()
@@ -162,13 +166,13 @@ class Coordinator:
             assert self._tg is not None
             self._tg.start_soon(self.judge_mission, mission_id)
 
-    async def mutate(self, fn: Callable[[Changes], Any]) -> Any:
+    async def mutate(self, fn: Callable[[Changes], Any], audit: list[dict[str, Any]] | None = None) -> Any:
         async with self.lock:
             ch = Changes()
             out = fn(ch)
             self.sched.place(ch)
-            if not ch.empty() or ch.dead:
-                await self.persist(ch)
+            if not ch.empty() or ch.dead or audit:
+                await self.persist(ch, audit=audit or [])
             return out
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -178,7 +182,7 @@ class Coordinator:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await self.nc.subscribe("fleet.ctl.*", queue="fleetd", cb=self._on_control)
+                await self.nc.subscribe("fleet.ctl.*.*", queue="fleetd", cb=self._on_control)
                 tg.start_soon(self.dispatch_loop)
                 tg.start_soon(self.recorder_loop)
                 tg.start_soon(self.lease_loop)
@@ -325,6 +329,7 @@ class Coordinator:
                     self.sched.check_leases(ch)
 
             await self.mutate(step)
+            await self._ensure_consumers(hb.worker for hb, _ in beats)
             if time.monotonic() - last_upsert > 5:
                 last_upsert = time.monotonic()
                 rows = [
@@ -340,6 +345,21 @@ class Coordinator:
                 ]
                 async with self.lock:
                     await self.write(self.store.upsert_workers, rows)
+
+    async def _ensure_consumers(self, workers: Iterable[str]) -> None:
+        """A worker may not create its own consumer (its credential has no such right): we do, once
+        its first heartbeat names it, and it waits for it."""
+        for worker in workers:
+            if worker in self.consumers:
+                continue
+            try:
+                m.subject_token(worker)
+                await self.js.add_consumer(bus.TASKS_STREAM, bus.worker_consumer(worker))
+                self.consumers.add(worker)
+            except ValueError as e:
+                log.warning("worker_id_refused", worker=worker, error=str(e))
+            except (nats.errors.Error, TimeoutError) as e:
+                log.warning("consumer_create_failed", worker=worker, error=repr(e))
 
     async def _heartbeats(self) -> list[tuple[m.Heartbeat, int]]:
         try:
@@ -384,7 +404,9 @@ class Coordinator:
                 return
             ch = Changes()
             self.sched.finish_mission(mission, ch, **fields)
-            await self.persist(ch, decisions=(mission_id, rows))
+            detail = f"{fields.get('verdict')}: {fields.get('reason')}" if fields else mission.state
+            audit = [audit_row(mission_id, "decide", mission_id, STATS_ENGINE, detail)]
+            await self.persist(ch, decisions=(mission_id, rows), audit=audit)
         log.info("mission_finished", mission=mission_id, state=mission.state, verdict=fields.get("verdict"))
 
     # ---- control API ----------------------------------------------------------------------------
@@ -394,17 +416,25 @@ class Coordinator:
         self._tg.start_soon(self._answer, msg)
 
     async def _answer(self, msg: Msg) -> None:
-        reply = await self.call(msg.subject.rsplit(".", 1)[-1], msg.data)
+        # fleet.ctl.<caller>.<verb>: the server lets each credential publish under its own key only.
+        _, _, caller, verb = msg.subject.split(".")
+        reply = await self.call(verb, msg.data, self.who(caller))
         if msg.reply:
             await msg.respond(msgspec.json.encode(reply))
 
-    async def call(self, verb: str, data: bytes) -> m.Reply:
-        """One control API call (NATS request/reply and the web page's write actions)."""
+    def who(self, key: str) -> Actor:
+        """The credential behind a caller key; the roster is read again for a key added since."""
+        if key not in self.roster:
+            self.roster = creds.load_roster(self.cfg.home_path)
+        return creds.actor(self.roster, key)
+
+    async def call(self, verb: str, data: bytes, actor: Actor) -> m.Reply:
+        """One control API call (NATS request/reply and the web page's write actions), by `actor`."""
         handler = getattr(self, f"ctl_{verb}", None)
         try:
             if handler is None:
                 raise _Refused("bad_request", f"unknown verb {verb!r}")
-            return m.Reply(ok=True, data=await handler(data))
+            return m.Reply(ok=True, data=await handler(data, actor))
         except _Refused as e:
             return m.Reply(ok=False, error=m.ErrorInfo(e.code, str(e)))
         except specs.SpecError as e:
@@ -417,7 +447,7 @@ class Coordinator:
             log.exception("control_failed", verb=verb)
             return m.Reply(ok=False, error=m.ErrorInfo("internal", repr(e)))
 
-    async def ctl_submit(self, data: bytes) -> dict[str, Any]:
+    async def ctl_submit(self, data: bytes, actor: Actor) -> dict[str, Any]:
         req = msgspec.json.decode(data, type=m.SubmitRequest)
         path = specs.find(req.mission, self.missions_dir)
         spec = specs.load(path, req.overrides)
@@ -453,24 +483,29 @@ class Coordinator:
             for t in tasks:
                 ch.tasks.pop(t.task_id, None)
             rows = [task_row(t) for t in tasks]
-            await self.persist(ch, new_mission=(row, rows))
+            audit = audit_row(mission_id, "submit", mission_id, actor, json.dumps(req.overrides))
+            await self.persist(ch, new_mission=(row, rows), audit=[audit])
         log.info("submitted", mission=mission_id, profile=profile, tasks=len(tasks))
         return {"mission_id": mission_id, "profile": profile, "tasks": [t.task_id for t in tasks]}
 
-    async def ctl_cancel(self, data: bytes) -> dict[str, Any]:
+    async def ctl_cancel(self, data: bytes, actor: Actor) -> dict[str, Any]:
         req = msgspec.json.decode(data, type=m.IdRequest)
         target = req.id or ""
         if target not in self.sched.missions and target not in self.sched.tasks:
             raise _Refused("not_found", f"no mission or task {target!r}")
-        cancelled = await self.mutate(partial(self.sched.cancel, target))
+        task = self.sched.tasks.get(target)
+        mission_id = task.mission_id if task is not None else target
+        audit = [audit_row(mission_id, "cancel", target, actor)]
+        cancelled = await self.mutate(partial(self.sched.cancel, target), audit)
         return {"cancelled": cancelled}
 
-    async def ctl_status(self, data: bytes) -> dict[str, Any]:
+    async def ctl_status(self, data: bytes, actor: Actor) -> dict[str, Any]:
         req = msgspec.json.decode(data, type=m.IdRequest) if data else m.IdRequest()
         missions = await self.read(
             self.store.query,
-            "SELECT mission_id, name, profile, state, verdict, reason, "
-            "submitted_at, finished_at FROM missions ORDER BY submitted_at",
+            "SELECT m.mission_id, name, profile, state, verdict, reason, submitted_at, finished_at, "
+            "a.role || ':' || a.credential AS submitted_by FROM missions m "
+            "LEFT JOIN audit a ON a.mission_id = m.mission_id AND a.action = 'submit' ORDER BY submitted_at",
         )
         if req.id is not None:
             missions = [r for r in missions if r["mission_id"] == req.id]
@@ -502,6 +537,12 @@ class Coordinator:
             out["decisions"] = await self.read(
                 self.store.query,
                 "SELECT * EXCLUDE (mission_id) FROM decisions WHERE mission_id = ? ORDER BY rowid",
+                [req.id],
+            )
+            out["audit"] = await self.read(
+                self.store.query,
+                "SELECT asked_at, action, target, role, credential, detail FROM audit WHERE mission_id = ? "
+                "ORDER BY asked_at DESC LIMIT 50",
                 [req.id],
             )
         return out
@@ -559,10 +600,10 @@ class Coordinator:
             "workers": any(w["alive"] for w in self.workers_view()),
         }
 
-    async def ctl_workers(self, data: bytes) -> list[dict[str, Any]]:
+    async def ctl_workers(self, data: bytes, actor: Actor) -> list[dict[str, Any]]:
         return self.workers_view()
 
-    async def ctl_missions(self, data: bytes) -> dict[str, Any]:
+    async def ctl_missions(self, data: bytes, actor: Actor) -> dict[str, Any]:
         runs = await self.read(
             self.store.query,
             "SELECT mission_id, name, profile, state, verdict, submitted_at "
@@ -581,13 +622,13 @@ class Coordinator:
                 catalogue.append({"name": name, "description": f"INVALID: {e}", "profiles": []})
         return {"available": catalogue, "runs": runs}
 
-    async def ctl_sql(self, data: bytes) -> dict[str, Any]:
+    async def ctl_sql(self, data: bytes, actor: Actor) -> dict[str, Any]:
         req = msgspec.json.decode(data, type=m.SqlRequest)
         limit, timeout = min(req.limit, self.cfg.sql.max_rows), self.cfg.sql.timeout_s
         cols, rows, truncated = await self.read(self.store.read_only_sql, req.query, limit, timeout)
         return {"columns": cols, "rows": msgspec.to_builtins(rows, builtin_types=()), "truncated": truncated}
 
-    async def ctl_logs(self, data: bytes) -> dict[str, Any]:
+    async def ctl_logs(self, data: bytes, actor: Actor) -> dict[str, Any]:
         req = msgspec.json.decode(data, type=m.LogsRequest)
         task = self.sched.tasks.get(req.task_id)
         if task is None:
@@ -600,7 +641,7 @@ class Coordinator:
         )
         return {"task_id": req.task_id, "attempt": attempt, "state": task.state, "lines": lines}
 
-    async def ctl_export(self, data: bytes) -> dict[str, Any]:
+    async def ctl_export(self, data: bytes, actor: Actor) -> dict[str, Any]:
         """The tables travel to the client, which writes them: fleetd writes nowhere a client names."""
         req = msgspec.json.decode(data, type=m.ExportRequest) if data else m.ExportRequest()
         if not req.table:

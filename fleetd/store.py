@@ -25,6 +25,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fleet.creds import Actor
 from schemas.messages import Artifact, Event, Log, Metrics, Scores
 from schemas.missions import Task
 
@@ -142,6 +143,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE tasks ALTER excluded_workers SET DATA TYPE VARCHAR[]
         USING CAST(excluded_workers AS VARCHAR[]);
     """,
+    # 4: who asked for each submit, cancel and decision (the bus credential that the server checked).
+    """
+    CREATE TABLE audit (
+        asked_at DOUBLE, mission_id VARCHAR, action VARCHAR, target VARCHAR, role VARCHAR, credential VARCHAR,
+        key VARCHAR, detail VARCHAR);
+    """,
 ]
 
 TABLES = (
@@ -157,6 +164,7 @@ TABLES = (
     "workers",
     "dead_letters",
     "service_decisions",
+    "audit",
 )
 READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
@@ -244,9 +252,10 @@ class Store:
         current_attempt: dict[str, int] | None = None,
         decisions: tuple[str, Sequence[dict[str, Any]]] | None = None,
         new_mission: tuple[dict[str, Any], Sequence[dict[str, Any]]] | None = None,
+        audit: Sequence[dict[str, Any]] = (),
     ) -> Written:
         """One transaction: a new mission and its tasks, new events and their rows, task and mission
-        updates, decisions.
+        updates, decisions, and the audit rows of who asked for them.
 
         Scores of an attempt that is no longer the task's current one are not copied into
         example_scores (the event itself is kept), so each result row exists exactly once.
@@ -269,6 +278,7 @@ class Store:
                 mission_id, rows = decisions
                 con.execute("DELETE FROM decisions WHERE mission_id = ?", [mission_id])
                 _insert(con, "decisions", rows)
+            _insert(con, "audit", audit)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -401,11 +411,22 @@ class Store:
     def record_service_decision(self, row: dict[str, Any]) -> bool:
         """One decision per (task, attempt, service, step): False if it was already there (a replay)."""
         cols = list(row)
-        inserted = self.con.execute(
-            f"INSERT INTO service_decisions ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
-            "ON CONFLICT DO NOTHING RETURNING step",
-            [row[c] for c in cols],
-        ).fetchall()
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            inserted = con.execute(
+                f"INSERT INTO service_decisions ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+                "ON CONFLICT DO NOTHING RETURNING step",
+                [row[c] for c in cols],
+            ).fetchall()
+            if inserted:
+                target = f"{row['task_id']}#{row['attempt']}@{row['step']}"
+                service = Actor(role="service", credential=row["service"])
+                _insert(con, "audit", [audit_row(row["mission_id"], row["decision"], target, service)])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
         return bool(inserted)
 
     def ack_service_decision(self, key: tuple[str, int, str, int], acked: bool, detail: str) -> None:
@@ -508,6 +529,14 @@ class Store:
                 rows = max(1, int(data.num_rows * 0.9 * budget / buf.tell()))  # rows that should fit
         finally:
             cur.close()
+
+
+def audit_row(mission_id: str, action: str, target: str, actor: Actor, detail: str = "") -> dict[str, Any]:
+    """One line of the audit table: `actor` asked for `action` on `target` (a mission or a task)."""
+    return {
+        "asked_at": time.time(), "mission_id": mission_id, "action": action, "target": target,
+        "role": actor.role, "credential": actor.credential, "key": actor.key, "detail": detail,
+    }  # fmt: skip
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[dict[str, Any]]) -> None:

@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from fleet.config import ConfigError, WebConfig
+from fleet.creds import Actor
 from fleet.view import FleetView
 from schemas import messages as m
 from web import queries
@@ -31,6 +32,7 @@ from web.live import Hub
 log = structlog.get_logger("fleetd.web")
 STATIC = Path(__file__).parent / "static"
 MAX_CURVE_TASKS = 40  # lines on one mission chart; past that the chart says how many it left out
+WEB = Actor(role="web", credential="token")  # the page's writes need its token: the audit names that
 HTTP_STATUS = {"bad_request": 400, "invalid_spec": 400, "not_found": 404, "refused": 403}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -160,12 +162,12 @@ class Site:
             req = msgspec.json.decode(await request.read(), type=m.SubmitRequest)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             return error(400, "bad_request", f"submit: {e}")
-        return self._reply(await self.fleet.call("submit", msgspec.json.encode(req)))
+        return self._reply(await self.fleet.call("submit", msgspec.json.encode(req), WEB))
 
     async def cancel(self, request: web.Request) -> web.Response:
         name = request.match_info.get("name")
         target = _task_id(request) if name else request.match_info["mission_id"]
-        return self._reply(await self.fleet.call("cancel", msgspec.json.encode(m.IdRequest(id=target))))
+        return self._reply(await self.fleet.call("cancel", msgspec.json.encode(m.IdRequest(id=target)), WEB))
 
     def _reply(self, reply: m.Reply) -> web.Response:
         if reply.ok:

@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         "--nats", default=os.environ.get("FLEET_NATS_URL", ""), help="NATS URL (default $FLEET_NATS_URL)"
     )
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("FLEET_HOME", ".fleet")))
+    parser.add_argument(
+        "--creds",
+        help="the worker's NKEY seed file (default nats.credentials_file, else <home>/creds/worker.nk)",
+    )
     parser.add_argument("--config", type=Path, help="fleetd.toml (default <home>/fleetd.toml if present)")
     parser.add_argument("--threads", type=int, help="CPU threads per task (OMP_NUM_THREADS)")
     parser.add_argument("--log-file", type=Path)
@@ -33,16 +37,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import anyio
 
-    from fleet import config, logs
+    from fleet import config, creds, logs
     from schemas.messages import NAME
     from workers import gpus
     from workers.worker import Worker, default_id
 
     logs.configure(path=args.log_file)
     try:
-        settings = config.load(args.config, home=str(args.home)).worker  # the TOML, then FLEET_WORKER_*
-    except config.ConfigError as e:
+        cfg = config.load(args.config, home=str(args.home))  # the TOML, then FLEET_WORKER_*
+        creds_file = creds.find(args.home, "worker", args.creds or cfg.nats.credentials_file)
+    except (config.ConfigError, creds.CredsError) as e:
         parser.error(str(e))
+    settings = cfg.worker
     if not args.nats:
         home_file = args.home / "fleetd.json"
         if not home_file.is_file():
@@ -70,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         cancel_grace_s=settings.cancel_grace_s,
         preload=settings.preload,
         threads=args.threads,
+        creds_file=creds_file,
     )
     anyio.run(_run_until_signal, worker)
     return 0

@@ -15,12 +15,14 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 
@@ -33,11 +35,25 @@ from workers import protocol as p
 from workers.supervisor import Supervisor, child_env
 
 log = structlog.get_logger("fleet.worker")
+T = TypeVar("T")
 
 
 def default_id(gpu: GpuInfo | None, index: int = 0) -> str:
     host = socket.gethostname().split(".")[0].replace("*", "-").replace(">", "-") or "host"
     return f"{host}-{gpu.uuid.removeprefix('GPU-')[:8]}" if gpu else f"{host}-cpu{index}"
+
+
+async def _when_there(lookup: Callable[[], Awaitable[T]], what: str) -> T:
+    """Retry a JetStream lookup until the coordinator has created what it looks up."""
+    said = -float("inf")
+    while True:
+        try:
+            return await lookup()
+        except (nats.js.errors.NotFoundError, nats.errors.TimeoutError):
+            if time.monotonic() - said > 30:  # at the first miss, then twice a minute
+                log.info("waiting_for_coordinator", what=what)
+                said = time.monotonic()
+            await anyio.sleep(0.2)
 
 
 class Worker:
@@ -52,9 +68,11 @@ class Worker:
         cancel_grace_s: float = 5.0,
         preload: list[str] | None = None,
         threads: int | None = None,
+        creds_file: Path | None = None,
     ) -> None:
         m.subject_token(worker_id)
         self.id, self.url, self.home, self.gpu = worker_id, url, home, gpu
+        self.creds_file = creds_file
         self.heartbeat_s = heartbeat_s
         self.command_timeout_s = 30.0
         env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
@@ -67,26 +85,27 @@ class Worker:
         self._beat_now = anyio.Event()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.nc = await bus.connect(self.url, f"worker-{self.id}")
+        self.nc = await bus.connect(self.url, f"worker-{self.id}", self.creds_file)
         self.js = self.nc.jetstream(timeout=5)
-        await bus.ensure_streams(self.js)
-        self.kv = await bus.workers_kv(self.js)
-        self.sub = await self.js.pull_subscribe(
-            bus.task_subject(self.id),
-            durable=self.id,
-            stream=bus.TASKS_STREAM,
-            config=bus.worker_consumer(self.id),
-        )
+        # The coordinator creates the streams, the bucket and this worker's consumer (a worker's
+        # credential may not): wait for each.
+        self.kv = await _when_there(lambda: self.js.key_value(bus.WORKERS_BUCKET), "the heartbeat bucket")
         await self.supervisor.warm()
-        log.info("worker_ready", worker=self.id, gpu=self.gpu.uuid if self.gpu else "cpu")
-        sdnotify.notify("READY=1", f"STATUS=worker {self.id} on {self.gpu.name if self.gpu else 'CPU'}")
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self._heartbeat_loop)  # the first heartbeat asks for the consumer
+                await _when_there(
+                    lambda: self.js.consumer_info(bus.TASKS_STREAM, self.id), "this worker's task consumer"
+                )
+                self.sub = await self.js.pull_subscribe_bind(durable=self.id, stream=bus.TASKS_STREAM)
+                log.info("worker_ready", worker=self.id, gpu=self.gpu.uuid if self.gpu else "cpu")
+                sdnotify.notify(
+                    "READY=1", f"STATUS=worker {self.id} on {self.gpu.name if self.gpu else 'CPU'}"
+                )
                 # Each command in its own task: a rollback waiting for its step must not hold up a cancel.
                 await self.nc.subscribe(bus.cmd_subject(self.id), cb=self._command_received)
                 tg.start_soon(sdnotify.watchdog_loop)
-                tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._outbox_loop)
                 tg.start_soon(self._task_loop)
                 task_status.started()

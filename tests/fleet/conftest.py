@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import pytest
 
+from fleet import creds
 from fleet.client import FleetClient
 from fleet.natsserver import NatsServer
 from fleetcli.fleetd import stop_all, worker_args
@@ -30,9 +32,24 @@ FAST = {  # short leases so a lost worker is noticed in seconds, not the product
 }
 
 
-def call(url: str, verb: str, request: Any = None, timeout: float = 30) -> Any:
+class Target(Protocol):
+    """A running fleet as a test reaches it: its NATS URL, and the home that holds the credentials."""
+
+    url: str
+    home: Path
+
+
+@dataclass
+class Found:
+    """A fleet that `fleetd up` started: its URL comes from the home's fleetd.json."""
+
+    home: Path
+    url: str = ""
+
+
+def call(fleet: Target, verb: str, request: Any = None, timeout: float = 30, role: str = "client") -> Any:
     async def go() -> Any:
-        client = await FleetClient.connect(url)
+        client = await FleetClient.connect(fleet.url, creds.seed_path(fleet.home, role))
         try:
             return await client.call(verb, request, timeout=timeout)
         finally:
@@ -41,17 +58,17 @@ def call(url: str, verb: str, request: Any = None, timeout: float = 30) -> Any:
     return anyio.run(go)
 
 
-def submit(url: str, mission: str, profile: str | None = None, **overrides: Any) -> str:
+def submit(fleet: Target, mission: str, profile: str | None = None, **overrides: Any) -> str:
     req = m.SubmitRequest(mission=mission, profile=profile, overrides=overrides)
-    return str(call(url, "submit", req)["mission_id"])
+    return str(call(fleet, "submit", req)["mission_id"])
 
 
-def status(url: str, mission_id: str | None = None) -> dict[str, Any]:
-    return call(url, "status", m.IdRequest(id=mission_id))  # type: ignore[no-any-return]
+def status(fleet: Target, mission_id: str | None = None) -> dict[str, Any]:
+    return call(fleet, "status", m.IdRequest(id=mission_id))  # type: ignore[no-any-return]
 
 
-def sql(url: str, query: str) -> list[dict[str, Any]]:
-    out = call(url, "sql", m.SqlRequest(query=query))
+def sql(fleet: Target, query: str) -> list[dict[str, Any]]:
+    out = call(fleet, "sql", m.SqlRequest(query=query))
     return [dict(zip(out["columns"], row, strict=True)) for row in out["rows"]]
 
 
@@ -68,9 +85,9 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, every: float = 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def wait_mission(url: str, mission_id: str, timeout: float = 120) -> dict[str, Any]:
+def wait_mission(fleet: Target, mission_id: str, timeout: float = 120) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
-        st = status(url, mission_id)
+        st = status(fleet, mission_id)
         return st if st["missions"][0]["state"] in ("succeeded", "failed", "cancelled") else None
 
     return wait_for(done, timeout, f"mission {mission_id} to end")  # type: ignore[no-any-return]
@@ -82,7 +99,9 @@ class Fleet:
     def __init__(self, home: Path, env: dict[str, str]) -> None:
         self.home = home
         self.env = {**os.environ, **FAST, **env, "FLEET_HOME": str(home)}
-        self.server = NatsServer(home / "nats-test")
+        # As `fleetd up` runs it: a credential per role, and nobody in without one.
+        creds.ensure(home)
+        self.server = NatsServer(home / "nats-test", auth=creds.auth_conf(home))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.fleetd: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
@@ -122,16 +141,14 @@ class Fleet:
         self.fleetd = self.spawn(
             "-m", "fleetd", "--home", str(self.home), "run", "--nats", self.url, log="fleetd"
         )
-        wait_for(lambda: call(self.url, "workers", timeout=1) is not None, 30, "fleetd to answer")
+        wait_for(lambda: call(self, "workers", timeout=1) is not None, 30, "fleetd to answer")
 
     def start_worker(self, worker_id: str, gpu: str | None = None, env: dict[str, str] | None = None) -> None:
         args = worker_args(worker_id, self.url, self.home, gpu, threads=1)
         self.workers[worker_id] = self.spawn(*args, log=f"worker-{worker_id}", env=env)
 
     def wait_workers(self, n: int) -> None:
-        wait_for(
-            lambda: sum(w["alive"] for w in call(self.url, "workers", timeout=2)) >= n, 60, f"{n} workers"
-        )
+        wait_for(lambda: sum(w["alive"] for w in call(self, "workers", timeout=2)) >= n, 60, f"{n} workers")
 
     def kill9(self, proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
@@ -148,7 +165,6 @@ class Fleet:
 @pytest.fixture
 def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
     f = Fleet(tmp_path / "home", {})
-    f.home.mkdir()
     f.server.start()
     try:
         yield f

@@ -53,7 +53,7 @@ def test_fleet_page_follows_a_mission_live(fleet: Fleet, browser: object, tmp_pa
     wait = WebDriverWait(d, 60, poll_frequency=0.1)
     wait.until(lambda d: d.find_element(By.ID, "live").text == "live")
     d.execute_script("window.__notReloaded = true")  # type: ignore[attr-defined]
-    mission = submit(fleet.url, "selftest")
+    mission = submit(fleet, "selftest")
 
     # A task shows as running, then as succeeded, with no reload in between. The tables are re-drawn
     # on every note, so each look is one script: no element handle outlives a re-draw.

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import anyio
 import msgspec
-import nats
 import pytest
 
+from fleet import bus, creds
 from schemas import messages as m
 from tests.fleet.conftest import Fleet, mission_dir, sql, status, submit, wait_for, wait_mission
 
@@ -24,9 +24,11 @@ params = { steps = 80, step_s = 0.05 }
 """
 
 
-def command(url: str, worker: str, action: str, task_id: str, attempt: int = 1) -> m.CommandAck:
+def command(fleet: Fleet, worker: str, action: str, task_id: str, attempt: int = 1) -> m.CommandAck:
+    """A command as the coordinator sends it (no other credential may publish on fleet.cmd.*)."""
+
     async def go() -> m.CommandAck:
-        nc = await nats.connect(url)
+        nc = await bus.connect(fleet.url, "commander", creds.seed_path(fleet.home, "coordinator"))
         try:
             cmd = m.Command(action=action, task_id=task_id, attempt=attempt)  # type: ignore[arg-type]
             reply = await nc.request(f"fleet.cmd.{worker}", m.encode(cmd), timeout=10)
@@ -42,21 +44,21 @@ def test_a_running_job_applies_a_command_and_only_then_acknowledges(fleet: Fleet
     fleet.start_fleetd()
     fleet.start_worker("w0")
     fleet.wait_workers(1)
-    mission = submit(fleet.url, "obey")
+    mission = submit(fleet, "obey")
     task = f"{mission}/obey"
-    wait_for(lambda: status(fleet.url, mission)["tasks"][0]["state"] == "running", 30, "the task to run")
+    wait_for(lambda: status(fleet, mission)["tasks"][0]["state"] == "running", 30, "the task to run")
 
-    ack = command(fleet.url, "w0", "rollback", task)
+    ack = command(fleet, "w0", "rollback", task)
     assert ack.ok and ack.detail.startswith("rollback applied at step "), ack
     step = int(ack.detail.rsplit(" ", 1)[1])
-    refused = command(fleet.url, "w0", "promote", task, attempt=2)  # not the attempt that runs
+    refused = command(fleet, "w0", "promote", task, attempt=2)  # not the attempt that runs
     assert not refused.ok and "is not running here" in refused.detail
-    ack2 = command(fleet.url, "w0", "promote", task)
+    ack2 = command(fleet, "w0", "promote", task)
     assert ack2.ok and int(ack2.detail.rsplit(" ", 1)[1]) >= step
 
-    st = wait_mission(fleet.url, mission, timeout=60)
+    st = wait_mission(fleet, mission, timeout=60)
     assert st["missions"][0]["state"] == "succeeded"
-    result = sql(fleet.url, f"SELECT result FROM tasks WHERE task_id = '{task}'")[0]["result"]
+    result = sql(fleet, f"SELECT result FROM tasks WHERE task_id = '{task}'")[0]["result"]
     applied = msgspec.json.decode(result)["applied"] if isinstance(result, str) else result["applied"]
     assert applied == [
         {"action": "rollback", "step": step},
@@ -64,7 +66,7 @@ def test_a_running_job_applies_a_command_and_only_then_acknowledges(fleet: Fleet
     ]
     # The job's own record of the rollback reached DuckDB too.
     points = sql(
-        fleet.url, f"SELECT step FROM metrics WHERE task_id = '{task}' AND name = 'applied/rollback'"
+        fleet, f"SELECT step FROM metrics WHERE task_id = '{task}' AND name = 'applied/rollback'"
     )
     assert [p["step"] for p in points] == [step]
 
@@ -96,11 +98,11 @@ def test_services_roll_back_and_promote_through_the_real_bus(fleet: Fleet, tmp_p
     fleet.start_fleetd()
     fleet.start_worker("w0")
     fleet.wait_workers(1)
-    mission = submit(fleet.url, "checked")
-    st = wait_mission(fleet.url, mission, timeout=90)
+    mission = submit(fleet, "checked")
+    st = wait_mission(fleet, mission, timeout=90)
     assert st["missions"][0]["state"] == "succeeded"
     rows = sql(
-        fleet.url,
+        fleet,
         f"SELECT service, step, decision, acked, detail, reason FROM service_decisions "
         f"WHERE mission_id = '{mission}' ORDER BY step",
     )
@@ -111,12 +113,12 @@ def test_services_roll_back_and_promote_through_the_real_bus(fleet: Fleet, tmp_p
     ], rows
     assert all(r["acked"] for r in rows), rows
     assert "emergency drift: grad_norm" in rows[0]["reason"]
-    result = sql(fleet.url, f"SELECT result FROM tasks WHERE mission_id = '{mission}'")[0]["result"]
+    result = sql(fleet, f"SELECT result FROM tasks WHERE mission_id = '{mission}'")[0]["result"]
     applied = msgspec.json.decode(result)["applied"] if isinstance(result, str) else result["applied"]
     assert [a["action"] for a in applied] == ["rollback", "promote", "rollback"]
     for a, r in zip(applied, rows, strict=True):
         # Applied before the learner's next check: the rule is "within one check".
         assert r["step"] < a["step"] < NEXT_CHECK[r["step"]], (a, r)
         assert r["detail"] == f"{a['action']} applied at step {a['step']}"
-    shown = status(fleet.url, mission)["service_decisions"]
+    shown = status(fleet, mission)["service_decisions"]
     assert {(d["service"], d["step"]) for d in shown} == {("drift", 20), ("canary", 80), ("canary", 100)}

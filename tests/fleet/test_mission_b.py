@@ -44,12 +44,12 @@ def test_a_bad_update_is_rolled_back_by_the_services_within_one_check(fleet: Fle
     fleet.start_worker("w0")
     fleet.start_worker("w1")
     fleet.wait_workers(2)
-    mission = submit(fleet.url, "learner")
-    st = wait_mission(fleet.url, mission, timeout=240)
+    mission = submit(fleet, "learner")
+    st = wait_mission(fleet, mission, timeout=240)
     assert st["missions"][0]["state"] == "succeeded", st
 
     rows = sql(
-        fleet.url,
+        fleet,
         "SELECT task_id, service, step, decision, acked, detail, reason FROM service_decisions "
         f"WHERE mission_id = '{mission}' ORDER BY step",
     )
@@ -57,7 +57,7 @@ def test_a_bad_update_is_rolled_back_by_the_services_within_one_check(fleet: Fle
         r["task_id"].rsplit("/", 1)[1]: msgspec.json.decode(r["result"])
         if isinstance(r["result"], str)
         else r["result"]
-        for r in sql(fleet.url, f"SELECT task_id, result FROM tasks WHERE mission_id = '{mission}'")
+        for r in sql(fleet, f"SELECT task_id, result FROM tasks WHERE mission_id = '{mission}'")
     }
     # The clean run is left alone; the bad update is caught at the first check after it.
     assert not [r for r in rows if r["task_id"].endswith("/clean") and r["decision"] == "rollback"], rows
@@ -70,7 +70,7 @@ def test_a_bad_update_is_rolled_back_by_the_services_within_one_check(fleet: Fle
     assert event["action"] == "rollback" and first_check <= event["prompt"] < first_check + CHECK, event
     assert event["to"] == event["live"] != event["from"]
     assert results["clean"]["rollbacks"] == 0
-    st = status(fleet.url, mission)
+    st = status(fleet, mission)
     assert any(d["decision"] == "rollback" and d["step"] == first_check for d in st["service_decisions"])
     # fleetctl's summary counts every decision per task and service, from the store.
     counts = {(c["task_id"].rsplit("/", 1)[1], c["service"], c["decision"]): c for c in st["service_counts"]}

@@ -16,37 +16,50 @@ import nats
 import pyarrow.parquet as pq
 import pytest
 
+from fleet import bus, creds
 from schemas.messages import IdRequest
-from tests.fleet.conftest import REPO, Fleet, call, mission_dir, sql, status, submit, wait_for, wait_mission
+from tests.fleet.conftest import (
+    REPO,
+    Fleet,
+    Found,
+    Target,
+    call,
+    mission_dir,
+    sql,
+    status,
+    submit,
+    wait_for,
+    wait_mission,
+)
 
 pytestmark = pytest.mark.slow
 N_EXAMPLES = 200
 SCORE_TASKS = 4  # arms a, b x seeds 1, 2 in selftest.toml
 
 
-def check_results_once(url: str, mission_id: str) -> None:
+def check_results_once(fleet: Target, mission_id: str) -> None:
     """Every task succeeded once, every score row exists once, one decision per gate plus the verdict."""
-    tasks = sql(url, f"SELECT name, state FROM tasks WHERE mission_id = '{mission_id}'")
+    tasks = sql(fleet, f"SELECT name, state FROM tasks WHERE mission_id = '{mission_id}'")
     assert tasks and all(t["state"] == "succeeded" for t in tasks), tasks
     rows = sql(
-        url,
+        fleet,
         "SELECT count(*) AS n, count(DISTINCT (task_id, example_id, metric)) AS distinct_n "
         "FROM example_scores "
         f"WHERE mission_id = '{mission_id}'",
     )[0]
     assert rows["n"] == rows["distinct_n"] == SCORE_TASKS * N_EXAMPLES, rows
     finished = sql(
-        url,
+        fleet,
         "SELECT t.name, count(*) AS n FROM events e JOIN tasks t USING (task_id) "
         f"WHERE t.mission_id = '{mission_id}' AND e.kind = 'finished' AND e.attempt = t.attempt GROUP BY ALL",
     )
     assert len(finished) == len(tasks) and all(r["n"] == 1 for r in finished), finished
-    gates = sql(url, f"SELECT gate, kind FROM decisions WHERE mission_id = '{mission_id}'")
+    gates = sql(fleet, f"SELECT gate, kind FROM decisions WHERE mission_id = '{mission_id}'")
     assert sorted(g["gate"] for g in gates) == ["b_beats_a", "b_level_sane", "verdict"], gates
 
 
-def running_on(url: str, worker: str) -> bool:
-    return any(t["state"] == "running" and t["worker"] == worker for t in status(url)["tasks"])
+def running_on(fleet: Target, worker: str) -> bool:
+    return any(t["state"] == "running" and t["worker"] == worker for t in status(fleet)["tasks"])
 
 
 def test_selftest_completes_on_two_cpu_workers_with_fleetd_up(tmp_path: Path) -> None:
@@ -59,7 +72,7 @@ def test_selftest_completes_on_two_cpu_workers_with_fleetd_up(tmp_path: Path) ->
     )
     try:
         wait_for(lambda: (home / "fleetd.json").exists(), 30, "fleetd up to write fleetd.json")
-        url = json.loads((home / "fleetd.json").read_text())["nats_url"]
+        url = Found(home, json.loads((home / "fleetd.json").read_text())["nats_url"])
         wait_for(lambda: sum(w["alive"] for w in call(url, "workers", timeout=2)) == 2, 60, "2 workers")
         again = subprocess.run(
             [sys.executable, "-m", "fleetd", "--home", str(home), "up"],
@@ -133,7 +146,7 @@ def test_malformed_messages_are_dead_lettered_without_a_crash(fleet: Fleet) -> N
     fleet.wait_workers(1)
 
     async def poison() -> list[str]:
-        nc = await nats.connect(fleet.url)
+        nc = await bus.connect(fleet.url, "poison", creds.seed_path(fleet.home, "coordinator"))
         js = nc.jetstream()
         await js.publish("fleet.evt.m.t.metrics", b"{not json", timeout=5)
         await js.publish("fleet.evt.m.t.finished", b'{"kind": "finished", "task_id": 3}', timeout=5)
@@ -168,15 +181,15 @@ def test_malformed_messages_are_dead_lettered_without_a_crash(fleet: Fleet) -> N
     assert sum("malformed event" in r for r in reasons) == 3
     assert sum("malformed assignment" in r for r in reasons) == 2
     assert any("one entry per point" in r for r in reasons) and any("task_id" in r for r in reasons)
-    rows = sql(fleet.url, "SELECT subject, reason FROM dead_letters ORDER BY subject")
+    rows = sql(fleet, "SELECT subject, reason FROM dead_letters ORDER BY subject")
     assert [r["subject"] for r in rows] == [
         "fleet.evt.m.t-2.metrics",
         "fleet.evt.m.t.finished",
         "fleet.evt.m.t.metrics",
     ]
     # Both processes live on and work.
-    mission = submit(fleet.url, "selftest", "quick")
-    assert wait_mission(fleet.url, mission)["missions"][0]["state"] == "succeeded"
+    mission = submit(fleet, "selftest", "quick")
+    assert wait_mission(fleet, mission)["missions"][0]["state"] == "succeeded"
     assert fleet.fleetd is not None and fleet.fleetd.poll() is None and fleet.workers["w0"].poll() is None
     log = (fleet.home / "fleetd.out").read_text()
     assert '"event": "dead_letter"' in log and "fleet.evt.m.t.metrics" in log
@@ -197,19 +210,19 @@ def test_bad_spec_is_refused_and_creates_nothing(fleet: Fleet, tmp_path: Path) -
     fleet.env["FLEET_MISSIONS_DIR"] = str(bad)
     fleet.start_fleetd()
     cases = [
-        (lambda: submit(fleet.url, "broken"), "broken.toml: stages[0].after: 'nope' is not an earlier stage"),
+        (lambda: submit(fleet, "broken"), "broken.toml: stages[0].after: 'nope' is not an earlier stage"),
         (
-            lambda: submit(fleet.url, "typo"),
+            lambda: submit(fleet, "typo"),
             "typo.toml: stages[0].timeout_s: Expected `float | null`, got `str`",
         ),
-        (lambda: submit(fleet.url, "nosuch"), "unknown mission 'nosuch'"),
-        (lambda: submit(fleet.url, "selftest", "huge"), "unknown profile 'huge'"),
+        (lambda: submit(fleet, "nosuch"), "unknown mission 'nosuch'"),
+        (lambda: submit(fleet, "selftest", "huge"), "unknown profile 'huge'"),
         (
-            lambda: submit(fleet.url, "selftest", **{"gates.q": 2.0}),
+            lambda: submit(fleet, "selftest", **{"gates.q": 2.0}),
             "selftest.toml: gates.q: must be in (0, 1)",
         ),
         (
-            lambda: submit(fleet.url, "selftest", **{"stages.sleep.kind": "no.such"}),
+            lambda: submit(fleet, "selftest", **{"stages.sleep.kind": "no.such"}),
             "unknown task kind 'no.such'",
         ),
     ]
@@ -217,8 +230,8 @@ def test_bad_spec_is_refused_and_creates_nothing(fleet: Fleet, tmp_path: Path) -
         with pytest.raises(FleetError) as err:
             attempt()
         assert err.value.code == "invalid_spec" and message in str(err.value), str(err.value)
-    assert sql(fleet.url, "SELECT count(*) AS n FROM missions")[0]["n"] == 0
-    assert sql(fleet.url, "SELECT count(*) AS n FROM tasks")[0]["n"] == 0
+    assert sql(fleet, "SELECT count(*) AS n FROM missions")[0]["n"] == 0
+    assert sql(fleet, "SELECT count(*) AS n FROM tasks")[0]["n"] == 0
 
 
 PLACEMENT = """
@@ -261,26 +274,26 @@ def test_placement_honours_memory_and_shows_pending_reasons(fleet: Fleet, tmp_pa
     fleet.start_worker("w4090", gpu="GPU-4090-aaaa")
     fleet.start_worker("wh100", gpu="GPU-h100-bbbb")
     fleet.wait_workers(2)
-    mission = submit(fleet.url, "placement")
+    mission = submit(fleet, "placement")
 
     def big_done() -> bool:
-        tasks = status(fleet.url, mission)["tasks"]
+        tasks = status(fleet, mission)["tasks"]
         return all(t["state"] == "succeeded" for t in tasks if t["stage"] == "big")
 
     wait_for(big_done, 60, "the 40G tasks")
-    st = status(fleet.url, mission)
+    st = status(fleet, mission)
     workers = {
-        r["worker"] for r in sql(fleet.url, "SELECT worker FROM task_attempts WHERE task_id LIKE '%/big-%'")
+        r["worker"] for r in sql(fleet, "SELECT worker FROM task_attempts WHERE task_id LIKE '%/big-%'")
     }
     assert workers == {"wh100"}  # the 4090's 23G free cannot hold 40G
     huge = next(t for t in st["tasks"] if t["stage"] == "huge")
     assert huge["state"] == "pending"
     assert huge["pending_reason"] == "waiting_for_gpu_memory need=100G best_free=79G"
-    assert sql(fleet.url, "SELECT pending_reason FROM tasks WHERE name = 'huge'")[0][
-        "pending_reason"
-    ].startswith("waiting_for_gpu_memory")
-    call(fleet.url, "cancel", IdRequest(id=mission))
-    assert wait_mission(fleet.url, mission)["missions"][0]["state"] == "cancelled"
+    assert sql(fleet, "SELECT pending_reason FROM tasks WHERE name = 'huge'")[0]["pending_reason"].startswith(
+        "waiting_for_gpu_memory"
+    )
+    call(fleet, "cancel", IdRequest(id=mission))
+    assert wait_mission(fleet, mission)["missions"][0]["state"] == "cancelled"
 
 
 def _slow_selftest_on_two_workers(fleet: Fleet) -> str:
@@ -289,40 +302,40 @@ def _slow_selftest_on_two_workers(fleet: Fleet) -> str:
     fleet.start_worker("w0")
     fleet.start_worker("w1")
     fleet.wait_workers(2)
-    return submit(fleet.url, "selftest", "quick", **{"profiles.quick.params": {"seconds": 1.5}})
+    return submit(fleet, "selftest", "quick", **{"profiles.quick.params": {"seconds": 1.5}})
 
 
 def test_kill9_worker_mid_task(fleet: Fleet) -> None:
     mission = _slow_selftest_on_two_workers(fleet)
-    wait_for(lambda: running_on(fleet.url, "w0"), 30, "a task running on w0")
+    wait_for(lambda: running_on(fleet, "w0"), 30, "a task running on w0")
     fleet.kill9(fleet.workers["w0"])
-    st = wait_mission(fleet.url, mission, timeout=120)
+    st = wait_mission(fleet, mission, timeout=120)
     assert st["missions"][0]["state"] == "succeeded", st
-    lost = sql(fleet.url, "SELECT reason, error FROM task_attempts WHERE worker = 'w0' AND reason = 'infra'")
+    lost = sql(fleet, "SELECT reason, error FROM task_attempts WHERE worker = 'w0' AND reason = 'infra'")
     assert lost and "lease lapsed" in lost[0]["error"]
-    check_results_once(fleet.url, mission)
+    check_results_once(fleet, mission)
 
 
 def test_kill9_fleetd_mid_mission_then_restart(fleet: Fleet) -> None:
     mission = _slow_selftest_on_two_workers(fleet)
-    wait_for(lambda: running_on(fleet.url, "w0") or running_on(fleet.url, "w1"), 30, "a running task")
+    wait_for(lambda: running_on(fleet, "w0") or running_on(fleet, "w1"), 30, "a running task")
     time.sleep(1.0)
     assert fleet.fleetd is not None
     fleet.kill9(fleet.fleetd)
     time.sleep(2.0)  # tasks finish and publish while nobody records
     fleet.start_fleetd()
-    st = wait_mission(fleet.url, mission, timeout=120)
+    st = wait_mission(fleet, mission, timeout=120)
     assert st["missions"][0]["state"] == "succeeded", st
-    check_results_once(fleet.url, mission)
+    check_results_once(fleet, mission)
 
 
 def test_kill9_nats_server_mid_mission_then_restart(fleet: Fleet) -> None:
     mission = _slow_selftest_on_two_workers(fleet)
-    wait_for(lambda: running_on(fleet.url, "w0") or running_on(fleet.url, "w1"), 30, "a running task")
+    wait_for(lambda: running_on(fleet, "w0") or running_on(fleet, "w1"), 30, "a running task")
     fleet.server.kill()
     time.sleep(2.0)
     fleet.server.start()  # same port and store: clients reconnect
-    st = wait_mission(fleet.url, mission, timeout=120)
+    st = wait_mission(fleet, mission, timeout=120)
     assert st["missions"][0]["state"] == "succeeded", st
-    check_results_once(fleet.url, mission)
+    check_results_once(fleet, mission)
     assert fleet.fleetd is not None and fleet.fleetd.poll() is None

@@ -260,7 +260,7 @@ def test_a_database_with_the_first_schema_migrates_to_the_struct_with_its_rows(t
     con.close()
 
     store = Store(path)
-    assert store.query("SELECT max(version) AS v FROM schema_version")[0]["v"] == len(MIGRATIONS) == 3
+    assert store.query("SELECT max(version) AS v FROM schema_version")[0]["v"] == len(MIGRATIONS) == 4
     assert sorted(task_columns(store)) == sorted(TASK_COLUMNS.items())
     got = {r["task_id"]: r for r in store.query("SELECT * FROM tasks")}
     assert {k: v["excluded_workers"] for k, v in got.items()} == {

@@ -100,7 +100,7 @@ def test_api_token_metrics_and_health(fleet: Fleet) -> None:
     assert status == 200, sub
     mission = sub["mission_id"]
 
-    st = wait_mission(fleet.url, mission, timeout=150)
+    st = wait_mission(fleet, mission, timeout=150)
     assert st["missions"][0]["state"] == "succeeded"
     status, ms = http(f"{web}/api/missions/{mission}", token=TOKEN)
     assert status == 200 and ms["state"] == "succeeded" and ms["arms"] == ["a", "b"] and ms["seeds"] == [1, 2]
@@ -176,9 +176,9 @@ def test_live_feed_tells_the_page_within_a_second(fleet: Fleet) -> None:
     status, sub = http(f"{web}/api/missions", {"mission": "selftest", "profile": "smoke"}, token=token)
     assert status == 200
     mission = sub["mission_id"]
-    wait_mission(fleet.url, mission, timeout=150)
+    wait_mission(fleet, mission, timeout=150)
     stop.set()
-    rows = sql(fleet.url, f"SELECT task_id, kind, ts FROM events WHERE mission_id = '{mission}'")
+    rows = sql(fleet, f"SELECT task_id, kind, ts FROM events WHERE mission_id = '{mission}'")
     finished = [r for r in rows if r["kind"] == "finished"]
     assert finished
     for ev in finished:  # the worker's own clock (same box): event -> note on the page's feed
