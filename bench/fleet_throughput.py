@@ -2,7 +2,10 @@
 
 Everything is real: a nats-server with JetStream on a temp store (fleet.natsserver), a DuckDB file
 in a temp dir (fleetd.store), the Coordinator in this process, and separate OS processes for the
-publishers and the workers. Each part gets a fresh server, home and database.
+publishers and the workers. Each part gets a fresh server, home and database. The server requires
+credentials as under `fleetd up`: `creds.ensure(home)` and the home's authorization file; the
+coordinator connects with the coordinator seed, the publishers (which stand in for workers) and the
+workers with the worker seed, the control calls with the client seed.
 
 (a) Metric ingest. N publisher processes (default 4) publish `Metrics` events of 1,000 points each
     (columnar `Series`, 4 metrics x 250 steps, as a worker's child batches them) to
@@ -73,7 +76,7 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fleet import bus  # noqa: E402
+from fleet import bus, creds  # noqa: E402
 from fleet.client import FleetClient  # noqa: E402
 from fleet.config import FleetConfig  # noqa: E402
 from fleet.natsserver import NatsServer, die_with_parent  # noqa: E402
@@ -113,7 +116,7 @@ def _handshake() -> float:
 
 
 async def _publish(job: dict[str, Any]) -> dict[str, Any]:
-    nc = await bus.connect(job["url"], f"bench-pub{job['index']}")
+    nc = await bus.connect(job["url"], f"bench-pub{job['index']}", Path(job["creds"]))  # as a worker
     js = nc.jetstream(timeout=30, publish_async_max_pending=256)
     counts = {"acked": 0, "duplicates": 0, "errors": 0}
     errors: list[str] = []
@@ -252,8 +255,10 @@ class Procs:
 
 
 @contextmanager
-def nats_server(root: Path) -> Iterator[NatsServer]:
-    server = NatsServer(root / "nats")
+def nats_server(root: Path, home: Path) -> Iterator[NatsServer]:
+    """An authenticated server, as `fleetd up` starts one: the home's credentials, its authorization."""
+    creds.ensure(home)
+    server = NatsServer(root / "nats", auth=creds.auth_conf(home))
     try:
         server.start()
         yield server
@@ -308,9 +313,9 @@ def _on_commit(phases: dict[str, Ingest]) -> Callable[[Commit], None]:
 
 
 async def ingest_phase(
-    coord: Coordinator, procs: Procs, url: str, ph: Ingest, n: int, **job: Any
+    coord: Coordinator, procs: Procs, url: str, seed: Path, ph: Ingest, n: int, **job: Any
 ) -> dict[str, Any]:
-    jobs = [{"url": url, "index": i, "prefix": ph.prefix, **job} for i in range(n)]
+    jobs = [{"url": url, "creds": str(seed), "index": i, "prefix": ph.prefix, **job} for i in range(n)]
     pubs = await anyio.to_thread.run_sync(procs.helpers, "publisher", jobs)
     published = sum(p["acked"] for p in pubs) * POINTS_PER_MSG
     t0, t_pub_end = min(p["t0"] for p in pubs), max(p["t_end"] for p in pubs)
@@ -388,8 +393,10 @@ def mlflow_baseline(procs: Procs, root: Path, n: int, seconds: float) -> dict[st
 
 
 async def part_a(args: argparse.Namespace, root: Path, procs: Procs, console: Console) -> dict[str, Any]:
-    cfg = FleetConfig(home=str(root / "home"))
-    with nats_server(root) as server:
+    home = root / "home"
+    cfg = FleetConfig(home=str(home))  # the coordinator finds <home>/creds/coordinator.nk
+    with nats_server(root, home) as server:
+        seed = creds.seed_path(home, "worker")  # the publishers publish events as a worker would
         async with cli.coordinator(cfg, server.url) as coord, anyio.create_task_group() as tg:
             sat, paced = Ingest("sat"), Ingest("paced")
             coord.listeners.append(_on_commit({"sat": sat, "paced": paced}))
@@ -398,11 +405,11 @@ async def part_a(args: argparse.Namespace, root: Path, procs: Procs, console: Co
             console.print(
                 f"(a) saturated: {n} publishers x {args.sat_messages} messages x {POINTS_PER_MSG} points"
             )
-            saturated = await ingest_phase(coord, procs, server.url, sat, n, messages=args.sat_messages)
+            saturated = await ingest_phase(coord, procs, server.url, seed, sat, n, messages=args.sat_messages)
             rate = args.paced_rate / n / POINTS_PER_MSG
             console.print(f"(a) paced: {args.paced_rate:,.0f} points/s offered for {args.paced_seconds:g} s")
             paced_out = await ingest_phase(
-                coord, procs, server.url, paced, n, rate_msgs=rate, seconds=args.paced_seconds
+                coord, procs, server.url, seed, paced, n, rate_msgs=rate, seconds=args.paced_seconds
             )
             tg.cancel_scope.cancel()
     mlf: dict[str, Any] = {"skipped": "--no-mlflow"}
@@ -444,16 +451,17 @@ async def part_b(args: argparse.Namespace, root: Path, procs: Procs, console: Co
     cfg = FleetConfig(home=str(home), missions_dir=str(root / "missions"))
     workers = ["benchw0", "benchw1"]
     (home / "logs").mkdir(parents=True)
-    with nats_server(root) as server:
+    with nats_server(root, home) as server:
         async with cli.coordinator(cfg, server.url) as coord:
             async with anyio.create_task_group() as tg:
                 await tg.start(coord.run)
                 worker_procs = []
                 for w in workers:
                     log = (home / "logs" / f"{w}.out").open("ab")
+                    # as `fleetd up` starts it: --home, so it finds <home>/creds/worker.nk
                     worker_procs.append(procs.spawn(
-                        ["-m", "workers", "--cpu", "--id", w, "--nats", server.url, "--home", str(home),
-                         "--threads", "1", "--log-file", str(home / "logs" / f"worker-{w}.log")],
+                        cli.worker_args(w, server.url, home, threads=1,
+                                        log_file=home / "logs" / f"worker-{w}.log"),
                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     ))  # fmt: skip
                     log.close()  # the child holds its own descriptor
@@ -461,7 +469,7 @@ async def part_b(args: argparse.Namespace, root: Path, procs: Procs, console: Co
                     lambda: all(coord.sched.alive(w) for w in workers), 60, "2 workers alive", 0.05
                 )
                 await anyio.sleep(1.0)  # both spares warm, both fetches waiting
-                client = await FleetClient.connect(server.url)
+                client = await FleetClient.connect(server.url, creds.seed_path(home, "client"))
 
                 def ended(mid: str) -> bool:
                     return coord.sched.missions[mid].state in ("succeeded", "failed", "cancelled")

@@ -2,8 +2,10 @@
 
 Everything is real: the DuckDB file is built through fleetd.store (one mission of 10,000 tasks made
 by the real spec expansion, 1,000,000 points: one task with 500,000, a hundred with 5,000 each), then
-a real nats-server and `fleetd run` serve it, and this process times sequential HTTP requests over a
-keep-alive connection (100 per endpoint after 5 untimed):
+a real nats-server (requiring credentials, as under `fleetd up`: `creds.ensure(home)`, the home's
+authorization file) and `fleetd --home <home> run` (the coordinator seed of that home) serve it, and
+this process times sequential HTTP requests over a keep-alive connection (100 per endpoint after 5
+untimed):
 
 - the mission JSON (`/api/missions/{id}`: 10,000 tasks, the grid and the gates);
 - a task's curves (`/api/tasks/{big}/curves?points=500`: 500,000 points downsampled in DuckDB);
@@ -46,6 +48,7 @@ import pyarrow as pa  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from fleet import creds  # noqa: E402
 from fleet.natsserver import NatsServer, die_with_parent  # noqa: E402
 from fleetcli.fleetd import stop_all  # noqa: E402
 from fleetd.store import Store, task_row  # noqa: E402
@@ -172,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             f"built {args.tasks:,} tasks and {args.points:,} points in {time.perf_counter() - t:.1f} s"
         )
         base = baseline(home / "fleet.duckdb", big, args.requests)
-        server = NatsServer(Path(tmp) / "nats")
+        creds.ensure(home)  # as `fleetd up`: a seed per role, and the server's authorization
+        server = NatsServer(Path(tmp) / "nats", auth=creds.auth_conf(home))
         server.start()
         env = {**os.environ, "FLEET_HOME": str(home), "FLEET_WEB_PORT": "0", "FLEET_WORKER_PRELOAD": ""}
         log = (Path(tmp) / "fleetd.out").open("wb")
         fleetd = subprocess.Popen(
-            [sys.executable, "-m", "fleetd", "run", "--nats", server.url],
+            [sys.executable, "-m", "fleetd", "--home", str(home), "run", "--nats", server.url],
             cwd=REPO, env=env, stdout=log, stderr=log, preexec_fn=die_with_parent,
         )  # fmt: skip
         try:

@@ -83,7 +83,11 @@ class Violations:
 
 async def _as(fleet: Fleet, role: str, violations: Violations) -> Any:
     return await bus.connect(
-        fleet.url, f"test-{role}", creds.seed_path(fleet.home, role), error_cb=violations.record, connect_timeout=3
+        fleet.url,
+        f"test-{role}",
+        creds.seed_path(fleet.home, role),
+        error_cb=violations.record,
+        connect_timeout=3,
     )
 
 

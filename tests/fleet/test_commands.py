@@ -65,9 +65,7 @@ def test_a_running_job_applies_a_command_and_only_then_acknowledges(fleet: Fleet
         {"action": "promote", "step": applied[1]["step"]},
     ]
     # The job's own record of the rollback reached DuckDB too.
-    points = sql(
-        fleet, f"SELECT step FROM metrics WHERE task_id = '{task}' AND name = 'applied/rollback'"
-    )
+    points = sql(fleet, f"SELECT step FROM metrics WHERE task_id = '{task}' AND name = 'applied/rollback'")
     assert [p["step"] for p in points] == [step]
 
 
