@@ -130,7 +130,7 @@ async def _publish(job: dict[str, Any]) -> dict[str, Any]:
         else:
             counts["acked"] += 1
 
-    task_id = f"{job['prefix']}-p{job['index']}"
+    task_id = f"{job['prefix']}/p{job['index']}"  # <mission>/<stage>, as schemas.messages.TaskId wants
     messages, rate, seconds = job.get("messages"), job.get("rate_msgs"), job.get("seconds")
     t0 = await anyio.to_thread.run_sync(_handshake)
     seq = 0
@@ -326,7 +326,7 @@ async def ingest_phase(
         coord.store.query,
         "SELECT count(*) AS n, count(DISTINCT (task_id, name, step)) AS distinct_n FROM metrics "
         "WHERE task_id LIKE ?",
-        [f"{ph.prefix}-%"],
+        [f"{ph.prefix}/%"],
     )
     in_db, distinct = int(rows[0]["n"]), int(rows[0]["distinct_n"])
     span = ph.last_commit - t0

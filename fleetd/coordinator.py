@@ -78,6 +78,7 @@ class Coordinator:
         self.cfg, self.store, self.nc, self.js, self.kv = cfg, store, nc, js, kv
         self.roster = creds.load_roster(cfg.home_path)  # caller key -> credential, for the audit
         self.consumers: set[str] = set()  # workers whose task consumer exists (only we may create one)
+        self.bad_beats: set[tuple[str, int]] = set()  # (key, revision) of heartbeats dead-lettered
         s = cfg.scheduler
         self.sched = Scheduler(SchedulerConfig(s.lease_s, s.assign_grace_s, s.tasks_per_worker))
         self.lock = anyio.Lock()
@@ -376,8 +377,23 @@ class Coordinator:
                 try:
                     out.append((m.decode_heartbeat(entry.value), entry.revision or 0))
                 except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                    log.warning("bad_heartbeat", key=key, error=str(e))
+                    await self._bad_heartbeat(key, entry.revision or 0, entry.value, str(e))
         return out
+
+    async def _bad_heartbeat(self, key: str, revision: int, value: bytes, error: str) -> None:
+        """A heartbeat that does not decode is dead-lettered once per revision (we poll it often)."""
+        if (key, revision) in self.bad_beats:
+            return
+        self.bad_beats.add((key, revision))
+        log.warning("dead_letter", subject=f"$KV.{bus.WORKERS_BUCKET}.{key}", reason=error, bytes=len(value))
+        async with self.lock:
+            await self.write(
+                self.store.dead_letter,
+                f"$KV.{bus.WORKERS_BUCKET}.{key}",
+                f"malformed heartbeat: {error}",
+                value,
+            )
+        self.metrics.dead_letters.inc()
 
     # ---- stats service --------------------------------------------------------------------------
 

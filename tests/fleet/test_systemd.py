@@ -35,6 +35,17 @@ def test_coordinator_unit() -> None:
     assert u["ExecStart"][0].endswith(" run")
 
 
+def test_nats_unit_lets_nobody_in_without_a_credential() -> None:
+    u = unit("fleetd-nats.service")
+    # The credentials exist before the server starts, and the server loads their authorization.
+    assert u["ExecStartPre"] == [f"{VENV}/bin/fleetd --home /var/lib/bem-fleet creds ensure"]
+    assert "-c /var/lib/bem-fleet/creds/nats-auth.conf" in u["ExecStart"][0]
+    assert "-a 127.0.0.1" in u["ExecStart"][0] and u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # fleetd and the workers find their seeds in the same home the nats unit wrote them to.
+    for name in ("fleetd.service", "fleetd-worker@.service"):
+        assert "FLEET_HOME=/var/lib/bem-fleet" in unit(name)["Environment"], name
+
+
 def test_worker_unit_pins_its_gpu_and_takes_its_children_down() -> None:
     u = unit("fleetd-worker@.service")
     assert (
