@@ -4,7 +4,7 @@ STAMP   := .venv/.installed-stamp
 LOCK    := requirements/cpu.txt
 CPU_WORKERS ?= 2
 
-.PHONY: test run bench lint clean lock
+.PHONY: test run bench lint clean lock results
 
 # Everything comes from the CPU lock, pinned and hash-checked (pip, torch's CPU build, the dev tools);
 # then the project itself, editable, built with the locked setuptools and bringing nothing else.
@@ -39,6 +39,12 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# The smoke missions (demo, mission_a, mission_b) on a fresh temporary fleet with CPU workers, one after
+# the other, and each one's report (Markdown and one HTML file) into docs/results/, stamped with the
+# commit. RESULTS_ARGS="--missions selftest --profile quick" tries the plumbing in seconds.
+results: $(STAMP)
+	$(PY) -m fleetcli.results --cpu-workers $(CPU_WORKERS) $(RESULTS_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -65,6 +65,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p = verb("export", "write every table as Parquet into DIR")
     p.add_argument("directory", type=Path)
+    p = verb(
+        "report", "a mission's report: DIR/<id>.md (figures beside it) and a self-contained DIR/<id>.html"
+    )
+    p.add_argument("mission")
+    p.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="default ./reports")
+    p = verb("rejudge", "judge an ended mission's stored scores again with the gates frozen at submit")
+    p.add_argument("mission")
+    p = verb("retry", "run an ended mission's failed tasks again (and what was cancelled because of them)")
+    p.add_argument("mission")
+    p.add_argument("--failed", action="store_true", required=True, help="the failed tasks (required)")
     verb("missions", "available missions and past runs")
     verb("workers", "workers and their GPUs")
     return top
@@ -202,6 +212,42 @@ async def _export_table(client: FleetClient, table: str, path: Path) -> int:
     return rows
 
 
+async def report(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    from fleetcli import report as reporting  # here: matplotlib is for this verb only
+
+    written = reporting.write(await reporting.fetch(client, args.mission), args.out)
+    if args.json:
+        _json({k: str(v) for k, v in written.items()})
+    else:
+        console.print(f"wrote {written['markdown']} and {written['html']}", highlight=False)
+    return 0
+
+
+async def rejudge(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    out = await client.call("rejudge", m.IdRequest(id=args.mission), timeout=300)
+    if args.json:
+        _json(out)
+        return 0
+    console.print(render.decisions_table({"mission_id": out["mission_id"], **out}, out["decisions"]))
+    console.print(f"rejudged {out['mission_id']}: {out['verdict']} (was {out['previous'] or '-'})")
+    return 0
+
+
+async def retry(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    out = await client.call("retry", m.IdRequest(id=args.mission))
+    if args.json:
+        _json(out)
+        return 0
+    names = [t.removeprefix(out["mission_id"] + "/") for t in out["retried"]]
+    console.print(
+        f"retrying {len(names)} failed task(s) of {out['mission_id']}: {', '.join(names)}; "
+        f"{len(out['dependents'])} dependent(s) waiting again; `fleetctl status {out['mission_id']}` "
+        "follows it",
+        highlight=False,
+    )
+    return 0
+
+
 async def missions(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
     out = await client.call("missions")
     if args.json:
@@ -224,7 +270,10 @@ async def workers(client: FleetClient, args: argparse.Namespace, console: Consol
     return 0
 
 
-VERBS = {f.__name__: f for f in (submit, status, cancel, logs, sql, export, missions, workers)}
+VERBS = {
+    f.__name__: f
+    for f in (submit, status, cancel, logs, sql, export, report, rejudge, retry, missions, workers)
+}
 
 if __name__ == "__main__":
     sys.exit(main())

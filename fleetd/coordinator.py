@@ -397,24 +397,29 @@ class Coordinator:
 
     # ---- stats service --------------------------------------------------------------------------
 
+    async def evaluate(
+        self, mission_id: str, name: str, gates: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The stats engine on the mission's stored scores and task values: (verdict fields for the
+        missions row, decisions rows). The gates' own seed makes it reproducible."""
+        try:
+            scores = await self.read(self.store.scores_frame, mission_id)
+            spec = judge.gate_spec(gates, name)
+            values = judge.task_values(await self.read(self.store.task_results, mission_id))
+            verdict = await anyio.to_thread.run_sync(evaluate, spec, scores, values)
+            rows = judge.decision_rows(mission_id, verdict, spec.level)
+            return {"verdict": verdict.verdict, "reason": verdict.reason}, rows
+        except Exception as e:  # a judge bug must not take the coordinator down
+            log.exception("judge_failed", mission=mission_id)
+            return {"verdict": "error", "reason": f"the stats engine failed: {e!r}"}, []
+
     async def judge_mission(self, mission_id: str) -> None:
         gates = self.gates.get(mission_id)
         mission = self.sched.missions[mission_id]
-        fields: dict[str, Any]
+        fields: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
-        if gates is None:
-            fields = {}
-        else:
-            try:
-                scores = await self.read(self.store.scores_frame, mission_id)
-                spec = judge.gate_spec(gates, mission.name)
-                values = judge.task_values(await self.read(self.store.task_results, mission_id))
-                verdict = await anyio.to_thread.run_sync(evaluate, spec, scores, values)
-                rows = judge.decision_rows(mission_id, verdict, spec.level)
-                fields = {"verdict": verdict.verdict, "reason": verdict.reason}
-            except Exception as e:  # a judge bug must not take the coordinator down
-                log.exception("judge_failed", mission=mission_id)
-                fields = {"verdict": "error", "reason": f"the stats engine failed: {e!r}"}
+        if gates is not None:
+            fields, rows = await self.evaluate(mission_id, mission.name, gates)
         async with self.lock:
             if mission.state != "judging":
                 return
@@ -562,6 +567,74 @@ class Coordinator:
                 [req.id],
             )
         return out
+
+    def _ended(self, data: bytes, verb: str) -> Mission:
+        """The mission an IdRequest names, refused unless it has ended (succeeded or failed)."""
+        req = msgspec.json.decode(data, type=m.IdRequest)
+        mission = self.sched.missions.get(req.id or "")
+        if mission is None:
+            raise _Refused("not_found", f"no mission {req.id!r}")
+        if mission.state in ("running", "judging"):
+            raise _Refused(
+                "refused",
+                f"mission {mission.mission_id} is still {mission.state}: {verb} it once it has ended",
+            )
+        if mission.state == "cancelled":
+            raise _Refused(
+                "refused", f"mission {mission.mission_id} was cancelled: {verb} needs a mission that ended"
+            )
+        return mission
+
+    async def ctl_report(self, data: bytes, actor: Actor) -> dict[str, Any]:
+        """Everything `fleetctl report` renders of one mission, read-only (`Store.report`)."""
+        req = msgspec.json.decode(data, type=m.IdRequest)
+        out = await self.read(self.store.report, req.id or "")
+        if out is None:
+            raise _Refused("not_found", f"no mission {req.id!r}")
+        return out  # type: ignore[no-any-return]
+
+    async def ctl_rejudge(self, data: bytes, actor: Actor) -> dict[str, Any]:
+        """Judge an ended mission's stored scores again with its gates as frozen at submit (the
+        missions row's spec), replacing its decisions and verdict; audited as "rejudge"."""
+        mission = self._ended(data, "rejudge")
+        mission_id = mission.mission_id
+        query = "SELECT spec, verdict FROM missions WHERE mission_id = ?"
+        row = (await self.read(self.store.query, query, [mission_id]))[0]
+        spec = msgspec.json.decode(row["spec"], type=specs.MissionSpec)
+        if spec.gates is None:
+            raise _Refused("refused", f"mission {mission_id} has no gates to judge")
+        fields, rows = await self.evaluate(mission_id, mission.name, spec.gates)
+        async with self.lock:
+            if mission.state not in ("succeeded", "failed"):  # a retry started meanwhile
+                raise _Refused("refused", f"mission {mission_id} is {mission.state} again: rejudge it later")
+            before = (await self.read(self.store.query, query, [mission_id]))[0]["verdict"]
+            ch = Changes()
+            ch.missions[mission_id] = dict(fields)
+            detail = f"{before} -> {fields['verdict']}: {fields['reason']}"
+            audit = [audit_row(mission_id, "rejudge", mission_id, actor, detail)]
+            await self.persist(ch, decisions=(mission_id, rows), audit=audit)
+        log.info("mission_rejudged", mission=mission_id, before=before, verdict=fields["verdict"])
+        return {"mission_id": mission_id, "previous": before, **fields, "decisions": rows}
+
+    async def ctl_retry(self, data: bytes, actor: Actor) -> dict[str, Any]:
+        """Run an ended mission's failed tasks again (new attempts, a fresh attempt budget), and the
+        tasks cancelled because of them; the mission runs again and is judged again at its end."""
+        mission = self._ended(data, "retry")
+        mission_id = mission.mission_id
+        async with self.lock:
+            if mission.state not in ("succeeded", "failed"):
+                raise _Refused("refused", f"mission {mission_id} is {mission.state} again")
+            ch = Changes()
+            retried, reset = self.sched.retry_failed(mission_id, ch)
+            if not retried:
+                raise _Refused("refused", f"mission {mission_id} has no failed task to retry")
+            self.sched.place(ch)
+            detail = json.dumps({"failed": retried, "dependents": reset})
+            audit = [audit_row(mission_id, "retry", mission_id, actor, detail)]
+            # Its decisions no longer stand: the judge writes new ones when the mission ends again.
+            await self.persist(ch, decisions=(mission_id, []), audit=audit)
+        log.info("mission_retry", mission=mission_id, failed=retried, dependents=reset)
+        return {"mission_id": mission_id, "retried": retried, "dependents": reset}
 
     def workers_view(self) -> list[dict[str, Any]]:
         now = time.monotonic()

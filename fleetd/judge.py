@@ -33,10 +33,14 @@ def gate_spec(raw: dict[str, Any], file: str = "<spec>", arms: Sequence[str] = (
     if not 0 < spec.level < 1:
         fail("gates.level", f"must be in (0, 1), got {spec.level}")
     if arms:
-        for kind, items in (("claims", spec.claims), ("guards", spec.guards)):
+        for kind, items in (
+            ("claims", spec.claims),
+            ("guards", spec.guards),
+            ("preconditions", spec.preconditions),
+        ):
             for i, gate in enumerate(items):
-                for role in ("variant", "baseline"):
-                    arm = getattr(gate, role)
+                for role in ("variant", "baseline", "arm"):
+                    arm = getattr(gate, role, "")
                     if arm and arm not in arms:
                         fail(f"gates.{kind}[{i}].{role}", f"unknown arm {arm!r}; arms are {list(arms)}")
     return spec

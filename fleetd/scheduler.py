@@ -195,6 +195,58 @@ class Scheduler:
         mission.state = "succeeded" if ok else "failed"
         ch.missions[mission.mission_id] = {"state": mission.state, "finished_at": time.time(), **fields}
 
+    def retry_failed(self, mission_id: str, ch: Changes) -> tuple[list[str], list[str]]:
+        """An ended mission's failed tasks go back to pending with a new attempt and a fresh attempt
+        budget; the tasks cancelled because a dependency did not succeed (`_after_terminal`) go back
+        to waiting for it, where every dependency they have is succeeded or retried. Succeeded tasks
+        keep their results. Returns (retried, dependents reset); the mission runs again if any."""
+        retried: list[str] = []
+        reset: list[str] = []
+        again: set[str] = set()
+        for task in self.mission_tasks(mission_id):  # submission order: a task after its deps
+            if task.state == "failed":
+                ch.touch(
+                    task,
+                    state="pending",
+                    attempt=task.attempt + 1,
+                    task_failures=0,
+                    infra_failures=0,
+                    worker=None,
+                    error=None,
+                    result=None,
+                    pending_reason="retry_requested",
+                    assigned_at=None,
+                    started_at=None,
+                    finished_at=None,
+                )
+                retried.append(task.task_id)
+            elif (
+                task.state == "cancelled"
+                and (task.error or "").startswith("dependency ")
+                and any(d in again for d in task.deps)
+                and all(
+                    d in again or self.tasks[d].state == "succeeded" for d in task.deps if d in self.tasks
+                )
+            ):
+                ch.touch(
+                    task, state="pending", error=None, finished_at=None, pending_reason="waiting_for_deps"
+                )
+                reset.append(task.task_id)
+            else:
+                continue
+            again.add(task.task_id)
+            self.since[task.task_id] = time.monotonic()
+        mission = self.missions[mission_id]
+        if retried:
+            mission.state = "running"
+            ch.missions[mission_id] = {
+                "state": "running",
+                "verdict": None,
+                "reason": None,
+                "finished_at": None,
+            }
+        return retried, reset
+
     # ---- workers --------------------------------------------------------------------------------
 
     def heartbeat(self, hb: Heartbeat, revision: int) -> None:

@@ -446,15 +446,106 @@ class Store:
         return [r["result"] if not isinstance(r["result"], str) else json.loads(r["result"]) for r in rows]
 
     def scores_frame(self, mission_id: str) -> Any:
-        """The mission's per-example scores in stats.table's columns, for the gates."""
+        """The mission's per-example scores in stats.table's columns, for the gates: each task's
+        current attempt only, so a task that scored, failed and ran again (a retry) counts once."""
         cur = self.con.cursor()
         try:
             return cur.execute(
-                "SELECT example_id, arm, seed, metric, value FROM example_scores WHERE mission_id = ?",
+                "SELECT s.example_id, s.arm, s.seed, s.metric, s.value FROM example_scores s "
+                f"{_CURRENT_ATTEMPT} WHERE s.mission_id = ?",
                 [mission_id],
             ).df()
         finally:
             cur.close()
+
+    def report(self, mission_id: str, max_series: int = 24, max_points: int = 200) -> dict[str, Any] | None:
+        """What `fleetctl report` shows of one mission, read from the tables (None: no such mission).
+
+        Training curves are the metrics named like '%loss%' (every metric where none is), each task's
+        current attempt, at most `max_series` lines of at most `max_points` points (evenly thinned, the
+        last point kept); `curves_total` says how many lines there were."""
+        found = self.query("SELECT * FROM missions WHERE mission_id = ?", [mission_id])
+        if not found:
+            return None
+        mission = found[0]
+        for col in ("spec", "overrides"):
+            if isinstance(mission[col], str):
+                mission[col] = json.loads(mission[col])
+        tasks = self.query(
+            "SELECT t.name, t.stage, t.kind, t.arm, t.seed, t.state, t.attempt, t.task_failures, "
+            "t.infra_failures, t.worker, w.host, w.gpu_name, t.error, t.started_at, t.finished_at, "
+            "json_extract(t.result, '$.environment') AS environment "
+            "FROM tasks t LEFT JOIN workers w ON w.worker = t.worker WHERE t.mission_id = ? "
+            "ORDER BY t.created_at, t.task_id",
+            [mission_id],
+        )
+        for row in tasks:
+            if isinstance(row["environment"], str):
+                row["environment"] = json.loads(row["environment"])
+        means = self.query(
+            "SELECT s.metric, s.arm, count(*) AS n, count(DISTINCT s.seed) AS seeds, avg(s.value) AS mean "
+            f"FROM example_scores s {_CURRENT_ATTEMPT} WHERE s.mission_id = ? GROUP BY ALL ORDER BY ALL",
+            [mission_id],
+        )
+        series = self.query(
+            "SELECT m.task_id, t.name AS task, m.name AS metric, count(*) AS n, "
+            "m.name ILIKE '%loss%' AS loss FROM metrics m "
+            "JOIN tasks t ON t.task_id = m.task_id AND m.attempt = t.attempt "
+            "WHERE t.mission_id = ? GROUP BY ALL ORDER BY metric, min(t.created_at), m.task_id",
+            [mission_id],
+        )
+        if any(s["loss"] for s in series):
+            series = [s for s in series if s["loss"]]
+        curves = []
+        for s in series[:max_series]:
+            stride = max(1, -(-s["n"] // max_points))
+            points = self.query(
+                "SELECT step, value FROM (SELECT m.step, m.value, "
+                "row_number() OVER (ORDER BY m.step, m.time) - 1 AS i FROM metrics m "
+                "JOIN tasks t ON t.task_id = m.task_id AND m.attempt = t.attempt "
+                "WHERE m.task_id = ? AND m.name = ?) WHERE i % ? = 0 OR i = ? ORDER BY i",
+                [s["task_id"], s["metric"], stride, s["n"] - 1],
+            )
+            curves.append(
+                {
+                    "task": s["task"],
+                    "metric": s["metric"],
+                    "n": s["n"],
+                    "steps": [p["step"] for p in points],
+                    "values": [p["value"] for p in points],
+                }
+            )
+        where = [mission_id]
+        return {
+            "mission": mission,
+            "decisions": self.query(
+                "SELECT * EXCLUDE (mission_id) FROM decisions WHERE mission_id = ? ORDER BY rowid", where
+            ),
+            "tasks": tasks,
+            "arm_means": means,
+            "curves": curves,
+            "curves_total": len(series),
+            "curve_points_max": max_points,
+            "service_counts": self.query(
+                "SELECT task_id, service, decision, count(*) AS n, count(*) FILTER (WHERE acked) AS acked "
+                "FROM service_decisions WHERE mission_id = ? GROUP BY ALL ORDER BY ALL",
+                where,
+            ),
+            "service_decisions": self.query(
+                "SELECT task_id, attempt, service, step, decision, level, value, reason, acked, detail "
+                "FROM service_decisions WHERE mission_id = ? ORDER BY task_id, attempt, step, service "
+                "LIMIT 200",
+                where,
+            ),
+            "audit": self.query(
+                "SELECT asked_at, action, target, role, credential, key, detail FROM audit "
+                "WHERE mission_id = ? AND role <> 'service' ORDER BY asked_at",
+                where,
+            ),
+            "audit_service_rows": self.query(
+                "SELECT count(*) AS n FROM audit WHERE mission_id = ? AND role = 'service'", where
+            )[0]["n"],
+        }
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
         cur = self.con.cursor()
@@ -529,6 +620,10 @@ class Store:
                 rows = max(1, int(data.num_rows * 0.9 * budget / buf.tell()))  # rows that should fit
         finally:
             cur.close()
+
+
+# Joins example_scores `s` to the task's current attempt: the rows the stats engine judges.
+_CURRENT_ATTEMPT = "JOIN tasks t ON t.task_id = s.task_id AND s.attempt = t.attempt"
 
 
 def audit_row(mission_id: str, action: str, target: str, actor: Actor, detail: str = "") -> dict[str, Any]:

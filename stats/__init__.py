@@ -4,7 +4,8 @@
   one-sided p-value; `resample` draws for it; `corpus` scores corpus metrics from totals.
 - `quantile`: percentile intervals for medians and quantile ratios; `seeds`: multi-bootstrap.
 - `table`: pairs the (example_id, arm, seed, metric, value) score table.
-- `multitest`: BH/BY with FCR-adjusted levels; `gates`: claims and guards into a verdict.
+- `multitest`: BH/BY with FCR-adjusted levels; `gates`: preconditions, claims and guards into a
+  verdict (`preconditions`, `claims`, `rare` for exact rare-event tests, `decision` the rows).
 - `canary`: the Kayenta-style judge; `promotion`: an online learner's promotion and rollback rules
   (drift levels, the canary gate, the live-versus-shadow judge).
 - `python -m stats compare SCORES.parquet --baseline A --variant B`: the decision table.
@@ -20,7 +21,7 @@ from typing import Any
 _EXPORTS = {
     "bootstrap": ("BootstrapResult", "bca", "paired_bca"),
     "multitest": ("fdr",),
-    "gates": ("Claim", "GateSpec", "Guard", "Verdict", "evaluate"),
+    "gates": ("Claim", "GateSpec", "Guard", "Precondition", "Verdict", "evaluate"),
     "table": ("read_scores",),
     "canary": ("CanaryConfig", "MetricSpec", "judge"),
     "promotion": ("PromotionRules", "PromotionWatch"),

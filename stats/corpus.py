@@ -6,6 +6,9 @@ sums"). Each function takes totals of shape (..., k) and returns (...), so one c
 resamples and all n jackknife totals. Layouts follow sacrebleu's segment statistics, so
 `metric._extract_corpus_statistics(hyps, [refs])` rows can be passed in directly; the tests check
 every function against sacrebleu's own `_compute_score_from_stats` on random totals.
+
+`METRICS` names them for gates: a claim or precondition with `corpus = "chrf"` scores the table's
+per-example statistics `M#0` … `M#{k-1}` with `chrf` (the convention is in `stats.table`).
 """
 
 from __future__ import annotations
@@ -75,3 +78,12 @@ def bleu(t: np.ndarray, max_order: int = 4) -> np.ndarray:
     bp = np.where((sys_len < ref_len) & (sys_len == 0), 0.0, bp)
     score = bp * np.exp(log_p.sum(axis=-1) / max_order)
     return np.where(zero.all(axis=-1), 0.0, score)
+
+
+METRICS: dict[str, Metric] = {
+    "chrf": chrf,
+    "bleu": bleu,
+    "micro_f1": micro_f1,
+    "ratio_of_sums": ratio_of_sums,
+}
+"""The corpus metrics a gate may name (`Claim.corpus`, `Precondition.corpus`), by name."""

@@ -1,8 +1,16 @@
-"""Gates: a mission's pre-declared claims and guards, judged into decisions and a verdict (STATS_SPEC §5).
+"""Gates: a mission's pre-declared preconditions, claims and guards, judged into decisions and a verdict
+(STATS_SPEC §5).
 
-- Primary claims ("variant beats baseline on metric") form the mission's one family: one-sided
-  BCa p-values on seed-averaged per-example deltas, BH (or BY) at q, an optional minimum effect
-  and per-seed sign requirement, and FCR-adjusted lower bounds for the selected claims.
+- Preconditions (`stats.preconditions`): could the run measure anything at all? Each is judged on
+  its point estimate (a sanity check of the measurement, not a test); its BCa interval is reported
+  beside it. Any precondition that fails or has no data makes the verdict inconclusive, whatever the
+  claims and guards say; those are still judged and their decisions returned, so a report shows
+  them. Preconditions are not in the BH family. They can only veto, never promote, so they do not
+  count toward the spec's required claim or guard: a spec of preconditions alone is refused.
+- Primary claims (`stats.claims`) form the mission's one family: one-sided p-values (BCa on
+  seed-averaged per-example deltas, ratios of means or corpus metrics; exact McNemar for rare
+  events), BH (or BY) at q, an optional minimum effect and per-seed sign requirement, and
+  FCR-adjusted bounds for the selected claims. Claims may be lower-is-better and relative.
 - Guards form an intersection–union test: each must hold at its own level, with no multiplicity
   adjustment. Interval guards pass iff the whole interval lies in the allowed region; value guards
   (parameter counts) compare the number directly.
@@ -22,27 +30,30 @@ import msgspec
 import numpy as np
 import pandas as pd
 
-from stats.bootstrap import BootstrapResult, NoData, bca, bca_family, lower_bound
-from stats.multitest import FamilyResult, Method, fdr
+from stats.bootstrap import BootstrapResult, NoData, bca
+from stats.claims import MC_SES, RERUN_FACTOR, Claim, Direction, judge_claims
+from stats.decision import Decision, Outcome
+from stats.multitest import Method
+from stats.preconditions import Precondition, judge_precondition
 from stats.quantile import quantile_ratio
-from stats.seeds import SignConsistency, multi_bootstrap, sign_consistency
-from stats.table import Paired, arm_scores, check_scores, pair
+from stats.table import arm_scores, check_scores, pair
 
-Outcome = Literal["pass", "fail", "no_evidence", "nodata", "inconclusive"]
+__all__ = [
+    "MC_SES",
+    "RERUN_FACTOR",
+    "Claim",
+    "Decision",
+    "Direction",
+    "GateSpec",
+    "Guard",
+    "Outcome",
+    "Precondition",
+    "Verdict",
+    "compare",
+    "evaluate",
+]
+
 GuardStatistic = Literal["delta", "ratio", "quantile_ratio", "level", "value"]
-RERUN_FACTOR = 10
-MC_SES = 3.0
-
-
-class Claim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Primary claim: `variant` beats `baseline` on `metric` (higher is better), by at least `min_effect`."""
-
-    name: str
-    metric: str
-    variant: str
-    baseline: str
-    min_effect: float = 0.0
-    min_positive_seeds: int | None = None  # e.g. 4 for "at least 4 of 5 seeds improve"
 
 
 class Guard(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -80,6 +91,7 @@ class GateSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     claims: tuple[Claim, ...] = ()
     guards: tuple[Guard, ...] = ()
+    preconditions: tuple[Precondition, ...] = ()
     q: float = 0.05
     fdr: Method = "bh"
     rule: Literal["all", "any"] = "all"  # how many primary claims must pass
@@ -88,35 +100,14 @@ class GateSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        names = [c.name for c in self.claims] + [g.name for g in self.guards]
+        names = [p.name for p in self.preconditions] + [c.name for c in self.claims]
+        names += [g.name for g in self.guards]
         if len(set(names)) != len(names):
             raise ValueError(f"gate names must be unique, got {names}")
         if not self.claims and not self.guards:
-            raise ValueError("a gate spec needs at least one claim or guard")
-
-
-@dataclass(frozen=True)
-class Decision:
-    gate: str
-    kind: Literal["primary", "guard"]
-    metric: str
-    comparison: str
-    outcome: Outcome
-    reason: str
-    estimate: float | None = None
-    low: float | None = None  # the interval the outcome was judged on (see `interval`)
-    high: float | None = None
-    interval: str = ""
-    p_value: float | None = None
-    p_adjusted: float | None = None
-    p_value_se: float | None = None
-    n: int = 0
-    family: str | None = None
-    seeds_positive: str = ""
-
-    @property
-    def passed(self) -> bool:
-        return self.outcome == "pass"
+            raise ValueError(
+                "a gate spec needs at least one claim or guard (preconditions alone can only veto)"
+            )
 
 
 @dataclass(frozen=True)
@@ -124,143 +115,6 @@ class Verdict:
     verdict: Literal["promote", "reject", "inconclusive"]
     reason: str
     decisions: tuple[Decision, ...]
-
-
-# -- primary claims ----------------------------------------------------------------------------
-
-
-def _family_draws(
-    paired: list[Paired], n_resamples: int, level: float, seed: np.random.SeedSequence
-) -> list[BootstrapResult]:
-    """Claims on the same examples share one count matrix (one GEMM); others get their own child seed."""
-    groups: dict[bytes, list[int]] = {}
-    for i, p in enumerate(paired):
-        key = np.asarray(p.example_ids).tobytes() + str(p.example_ids.dtype).encode()
-        groups.setdefault(key, []).append(i)
-    out: list[BootstrapResult | None] = [None] * len(paired)
-    for members, child in zip(groups.values(), seed.spawn(len(groups)), strict=True):
-        deltas = np.column_stack([paired[i].deltas for i in members])
-        family = bca_family(deltas, n_resamples=n_resamples, level=level, seed=child)
-        for i, res in zip(members, family, strict=True):
-            out[i] = res
-    return [r for r in out if r is not None]
-
-
-def _adjusted_se(family: FamilyResult, ses: list[float]) -> list[float]:
-    """MC standard error of each BH-adjusted p: (m/j)·SE(p_(j)) at the j that attains the step-up minimum."""
-    p, se = np.array(family.p_values), np.array(ses)
-    m = len(p)
-    order = np.argsort(p, kind="stable")
-    factor = m / np.arange(1, m + 1) * (np.sum(1 / np.arange(1, m + 1)) if family.method == "by" else 1.0)
-    scaled = factor * p[order]
-    out = np.empty(m)
-    for rank in range(m):
-        j = rank + int(np.argmin(scaled[rank:]))
-        out[order[rank]] = factor[j] * se[order[j]]
-    return out.tolist()
-
-
-def _close(results: list[BootstrapResult], family: FamilyResult) -> list[bool]:
-    """Which adjusted p-values sit within 3 MC standard errors of q (degenerate claims have no MC error)."""
-    ses = _adjusted_se(family, [0.0 if r.degenerate else float(r.p_value_se or 0.0) for r in results])
-    return [abs(pa - family.q) < MC_SES * se for pa, se in zip(family.p_adjusted, ses, strict=True)]
-
-
-def _judge_claims(spec: GateSpec, scores: pd.DataFrame, seed: np.random.SeedSequence) -> list[Decision]:
-    first, rerun, seeds_seq = seed.spawn(3)
-    decisions: dict[int, Decision] = {}
-    paired: list[Paired] = []
-    live: list[int] = []  # indices of claims that have data
-    for i, claim in enumerate(spec.claims):
-        try:
-            paired.append(pair(scores, claim.metric, claim.baseline, claim.variant))
-            live.append(i)
-        except NoData as exc:
-            decisions[i] = _claim_decision(claim, "nodata", str(exc))
-    if not live:
-        return [decisions[i] for i in range(len(spec.claims))]
-
-    def run(n_resamples: int, child: np.random.SeedSequence) -> tuple[list[BootstrapResult], FamilyResult]:
-        results = _family_draws(paired, n_resamples, spec.level, child)
-        # A degenerate claim gives no evidence, but it was declared: it stays in m with p = 1.
-        return results, fdr([1.0 if r.p_value is None else r.p_value for r in results], spec.q, spec.fdr)
-
-    results, family = run(spec.n_resamples, first)
-    close = _close(results, family)
-    rerun_note = ""
-    if any(close):
-        results, family = run(RERUN_FACTOR * spec.n_resamples, rerun)
-        close = _close(results, family)
-        rerun_note = f" (re-run with B = {RERUN_FACTOR * spec.n_resamples})"
-    fcr = family.fcr_level
-    for k, (i, p, res, seq) in enumerate(zip(live, paired, results, seeds_seq.spawn(len(live)), strict=True)):
-        claim, p_adj, rejected = spec.claims[i], family.p_adjusted[k], family.rejected[k]
-        signs = sign_consistency(p.seed_deltas) if p.seed_deltas.size else None
-        outcome, why = _claim_outcome(claim, res, p_adj, rejected, close[k], signs, family.q)
-        if rejected and fcr is not None:  # selected: the FCR-adjusted one-sided bound (BY 2005)
-            low, high, interval = lower_bound(res, fcr), None, f"FCR-adjusted one-sided {fcr:.4f} BCa"
-        else:
-            low, high, interval = res.low, res.high, f"BCa {res.level:.0%} two-sided, unadjusted"
-        decisions[i] = _claim_decision(
-            claim,
-            outcome,
-            why + (rerun_note if close[k] else "") + _data_notes(p, res, seq, spec),
-            estimate=res.estimate,
-            low=low,
-            high=high,
-            interval=interval,
-            p_value=res.p_value,
-            p_adjusted=p_adj,
-            p_value_se=res.p_value_se,
-            n=res.n,
-            seeds_positive=str(signs) if signs else "",
-        )
-    return [decisions[i] for i in range(len(spec.claims))]
-
-
-def _claim_decision(claim: Claim, outcome: Outcome, reason: str, **fields) -> Decision:
-    comparison = f"{claim.variant} vs {claim.baseline}"
-    return Decision(
-        claim.name, "primary", claim.metric, comparison, outcome, reason, family="primary", **fields
-    )
-
-
-def _claim_outcome(
-    claim: Claim,
-    res: BootstrapResult,
-    p_adj: float,
-    rejected: bool,
-    close: bool,
-    signs: SignConsistency | None,
-    q: float,
-) -> tuple[Outcome, str]:
-    """A primary claim passes iff BH-rejected, at least the minimum effect, and seed-consistent if asked."""
-    if res.degenerate:
-        return "no_evidence", f"{res.reason}: no evidence"
-    if close:
-        return "inconclusive", f"p_adj {p_adj:.4g} within {MC_SES:g} MC SE of q = {q}"
-    if not rejected:
-        return "fail", f"not significant: p_adj {p_adj:.4g} > q = {q}"
-    if res.estimate < claim.min_effect:
-        return "fail", f"significant but {res.estimate:+.4g} < minimum effect {claim.min_effect:+g}"
-    if claim.min_positive_seeds is not None and (signs is None or signs.positive < claim.min_positive_seeds):
-        return "fail", f"seeds {signs or 'none complete'} short of {claim.min_positive_seeds} positive"
-    return "pass", f"p_adj {p_adj:.4g} ≤ q = {q}, {res.estimate:+.4g}"
-
-
-def _data_notes(p: Paired, res: BootstrapResult, seed: np.random.SeedSequence, spec: GateSpec) -> str:
-    """Dropped rows, small n, and the seed-sensitivity check against the multi-bootstrap."""
-    notes = []
-    if p.n_unpaired or p.n_nan:
-        notes.append(f"dropped {p.n_unpaired} unpaired and {p.n_nan} NaN rows")
-    if res.low_n:
-        notes.append(f"small n = {res.n}: BCa undercovers")
-    if len(p.seeds) > 1 and p.seed_deltas.shape[1] >= 2:
-        multi = multi_bootstrap(p.seed_deltas, n_resamples=spec.n_resamples, level=spec.level, seed=seed)
-        notes.append(f"seeds × examples {multi.low:+.4g}..{multi.high:+.4g}")
-        if (res.low > 0 or res.high < 0) and multi.low <= 0 <= multi.high:
-            notes.append("seed-sensitive")
-    return "; " + "; ".join(notes) if notes else ""
 
 
 # -- guards ------------------------------------------------------------------------------------
@@ -357,29 +211,62 @@ def _primary_holds(spec: GateSpec, claims: list[Decision]) -> tuple[bool | None,
     return False, f"every primary claim failed: {failed}"
 
 
-def evaluate(spec: GateSpec, scores: pd.DataFrame, values: Mapping[str, float] | None = None) -> Verdict:
-    """Judge `spec` on a score table (example_id, arm, seed, metric, value) and deterministic `values`."""
-    scores = check_scores(scores)
-    root = np.random.SeedSequence(spec.seed)
-    claim_seed, guard_seed = root.spawn(2)
-    claims = _judge_claims(spec, scores, claim_seed) if spec.claims else []
-    guards = [
-        _judge_guard(g, scores, values or {}, spec, s)
-        for g, s in zip(spec.guards, guard_seed.spawn(len(spec.guards)), strict=True)
-    ]
-    decisions = tuple(claims + guards)
+def _gates_verdict(
+    spec: GateSpec, claims: list[Decision], guards: list[Decision]
+) -> tuple[Literal["promote", "reject", "inconclusive"], str]:
+    """The verdict of the claims and guards (preconditions aside)."""
     failed_guards = [d.gate for d in guards if d.outcome == "fail"]
     open_guards = [d.gate for d in guards if d.outcome != "pass" and d.outcome != "fail"]
     holds, why = _primary_holds(spec, claims)
     if failed_guards:
-        return Verdict("reject", f"guard(s) {failed_guards} failed", decisions)
+        return "reject", f"guard(s) {failed_guards} failed"
     if holds is False:
-        return Verdict("reject", why, decisions)
+        return "reject", why
     if holds is None or open_guards:
-        return Verdict(
-            "inconclusive", why if holds is None else f"guard(s) {open_guards} have no data", decisions
+        return "inconclusive", why if holds is None else f"guard(s) {open_guards} have no data"
+    return "promote", f"{why}; all {len(guards)} guards pass" if guards else why
+
+
+def evaluate(spec: GateSpec, scores: pd.DataFrame, values: Mapping[str, float] | None = None) -> Verdict:
+    """Judge `spec` on a score table (example_id, arm, seed, metric, value) and deterministic `values`.
+
+    Decisions come preconditions first, then claims, then guards, each in the spec's order.
+    """
+    scores = check_scores(scores)
+    values = values or {}
+    root = np.random.SeedSequence(spec.seed)
+    claim_seed, guard_seed, precondition_seed = root.spawn(3)
+    pre = [
+        judge_precondition(p, scores, values, n_resamples=spec.n_resamples, level=spec.level, seed=s)
+        for p, s in zip(spec.preconditions, precondition_seed.spawn(len(spec.preconditions)), strict=True)
+    ]
+    claims = (
+        judge_claims(
+            spec.claims,
+            scores,
+            q=spec.q,
+            method=spec.fdr,
+            n_resamples=spec.n_resamples,
+            level=spec.level,
+            seed=claim_seed,
         )
-    return Verdict("promote", f"{why}; all {len(guards)} guards pass" if guards else why, decisions)
+        if spec.claims
+        else []
+    )
+    guards = [
+        _judge_guard(g, scores, values, spec, s)
+        for g, s in zip(spec.guards, guard_seed.spawn(len(spec.guards)), strict=True)
+    ]
+    decisions = tuple(pre + claims + guards)
+    verdict, why = _gates_verdict(spec, claims, guards)
+    unmet = [d for d in pre if not d.passed]
+    if unmet:
+        failed = "; ".join(d.reason for d in unmet)
+        why = (
+            f"precondition(s) {[d.gate for d in unmet]} failed: {failed} (claims and guards alone: {verdict})"
+        )
+        return Verdict("inconclusive", why, decisions)
+    return Verdict(verdict, why, decisions)
 
 
 # -- one comparison ----------------------------------------------------------------------------

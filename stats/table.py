@@ -4,10 +4,20 @@ Rows are (example_id, arm, seed, metric, value). A comparison pairs variant and 
 (example_id, seed) they share; everything else is dropped and counted. Seeds are replicates, never
 family members: per example, average over the seeds both arms have, then d_i = variant_i − baseline_i.
 Examples are sorted by id, so a result never depends on the order rows arrived in.
+
+Corpus metrics (chrF, BLEU, micro-F1; `stats.corpus`) are not means of per-example scores, so the
+table holds their per-example sufficient statistics instead: a corpus metric M with k statistics per
+example is stored as k metrics named `M#0` … `M#{k-1}`, one row each per (example_id, arm, seed),
+in the column order of the `stats.corpus` function that scores them (sacrebleu's segment statistics
+for chrF and BLEU, [TP, FP, FN] for micro-F1, [numerator, denominator] for a ratio of sums). Seeds
+are averaged per example and column like any metric; an (example_id, seed) lacking a column in
+either arm is dropped and counted. `pair_stats` and `arm_stats` return the n×k arrays; the corpus
+score is f(Σ rows), and the bootstrap resamples rows (examples), never refitting anything.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +125,86 @@ def pair(df: pd.DataFrame, metric: str, baseline: str, variant: str) -> Paired:
         n_unpaired=len(rows) - 2 * len(both),
         n_nan=n_nan,
     )
+
+
+# -- corpus metrics: per-example sufficient statistics M#0 … M#{k-1} ------------------------------
+
+
+@dataclass(frozen=True)
+class PairedStats:
+    """A corpus metric's per-example statistics, variant against baseline (seed-averaged, n×k each)."""
+
+    metric: str
+    baseline: str
+    variant: str
+    columns: tuple[str, ...]  # M#0 … M#{k-1}
+    example_ids: np.ndarray
+    baseline_stats: np.ndarray
+    variant_stats: np.ndarray
+    seeds: tuple[int, ...]  # the seeds any kept (example_id, seed) came from
+    n_unpaired: int  # rows dropped: their (example_id, seed) lacks a column or the other arm
+    n_nan: int  # rows dropped because their value is NaN
+
+
+def stat_columns(df: pd.DataFrame, metric: str) -> tuple[str, ...]:
+    """The metric names `metric#0` … `metric#{k-1}` in the table, in order; NoData when there are none,
+    a ValueError when the numbering has gaps (a column lost would silently change the metric)."""
+    pattern = re.compile(rf"{re.escape(metric)}#(\d+)")
+    found = sorted(int(m.group(1)) for name in df["metric"].unique() if (m := pattern.fullmatch(str(name))))
+    if not found:
+        raise NoData(f"NODATA: no {metric + '#0'!r}… rows: corpus metric {metric!r} has no statistics")
+    if found != list(range(len(found))):
+        raise ValueError(
+            f"corpus metric {metric!r}: statistics must be {metric}#0 … #{len(found) - 1}, got {found}"
+        )
+    return tuple(f"{metric}#{i}" for i in found)
+
+
+def _stat_grid(
+    df: pd.DataFrame, metric: str, columns: tuple[str, ...], arms: list[str]
+) -> tuple[pd.DataFrame, int, int]:
+    """(example_id, seed) × (arm, column) for the rows complete in every arm, with the NaN and
+    incomplete row counts."""
+    rows = df[df["metric"].isin(columns) & df["arm"].isin(arms)]
+    for arm in arms:
+        if not (rows["arm"] == arm).any():
+            raise NoData(f"NODATA: arm {arm!r} has no {metric + '#…'!r} statistics")
+    n_nan = int(rows["value"].isna().sum())
+    rows = rows.dropna(subset=["value"])
+    wide = rows.pivot(index=["example_id", "seed"], columns=["arm", "metric"], values="value")
+    complete = wide.reindex(columns=pd.MultiIndex.from_product([arms, columns])).dropna()
+    return complete, n_nan, len(rows) - complete.size
+
+
+def pair_stats(df: pd.DataFrame, metric: str, baseline: str, variant: str) -> PairedStats:
+    """Pair two arms on a corpus metric's statistics: shared complete (example_id, seed), seeds averaged."""
+    if baseline == variant:
+        raise ValueError(f"baseline and variant are the same arm {baseline!r}")
+    columns = stat_columns(df, metric)
+    grid, n_nan, n_incomplete = _stat_grid(df, metric, columns, [variant, baseline])
+    if grid.empty:
+        raise NoData(
+            f"NODATA: arms {variant!r} and {baseline!r} share no complete (example_id, seed) on {metric!r}"
+        )
+    per_example = grid.groupby(level="example_id").mean()
+    return PairedStats(
+        metric,
+        baseline,
+        variant,
+        columns,
+        example_ids=per_example.index.to_numpy(),
+        baseline_stats=per_example[baseline].to_numpy(),
+        variant_stats=per_example[variant].to_numpy(),
+        seeds=tuple(int(s) for s in sorted(grid.index.get_level_values("seed").unique())),
+        n_unpaired=n_incomplete,
+        n_nan=n_nan,
+    )
+
+
+def arm_stats(df: pd.DataFrame, metric: str, arm: str) -> tuple[np.ndarray, int]:
+    """One arm's seed-averaged n×k statistics of a corpus metric (examples sorted by id), and the count
+    of rows dropped (NaN, or their (example_id, seed) lacks a column)."""
+    columns = stat_columns(df, metric)
+    grid, n_nan, n_incomplete = _stat_grid(df, metric, columns, [arm])
+    per_example = grid.groupby(level="example_id").mean()
+    return per_example[arm].to_numpy().reshape(len(per_example), len(columns)), n_nan + n_incomplete

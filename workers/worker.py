@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import os
+import platform
 import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,6 +39,49 @@ from workers.supervisor import Supervisor, child_env
 
 log = structlog.get_logger("fleet.worker")
 T = TypeVar("T")
+
+
+# The packages whose versions each task's result records (`environment`), for reports.
+PACKAGES = ("torch", "transformers", "numpy", "duckdb", "nats-py", "bem-fleet")
+
+
+def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
+    """(HEAD, whether the tree has changes) of the checkout this code runs from; (None, None) when it
+    is not a git checkout (an installed wheel) or git is missing."""
+    root = root or Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None, None
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        status = subprocess.run(
+            [*git, "status", "--porcelain"], capture_output=True, text=True, timeout=30, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
+def environment(gpu: GpuInfo | None) -> dict[str, Any]:
+    """What ran a task, read once at worker start: the code's git commit, package versions, host, GPU.
+    The worker adds it to every task's result as `environment` (reports show it)."""
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    commit, dirty = git_state()
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "packages": versions,
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "gpu": gpu.name if gpu else "cpu",
+    }
 
 
 def default_id(gpu: GpuInfo | None, index: int = 0) -> str:
@@ -83,6 +129,7 @@ class Worker:
         self.cancels: dict[tuple[str, int], anyio.Event] = {}
         self.outbox: asyncio.Queue[m.Event] = asyncio.Queue()
         self._beat_now = anyio.Event()
+        self.environment = environment(gpu)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self.nc = await bus.connect(self.url, f"worker-{self.id}", self.creds_file)
@@ -285,7 +332,8 @@ class Worker:
                 tg.cancel_scope.cancel()
             took = time.monotonic() - started
             if isinstance(outcome, p.Result):
-                event(m.Finished, result=outcome.result, duration_s=took)
+                result = {**outcome.result, "environment": self.environment}
+                event(m.Finished, result=result, duration_s=took)
             else:
                 event(m.Failed, reason=outcome.reason, error=outcome.error, duration_s=took)
             tlog.info("task_end", outcome=type(outcome).__name__, seconds=round(took, 3))

@@ -1,4 +1,4 @@
-"""Per-example text scores the missions share: SQuAD-style EM and token F1, and chrF.
+"""Per-example text scores the missions share: SQuAD-style EM and token F1, chrF and its statistics.
 
 Every score is a float in [0, 1] per example, because the success test is a paired bootstrap over
 per-example scores: corpus-level numbers would hide the pairing. Normalisation and F1 follow the official
@@ -56,3 +56,13 @@ def token_f1(pred: str, golds: str | Sequence[str]) -> float:
 def chrf(pred: str, gold: str) -> float:
     """sacrebleu's sentence chrF scaled to [0, 1] (sacrebleu gives 0 when both strings are empty)."""
     return float(sacrebleu.sentence_chrf(pred, [gold]).score) / 100.0
+
+
+_CHRF = sacrebleu.metrics.CHRF()
+
+
+def chrf_stats(pred: str, gold: str) -> list[float]:
+    """sacrebleu's per-segment chrF sufficient statistics ([hyp, ref, match] per character n-gram
+    order, 18 numbers): summed over examples they give the corpus chrF (`stats.corpus.chrf`), which
+    is not a mean of sentence scores, so the bootstrap resamples these instead."""
+    return [float(x) for x in _CHRF._extract_corpus_statistics([pred], [[gold]])[0]]

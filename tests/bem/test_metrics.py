@@ -137,7 +137,12 @@ def test_score_example_json() -> None:
 def test_score_example_summary() -> None:
     (ex,) = make_split("summary", "test", 1, 0)
     perfect = score_example(ex, ex.target)
+    stats = {k: perfect.pop(k) for k in [k for k in perfect if k.startswith("chrf#")]}
     assert perfect == {"score": 1.0, "em": 1.0, "chrf": pytest.approx(1.0)}
+    # The corpus statistics: for one example, sacrebleu's score from them is the sentence chrF.
+    assert len(stats) == 18
+    row = [stats[f"chrf#{i}"] for i in range(18)]
+    assert sacrebleu.metrics.CHRF()._compute_score_from_stats(row).score == pytest.approx(100.0)
     partial = score_example(ex, " ".join(ex.target.split()[:3]) + " said nothing")
     assert 0.0 < partial["score"] < 1.0 and partial["em"] == 0.0 and 0.0 < partial["chrf"] < 1.0
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from stats.bootstrap import NoData
-from stats.table import check_scores, pair, read_scores
+from stats.table import arm_stats, check_scores, pair, pair_stats, read_scores, stat_columns
 
 
 def _table(rows):
@@ -76,3 +76,42 @@ def test_bad_tables_are_refused_naming_the_problem(tmp_path) -> None:
         pair(_table([("a", "base", 1, "em", 1.0)]), "em", "base", "base")
     with pytest.raises(FileNotFoundError, match="no score table"):
         read_scores(tmp_path / "missing.parquet")
+
+
+def _stats_rows(example, arm, seed, values, metric="f1"):
+    return [(example, arm, seed, f"{metric}#{j}", float(v)) for j, v in enumerate(values)]
+
+
+def test_corpus_statistics_pair_on_complete_example_seeds_and_average_per_column() -> None:
+    """M#0 … M#{k-1} per (example, arm, seed); an (example, seed) lacking a column in either arm is
+    dropped and counted; seeds are averaged per example and column; examples sorted by id."""
+    df = _table(
+        _stats_rows("b", "base", 1, [1, 2, 3])
+        + _stats_rows("b", "bem", 1, [3, 0, 1])
+        + _stats_rows("b", "base", 2, [3, 2, 1])
+        + _stats_rows("b", "bem", 2, [5, 0, 1])
+        + _stats_rows("a", "base", 1, [0, 1, 1])
+        + _stats_rows("a", "bem", 1, [1, 0, 0])
+        + _stats_rows("a", "base", 2, [9, 9, 9])  # seed 2 of "a": the variant lacks column 2
+        + _stats_rows("a", "bem", 2, [9, 9])
+        + [("a", "bem", 3, "f1#0", float("nan"))]
+        + [("a", "base", 1, "em", 1.0)]  # another metric: ignored
+    )
+    assert stat_columns(df, "f1") == ("f1#0", "f1#1", "f1#2")
+    p = pair_stats(df, "f1", "base", "bem")
+    assert p.example_ids.tolist() == ["a", "b"]
+    assert p.baseline_stats.tolist() == [[0, 1, 1], [2, 2, 2]]
+    assert p.variant_stats.tolist() == [[1, 0, 0], [4, 0, 1]]
+    assert (p.n_unpaired, p.n_nan, p.seeds) == (5, 1, (1, 2))
+    stats, dropped = arm_stats(df, "f1", "bem")
+    assert stats.tolist() == [[1, 0, 0], [4, 0, 1]] and dropped == 3  # a/2 incomplete (2 rows), a/3 NaN
+
+
+def test_corpus_statistics_numbering_must_be_complete() -> None:
+    df = _table([*_stats_rows("a", "base", 1, [1, 2, 3]), ("a", "base", 1, "f1#4", 1.0)])
+    with pytest.raises(ValueError, match=r"f1#0 … #3, got \[0, 1, 2, 4\]"):
+        stat_columns(df, "f1")
+    with pytest.raises(NoData, match="corpus metric 'bleu' has no statistics"):
+        pair_stats(df, "bleu", "base", "bem")
+    with pytest.raises(NoData, match="arm 'bem' has no"):
+        pair_stats(_table(_stats_rows("a", "base", 1, [1, 2, 3])), "f1", "base", "bem")

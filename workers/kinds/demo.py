@@ -7,16 +7,34 @@ from typing import Any
 
 from workers.kinds import TaskContext
 
+SMOKE_CORPORA = ("validation", "mission_a", "mission_b")  # missions that declare a smoke_mixture()
+
 
 def _base(params: dict[str, Any], ctx: TaskContext) -> Path:
-    from bem.core.models import demo_base
-
+    """params.base (a local model folder), else the smoke base pretrained on the mixture the mission
+    declares (`corpus`, its data module's `smoke_mixture`; `base_recipe = "smoke"`, the default),
+    else the byte-level demo base (`base_recipe = "byte"`)."""
     if params.get("base"):
         path = Path(params["base"])
         if not path.is_dir():
             raise FileNotFoundError(f"params.base {path} is not a local model folder (nothing is downloaded)")
         return path
-    return demo_base(ctx.cache_dir, log=lambda msg: print(msg, flush=True))
+    recipe = params.get("base_recipe", "smoke")
+    if recipe == "byte":
+        from bem.core.models import demo_base
+
+        return demo_base(ctx.cache_dir, log=lambda msg: print(msg, flush=True))
+    if recipe != "smoke":
+        raise ValueError(f"params.base_recipe {recipe!r}: 'smoke' or 'byte'")
+    import importlib
+
+    from bem.core.smoke_base import smoke_base
+
+    corpus = str(params.get("corpus", "validation"))
+    if corpus not in SMOKE_CORPORA:
+        raise ValueError(f"params.corpus {corpus!r}: one of {', '.join(SMOKE_CORPORA)}")
+    mixture = importlib.import_module(f"bem.missions.{corpus}.data").smoke_mixture()
+    return smoke_base(ctx.cache_dir, mixture, log=lambda msg: print(msg, flush=True))
 
 
 def run_args(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:

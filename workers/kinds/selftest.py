@@ -1,7 +1,9 @@
 """The selftest kinds: CPU-only tasks that exercise the fleet's paths without torch.
 
 `score` emits per-example scores with a known effect (arm b = arm a + effect + noise), so the stats
-engine has something real to judge; example difficulty is shared across arms, as in real evals.
+engine has something real to judge; example difficulty is shared across arms, as in real evals. With
+`skill_accuracy` it also emits a 0/1 `skill_em` per example, right on that share: 0 is a skill that
+never learns, which a precondition must catch.
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ def score(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     difficulty = np.random.default_rng(0).uniform(0.2, 0.8, n)  # shared by arms and seeds: paired data
     noise = np.random.default_rng([seed, sum(map(ord, arm))]).normal(0, 0.1, n)
     values = np.clip(difficulty + (effect if arm == "b" else 0.0) + noise, 0, 1)
-    ctx.reporter.scores([ScoreRow(f"ex{i:04d}", arm, seed, "score", float(v)) for i, v in enumerate(values)])
+    rows = [ScoreRow(f"ex{i:04d}", arm, seed, "score", float(v)) for i, v in enumerate(values)]
+    if "skill_accuracy" in params:  # a 0/1 skill check per example, right on this share of them
+        right = np.random.default_rng([seed, 7]).uniform(size=n) < float(params["skill_accuracy"])
+        rows += [ScoreRow(f"ex{i:04d}", arm, seed, "skill_em", float(r)) for i, r in enumerate(right)]
+    ctx.reporter.scores(rows)
     return {"mean": float(values.mean())}
 
 

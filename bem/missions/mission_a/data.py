@@ -20,6 +20,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 SKILLS: tuple[str, ...] = ("retrieve", "reason", "formalise")
 NAMES = ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal", "ivy", "jo")
@@ -205,3 +206,44 @@ def index_swaps(ex: SkillExample, seed: int) -> dict[str, SkillExample]:
         name: replace(ex, example_id=f"{ex.example_id}-{name}", table=tuple(table))
         for name, table in variants.items()
     }
+
+
+# ---- the smoke base's pretraining mixture (bem.core.smoke_base) -----------------------------------
+
+
+def smoke_mixture() -> Any:
+    """Mission A's base corpus: context tables followed by lookups in plain text (several per table,
+    the key right before its value), sums written out, comparisons and JSON answers. The cues
+    `question:` and `answer:` never appear: turning a question into the skill is the experts' job."""
+    from bem.core.smoke_base import Mixture, Source, recall_source
+
+    def lookups(rng: random.Random) -> str:
+        table = _table(rng, rng.randint(2, 5))
+        asked = [rng.choice(table) for _ in range(rng.randint(1, 3))]
+        facts = [
+            f"{name}'s {attr} is {attrs[attr]}" for name, attrs in asked for attr in [rng.choice(list(attrs))]
+        ]
+        return f"{render_table(table)}\n" + ". ".join(facts) + "."
+
+    def sums(rng: random.Random) -> str:
+        x, y = rng.randint(1, 60), rng.randint(1, 60)
+        return f"{x} plus {y} is {x + y}."
+
+    def compare(rng: random.Random) -> str:
+        (a, x), (b, y) = [(n, rng.randint(1, 60)) for n in rng.sample(NAMES, 2)]
+        return f"{a} has {x} and {b} has {y}, so {a if x >= y else b} has more."
+
+    def as_json(rng: random.Random) -> str:
+        value: str | int = rng.randint(1, 999) if rng.random() < 0.5 else rng.choice(NAMES)
+        return f"{value} in json is {_as_json(value)}"
+
+    return Mixture(
+        name="mission_a",
+        sources=(
+            Source("lookups", 0.35, lookups),
+            Source("sums", 0.2, sums),
+            Source("compare", 0.1, compare),
+            Source("json", 0.15, as_json),
+            recall_source(list(NAMES), [str(i) for i in range(1, 61)], 0.2),
+        ),
+    )

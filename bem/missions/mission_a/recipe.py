@@ -295,6 +295,7 @@ class Data:
     single: dict[str, list[skills.SkillExample]]  # per expert, its skill's training examples
     composite: list[skills.SkillExample]  # composite training set (the router and the fused LoRA)
     test: list[skills.SkillExample]  # composite test set
+    single_test: dict[str, list[skills.SkillExample]]  # per expert, its skill's held-out examples
 
 
 def make_data(prof: Profile) -> Data:
@@ -305,7 +306,11 @@ def make_data(prof: Profile) -> Data:
     }
     composite = skills.make_mixture(skills.COMPOSITE, "train", prof.n_composite, DATA_SEED)
     test = skills.make_mixture(skills.COMPOSITE, "test", prof.n_test, DATA_SEED)
-    return Data(single, composite, test)
+    single_test = {
+        s: skills.make_mixture(kinds, "test", prof.n_test, DATA_SEED)
+        for s, kinds in skills.SINGLE_SKILL.items()
+    }
+    return Data(single, composite, test, single_test)
 
 
 @dataclass(frozen=True)
@@ -688,6 +693,21 @@ def evaluate_arms(
     return ev
 
 
+def score_experts(c: Composed, data: Data, seed: int, ev: Evaluation) -> None:
+    """Each expert alone on its own skill's held-out examples (arm `expert_<skill>`, EM): the
+    precondition that says whether the experts learnt their skills at all, before any router is
+    judged on sequencing them."""
+    for skill in EXPERTS:
+        code = fixed_code(c.blocks, skill)
+        ems = []
+        for ex in data.single_test[skill]:
+            pred = c.answer(ex.prompt, [code] * num_chunks(c.n_tokens(ex), CHUNK))
+            em, _ = metrics.score(pred, ex.golds)
+            ems.append(em)
+            ev.rows.append(ScoreRow(ex.example_id, f"expert_{skill}", seed, "em", em))
+        ev.per_arm[f"expert_{skill}"] = {"em": float(np.mean(ems))}
+
+
 def run_rows(ev: Evaluation, seed: int) -> tuple[list[ScoreRow], dict[str, float]]:
     """The per-run scores, example_id run-seed{seed}: KV-hit against the fused arm, index-swap pass rate,
     cache-safety rate; and the KV-hit ratios for the summary."""
@@ -764,6 +784,7 @@ def run_mission_a(
 
     # 4. Every arm on the composite test set, then the per-run scores.
     ev = evaluate_arms(c, policy, {"AR0": ar0, "AR1": ar1}, data, prof, seed, reporter)
+    score_experts(c, data, seed, ev)
     laps.lap("evaluate")
     per_run, kv = run_rows(ev, seed)
     summary = {

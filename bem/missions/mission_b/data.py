@@ -21,6 +21,7 @@ import hashlib
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -172,3 +173,40 @@ def encode_items(
         mask[i, :n] = 1
         prompt_mask[i, : len(p)] = 1
     return Encoded(LMBatch(ids, mask, labels, prompt_mask).to(device), kinds.to(device))
+
+
+# ---- the smoke base's pretraining mixture (bem.core.smoke_base) -----------------------------------
+
+
+def smoke_mixture() -> Any:
+    """Mission B's base corpus: tables with lookups written out, and the JSON tool-call answers in the
+    deployed contract (`lookup(name, attr)`, key "answer"). Nothing of the injected scenarios (other
+    names and attributes, `fetch`, other keys) appears: an injection must cost the live model
+    something for the learner to fix."""
+    from bem.core.smoke_base import Mixture, Source, recall_source
+
+    def table(rng: random.Random) -> tuple[Fact, str]:
+        fact = _draw(rng, False, rng.randint(2, 4))
+        return fact, "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in a) for n, a in fact.table)
+
+    def lookups(rng: random.Random) -> str:
+        fact, context = table(rng)
+        calls = []
+        for name, attrs in rng.sample(fact.table, rng.randint(1, len(fact.table))):
+            attr, value = rng.choice(attrs)
+            calls.append(f"lookup({name}, {attr}) = {value}")
+        return f"{context}\n" + "; ".join(calls) + "."
+
+    def answers(rng: random.Random) -> str:
+        fact, context = table(rng)
+        call = f"lookup({fact.name}, {fact.attr})"
+        return f'{context}\n{fact.name}\'s {fact.attr}: {{"call": "{call}", "answer": {fact.value}}}'
+
+    return Mixture(
+        name="mission_b",
+        sources=(
+            Source("lookups", 0.4, lookups),
+            Source("answers", 0.4, answers),
+            recall_source(list(NAMES), [str(i) for i in range(1, 61)], 0.2),
+        ),
+    )

@@ -362,6 +362,23 @@ def deploy(
     online.eval()
 
 
+BEFORE, AFTER = 100, 50  # prompts the preconditions look at, before and right after an injection
+
+
+def injection_values(live: list[float], plan: list[tuple[int, str]]) -> dict[str, float]:
+    """What the mission's preconditions read: the live aggregate over the 100 prompts before the
+    first injection (could the model serve the task at all?), and per injection how far the live
+    aggregate falls from the 100 prompts before it to the 50 after it (did the injection break
+    anything for the learner to fix?)."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    if not plan:
+        return {}
+    out = {"pre_injection_aggregate": mean(live[max(0, plan[0][0] - BEFORE) : plan[0][0]])}
+    for at, scenario in plan:
+        out[f"drop_{scenario}"] = mean(live[max(0, at - BEFORE) : at]) - mean(live[at : at + AFTER])
+    return out
+
+
 def _summary(
     mode: str,
     prof: Profile,
@@ -399,6 +416,7 @@ def _summary(
             ttf[scenario] = CENSORED if k is None else float(k)
             values[f"ttf_{scenario}"] = ttf[scenario]
         summary["time_to_fix"] = ttf
+        values.update(injection_values(live, plan))
     else:
         critical = sum(level in ("critical", "emergency") for _, level in s.drift)
         values.update(

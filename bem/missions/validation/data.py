@@ -14,6 +14,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 TASKS: tuple[str, ...] = ("json", "summary")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -317,3 +318,46 @@ def make_dataset(seed: int, sizes: dict[str, int]) -> dict[str, list[Example]]:
     return {
         split: [ex for task in TASKS for ex in make_split(task, split, n, seed)] for split, n in sizes.items()
     }
+
+
+# ---- the smoke base's pretraining mixture (bem.core.smoke_base) -----------------------------------
+
+
+def _train_prompt(task: str, rng: random.Random) -> tuple[str, str]:
+    """A training-split prompt's body (no cue) and its target: the base never reads a val or test input."""
+    while True:
+        prompt, target, _ = _GENERATORS[task](rng)
+        if _bucket(prompt) in _SPLIT_BUCKETS["train"]:
+            cue = JSON_CUE if task == "json" else SUMMARY_CUE
+            return prompt.removeprefix(SUMMARY_PREFIX).removesuffix(cue), target
+
+
+def smoke_mixture() -> Any:
+    """The validation experiment's base corpus: its two formats in plain text (a record described, then
+    its JSON; a news paragraph, then its lead repeated), the prose alone, and associative recall in
+    the same words. The cues `JSON:` and `Summarize:`/`Summary:` never appear: mapping a cue to a
+    skill is the adapters' job."""
+    from bem.core.smoke_base import Mixture, Source, recall_source
+
+    def record(rng: random.Random) -> str:
+        prose, target = _train_prompt("json", rng)
+        return f"{prose}\n{target}"
+
+    def news(rng: random.Random) -> str:
+        prose, lead = _train_prompt("summary", rng)
+        return f"{prose}\n{lead}"
+
+    def prose(rng: random.Random) -> str:
+        return _train_prompt(rng.choice(TASKS), rng)[0]
+
+    labels = sorted({f.label for schema in SCHEMAS.values() for f in schema})
+    values = sorted({str(v) for schema in SCHEMAS.values() for f in schema for v in f.pool})
+    return Mixture(
+        name="validation",
+        sources=(
+            Source("record", 0.3, record),
+            Source("news", 0.3, news),
+            Source("prose", 0.2, prose),
+            recall_source(labels, values, 0.2),
+        ),
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bem.core.metrics import chrf, exact_match, token_f1
+from bem.core.metrics import chrf, chrf_stats, exact_match, token_f1
 from bem.missions.validation.data import Example
 
 
@@ -45,9 +45,11 @@ def score_example(example: Example, prediction: str) -> dict[str, float]:
         valid, accuracy = json_scores(prediction, example.fields)
         return {"score": accuracy, "json_valid": valid}
     if example.task == "summary":
+        stats = chrf_stats(prediction, example.target)  # corpus chrF's per-example contributions
         return {
             "score": token_f1(prediction, example.target),
             "em": exact_match(prediction, example.target),
             "chrf": chrf(prediction, example.target),
+            **{f"chrf#{i}": v for i, v in enumerate(stats)},
         }
     raise ValueError(f"unknown task {example.task!r}; expected json or summary")

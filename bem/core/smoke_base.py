@@ -1,0 +1,289 @@
+"""The smoke base every mission shares: a small BPE tokenizer and a from-scratch Llama, both built
+from a corpus mixture the mission declares, pretrained in minutes on 2 CPU cores, cached by content.
+
+Why: a 2M-parameter byte-level model pretrained for a minute on pydoc text learns no skill in the
+smoke budget, so every smoke verdict measured the base, not BEM (issue 16). Tiny models do learn
+synthetic formats to high accuracy in minutes when the recipe is right (../shared/research/
+tiny_models.md): a vocabulary made for the data, documents drawn fresh from generators, the
+key right before what it binds, AdamW at 3e-3 with betas (0.9, 0.98), warm-up and clipping.
+
+A `Mixture` is the mission's declaration: named document generators with weights (its task
+formats, generic text in its vocabulary, associative recall). `smoke_base` draws a fixed corpus
+from it (seeded), trains a byte-level BPE tokenizer on that corpus with the `tokenizers` library
+(lossless: any string round-trips, so prompts outside the corpus still encode), pretrains, and
+saves a Hugging Face folder keyed by a hash of the corpus text, the config and the recipe, so a
+second mission with the same mixture reuses it and a changed generator retrains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from bem.core.models import save_model
+
+RECIPE_VERSION = "smoke-base-v1"  # bump when the recipe below changes, so stale caches are not reused
+SPECIALS = ("<pad>", "<eos>", "<unk>")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One kind of document in the mixture: `make(rng)` returns one document (no eos; added here)."""
+
+    name: str
+    weight: float
+    make: Callable[[random.Random], str]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Model and optimiser; the defaults are tiny_models.md's recipe at a size that trains in ~4 min."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 256
+    seq_len: int = 128
+    batch_size: int = 32
+    steps: int = 2500
+    lr: float = 3e-3
+    warmup: int = 200
+    weight_decay: float = 0.1
+    corpus_docs: int = 20_000  # documents drawn once; the tokenizer and the pretraining both read them
+
+    def config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_attention_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+        )
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A mission's pretraining corpus: sources drawn by weight, reproducibly from `seed`."""
+
+    name: str
+    sources: tuple[Source, ...]
+    seed: int = 0
+    recipe: Recipe = field(default_factory=Recipe)
+
+    def documents(self) -> list[str]:
+        if not self.sources or any(s.weight <= 0 for s in self.sources):
+            raise ValueError(f"mixture {self.name!r}: every source needs a positive weight")
+        rng = random.Random(f"{self.name}:{self.seed}")
+        weights = [s.weight for s in self.sources]
+        picks = rng.choices(self.sources, weights=weights, k=self.recipe.corpus_docs)
+        return [s.make(rng) for s in picks]
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------
+
+
+def train_tokenizer(documents: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on the mission's own corpus: words of the task formats become single tokens,
+    anything else still encodes byte by byte, and decoding returns the exact string."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(documents, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=SPECIALS[0],
+        eos_token=SPECIALS[1],
+        unk_token=SPECIALS[2],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+# ---- pretraining -------------------------------------------------------------------------------------
+
+
+def _stream(documents: Sequence[str], tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
+    """All documents as one id stream, each followed by eos (the training windows cut across them)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for ids_doc in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
+        ids.extend(ids_doc)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _lr_at(step: int, recipe: Recipe) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pretrain(
+    model: LlamaForCausalLM,
+    stream: torch.Tensor,
+    recipe: Recipe,
+    seed: int,
+    log: Callable[[str], None],
+    budget_s: float | None = None,
+) -> list[float]:
+    """Next-token LM on random windows of the stream; stops early at `budget_s` (the cap the issue sets)."""
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
+    )
+    offsets = torch.arange(recipe.seq_len)
+    losses: list[float] = []
+    started = time.perf_counter()
+    model.train()
+    for step in range(recipe.steps):
+        starts = torch.randint(0, len(stream) - recipe.seq_len, (recipe.batch_size,), generator=generator)
+        batch = stream[starts[:, None] + offsets]
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, recipe)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % max(1, recipe.steps // 10) == 0 or step == recipe.steps - 1:
+            log(f"smoke-base step {step + 1}/{recipe.steps} loss {losses[-1]:.3f}")
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            log(f"smoke-base stopped at step {step + 1}: the {budget_s:g} s budget is spent")
+            break
+    model.eval()
+    return losses
+
+
+def cache_key(mixture: Mixture, documents: Sequence[str]) -> str:
+    """Everything that determines the weights: the corpus text itself, the recipe and its version."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(doc.encode())
+        digest.update(b"\0")
+    blob = json.dumps(
+        {
+            "version": RECIPE_VERSION,
+            "recipe": mixture.recipe.__dict__,
+            "seed": mixture.seed,
+            "corpus": digest.hexdigest(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def smoke_base(
+    cache_dir: str | Path,
+    mixture: Mixture,
+    *,
+    log: Callable[[str], None] | None = None,
+    budget_s: float | None = 300.0,
+) -> Path:
+    """A local Hugging Face folder with the mixture's base, pretrained now unless cached.
+
+    Built in a temporary sibling and renamed into place, so an interrupted run leaves nothing that a
+    later call would trust; `pretrain.json` beside the weights records the corpus, losses and time.
+    """
+    log = log or (lambda _msg: None)
+    documents = mixture.documents()
+    final = Path(cache_dir) / f"smoke-base-{mixture.name}-{cache_key(mixture, documents)}"
+    if (final / "pretrain.json").is_file():
+        log(f"smoke-base cached at {final}")
+        return final
+    started = time.perf_counter()
+    recipe = mixture.recipe
+    tokenizer = train_tokenizer(documents, recipe.vocab_size)
+    stream = _stream(documents, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mixture.seed)
+        model = LlamaForCausalLM(recipe.config(tokenizer))
+        params = sum(p.numel() for p in model.parameters())
+        log(f"smoke-base {mixture.name}: {params:,} parameters, {len(stream):,} corpus tokens")
+        losses = pretrain(model, stream, recipe, mixture.seed, log, budget_s)
+    seconds = time.perf_counter() - started
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        save_model(model, tokenizer, tmp)
+        summary: dict[str, Any] = {
+            "recipe": {"version": RECIPE_VERSION, **recipe.__dict__},
+            "mixture": mixture.name,
+            "sources": {s.name: s.weight for s in mixture.sources},
+            "seed": mixture.seed,
+            "params": params,
+            "vocab": len(tokenizer),
+            "corpus_docs": len(documents),
+            "corpus_tokens": len(stream),
+            "steps_run": len(losses),
+            "initial_loss": losses[0],
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "seconds": round(seconds, 1),
+        }
+        (tmp / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "pretrain.json").is_file():
+                raise
+            log(f"smoke-base built concurrently at {final}; keeping that one")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"smoke-base saved to {final} in {seconds:.0f} s, final loss {summary['final_loss']:.3f}")
+    return final
+
+
+# ---- generic sources ---------------------------------------------------------------------------------
+
+
+def recall_source(
+    keys: Sequence[str], values: Sequence[str], weight: float, pairs: tuple[int, int] = (2, 6)
+) -> Source:
+    """Multi-query associative recall in the mission's own words (MQAR, Zoology): `k1 v1, k2 v2, ...`
+    then queries `k v` for bound keys. In-context lookup and copying is what every skill here rests
+    on, and this is the cheapest way to make the base learn it (induction heads)."""
+
+    def make(rng: random.Random) -> str:
+        n = rng.randint(pairs[0], min(pairs[1], len(keys)))
+        ks = rng.sample(list(keys), n)
+        table = {k: rng.choice(list(values)) for k in ks}
+        queries = rng.sample(ks, min(n, rng.randint(1, 3)))
+        return (
+            ", ".join(f"{k} {v}" for k, v in table.items())
+            + ". "
+            + ", ".join(f"{k} {table[k]}" for k in queries)
+            + "."
+        )
+
+    return Source("recall", weight, make)
