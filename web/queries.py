@@ -52,13 +52,18 @@ def curves(
 
 
 def metric_names(query: Query, task_ids: list[str]) -> list[str]:
+    """The tasks' metric names, the one a page should open on first: a training loss, the one with
+    the most points, rather than a metric with a single point (`adapter_overhead`)."""
     if not task_ids:
         return []
     rows = query(
-        "SELECT DISTINCT name FROM metrics WHERE task_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY name",
+        "SELECT name, count(*) AS n FROM metrics "
+        "WHERE task_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY name",
         [task_ids],
     )
-    return [r["name"] for r in rows]
+    names = sorted(r["name"] for r in rows)
+    first = max(rows, key=lambda r: ("loss" in r["name"], r["n"], [-ord(c) for c in r["name"]]), default=None)
+    return [first["name"], *(n for n in names if n != first["name"])] if first else []
 
 
 def decisions(query: Query, mission_id: str) -> list[dict[str, Any]]:

@@ -112,6 +112,13 @@ def test_api_token_metrics_and_health(fleet: Fleet) -> None:
     assert "crashing on attempt 1" in "\n".join(line["line"] for line in detail["log_tail"])
     status, curves = http(f"{web}/api/tasks/{task}/curves?points=10", token=TOKEN)
     assert status == 200 and 0 < len(curves["metrics"]["crash/loss"]["step"]) <= 10
+    # The mission page opens on the training loss with the most points, not on a one-point metric.
+    status, mc = http(f"{web}/api/missions/{mission}/curves?points=50", token=TOKEN)
+    counts = {r["name"]: r["n"] for r in sql(fleet, "SELECT name, count(*) AS n FROM metrics GROUP BY name")}
+    losses = {n: c for n, c in counts.items() if "loss" in n}
+    most = max(losses.values())
+    assert status == 200 and mc["metric"] == mc["metrics"][0] == min(n for n in losses if losses[n] == most)
+    assert sorted(mc["metrics"]) == sorted(counts)
     assert http(f"{web}/api/tasks/{mission}/nope", token=TOKEN)[0] == 404
     assert http(f"{web}/api/missions/nope", token=TOKEN)[0] == 404
     workers = http(f"{web}/api/workers", token=TOKEN)[1]

@@ -215,7 +215,7 @@ def smoke_mixture() -> Any:
     """Mission A's base corpus: context tables followed by lookups in plain text (several per table,
     the key right before its value), sums written out, comparisons and JSON answers. The cues
     `question:` and `answer:` never appear: turning a question into the skill is the experts' job."""
-    from bem.core.smoke_base import Mixture, Source, recall_source
+    from bem.core.smoke_base import Mixture, Recipe, Source, recall_source
 
     def lookups(rng: random.Random) -> str:
         table = _table(rng, rng.randint(2, 5))
@@ -237,13 +237,28 @@ def smoke_mixture() -> Any:
         value: str | int = rng.randint(1, 999) if rng.random() < 0.5 else rng.choice(NAMES)
         return f"{value} in json is {_as_json(value)}"
 
+    def flat(rng: random.Random) -> str:
+        """The same facts with each key right before its value (`bo score 40`): induction heads form
+        on these first (tiny_models.md), then carry over to the two-hop table rows."""
+        table = _table(rng, rng.randint(2, 5))
+        pairs = [(f"{n} {a}", v) for n, attrs in table for a, v in attrs.items()]
+        asked = rng.sample(pairs, min(len(pairs), rng.randint(1, 3)))
+        return ", ".join(f"{k} {v}" for k, v in pairs) + ". " + ", ".join(f"{k} {v}" for k, v in asked) + "."
+
+    # Retrieval is a phase change that needs thousands of steps: short windows, a smaller model and
+    # a larger batch buy them within the 5-minute budget (tiny_models.md's measured recipe).
+    recipe = Recipe(
+        num_hidden_layers=2, intermediate_size=256, seq_len=64, batch_size=64, steps=6000, warmup=300
+    )
     return Mixture(
         name="mission_a",
         sources=(
-            Source("lookups", 0.35, lookups),
-            Source("sums", 0.2, sums),
+            Source("lookups", 0.3, lookups),
+            Source("flat", 0.2, flat),
+            Source("sums", 0.15, sums),
             Source("compare", 0.1, compare),
-            Source("json", 0.15, as_json),
-            recall_source(list(NAMES), [str(i) for i in range(1, 61)], 0.2),
+            Source("json", 0.1, as_json),
+            recall_source(list(NAMES), [str(i) for i in range(1, 61)], 0.15),
         ),
+        recipe=recipe,
     )
