@@ -54,6 +54,18 @@ def parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", type=_override, default=[], metavar="KEY=VALUE"
     )
     p.add_argument("--detach", action="store_true", help="return after submitting")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="submit nothing: build each task's model and adapters from params.base's config.json on the "
+        "meta device and estimate its peak memory against vram_gb (no fleet, no GPU; exit 1 if one "
+        "does not fit)",
+    )
+    p.add_argument(
+        "--missions-dir",
+        type=Path,
+        help="with --dry-run: read the mission here (default $FLEET_MISSIONS_DIR, else the shipped ones)",
+    )
     p = verb("status", "missions, tasks with pending reasons, workers")
     p.add_argument("mission", nargs="?")
     p = verb("cancel", "cancel a mission or a task")
@@ -81,7 +93,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args = top.parse_args(argv)
+    if args.verb == "submit" and (args.dry_run or args.missions_dir):
+        if not args.dry_run:
+            top.error("--missions-dir reads the mission here: only with --dry-run (fleetd reads its own)")
+        from fleetcli import dryrun  # here: torch and the recipes are for the dry run only
+
+        return dryrun.submit(args, Console())
     log_setup.configure(level="error")  # reconnect chatter is not for a CLI's user; errors go to stderr
     console = Console()
     try:

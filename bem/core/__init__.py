@@ -8,4 +8,5 @@
 - `models`: offline bases (tiny test models, the demo base); `train`, `generate`, `metrics`: training
   batches and LM loss, greedy decoding, SQuAD-style EM/F1 and chrF.
 - `reporter`: how a long job reports (a notebook, the CLI, a fleet worker), phase timings, score files.
+- `dryrun`: a recipe's model and adapters on the meta device from a config.json, and its peak memory.
 """

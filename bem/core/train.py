@@ -11,6 +11,7 @@ from typing import Protocol, cast
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 
@@ -122,6 +123,20 @@ def minibatches(lengths: Tensor, batch_size: int, steps: int, generator: torch.G
             made += 1
 
 
+def lora_model(model: nn.Module, rank: int) -> PeftModel:
+    """A copy of the base with a fresh static peft LoRA of `rank` (α/r = 2, W_O and W_down, dropout .1):
+    what `train_lora` trains, and what a dry run builds on the meta device (`bem.core.dryrun`)."""
+    config = LoraConfig(
+        r=rank,
+        # keeps α/r = 2 at every rank; peft annotates lora_alpha as int but only divides by it
+        lora_alpha=LORA_ALPHA * rank / LORA_RANK,  # type: ignore[arg-type]
+        target_modules=[n for n, _ in role_sites(model)],
+        lora_dropout=0.1,
+        fan_in_fan_out=cast(PreTrainedConfig, model.config).model_type == "gpt2",
+    )
+    return get_peft_model(copy.deepcopy(model), config)
+
+
 def train_lora(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -136,16 +151,7 @@ def train_lora(
     name: str,
 ) -> PeftModel:
     """Train a static peft LoRA (α/r = 2, W_O and W_down, dropout .1) on a copy of the base."""
-    sites = [n for n, _ in role_sites(model)]
-    config = LoraConfig(
-        r=rank,
-        # keeps α/r = 2 at every rank; peft annotates lora_alpha as int but only divides by it
-        lora_alpha=LORA_ALPHA * rank / LORA_RANK,  # type: ignore[arg-type]
-        target_modules=sites,
-        lora_dropout=0.1,
-        fan_in_fan_out=cast(PreTrainedConfig, model.config).model_type == "gpt2",
-    )
-    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model = lora_model(model, rank)
     peft_model.train()
     data = encode(tokenizer, examples)
     device = next(model.parameters()).device
@@ -170,10 +176,14 @@ def train_lora(
 
 
 def lora_factors(peft_model: PeftModel) -> dict[str, tuple[Tensor, Tensor]]:
-    """{site: (lora_A, scaling·lora_B)}: the LoRA's ΔW = scaling·B·A, ready to become a BEM block."""
-    config = cast(LoraConfig, peft_model.peft_config["default"])
+    """{site: (lora_A, scaling·lora_B)}: the LoRA's ΔW = scaling·B·A, ready to become a BEM block.
+
+    The sites are the model's LoRA layers, not the config's target list: peft rewrites a list of 20 or
+    more names (any model of 10 layers or more) into a few name suffixes (`down_proj`, `o_proj`)."""
+    model = cast(nn.Module, peft_model.base_model.model)
+    sites = [name for name, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
     out = {}
-    for site in cast("set[str]", config.target_modules):  # LoraConfig.__post_init__ makes the list a set
+    for site in sites:
         lora, lora_a, lora_b = peft_lora_site(peft_model, site)
         out[site] = (
             lora_a.weight.detach().clone(),

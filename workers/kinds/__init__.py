@@ -3,10 +3,14 @@
 `fleet.registry.KINDS` maps each kind's name to "module:function" in this package, so fleetd checks a
 spec's kinds without importing torch, and a task's child process imports only what its kind needs.
 A kind is `fn(params, ctx) -> dict` (the result); it reports through `ctx.reporter` and raises to fail.
+Beside it, its module may define `dry_run(params, fn) -> dict`: what a task of kind `fn` (the
+registry string's attribute) would build, estimated without weights or a GPU (`fleetctl submit
+--dry-run`, `bem.core.dryrun`).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,3 +36,17 @@ def resolve(kind: str) -> Callable[[dict[str, Any], TaskContext], dict[str, Any]
         raise KeyError(f"unknown task kind {kind!r}; known: {sorted(registry.KINDS)}")
     fn: Callable[[dict[str, Any], TaskContext], dict[str, Any]] = registry.resolve(registry.KINDS[kind])
     return fn
+
+
+def dry_run(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A task's dry run: the `dry_run(params, fn)` in the module of its kind's function (found through
+    the same registry string), or `{"nothing": why}` for a kind whose module has none."""
+    if kind not in registry.KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; known: {sorted(registry.KINDS)}")
+    module, _, fn = registry.KINDS[kind].partition(":")
+    found: Callable[[dict[str, Any], str], dict[str, Any]] | None = getattr(
+        importlib.import_module(module), "dry_run", None
+    )
+    if found is None:
+        return {"nothing": f"{kind} builds no model: nothing to estimate"}
+    return found(params, fn)

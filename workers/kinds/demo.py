@@ -37,6 +37,21 @@ def _base(params: dict[str, Any], ctx: TaskContext) -> Path:
     return smoke_base(ctx.cache_dir, mixture, log=lambda msg: print(msg, flush=True))
 
 
+def dry_run_base(params: dict[str, Any]) -> Path:
+    """params.base for a dry run, which pretrains nothing: a local model folder, or an error naming it."""
+    if not params.get("base"):
+        raise ValueError(
+            "params.base is not set: a dry run needs a local model folder "
+            "(--set profiles.<profile>.params.base=DIR)"
+        )
+    path = Path(params["base"])
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"params.base {path} is not a local model folder (no config.json there; nothing is downloaded)"
+        )
+    return path
+
+
 def run_args(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     """What every experiment runner takes from a task: base, profile, seed and where to report."""
     return {
@@ -63,3 +78,13 @@ def validate(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         "scores": {arm: s["score"] for arm, s in summary["arms"].items()},
         "timings_s": summary["timings_s"],
     }
+
+
+def dry_run(params: dict[str, Any], fn: str) -> dict[str, Any]:
+    """`base` only finds params.base; `validate` builds one seed's models (the recipe's `dry_run`)."""
+    base_path = dry_run_base(params)
+    if fn == "base":
+        return {"nothing": f"params.base {base_path} is a local model folder: nothing to build"}
+    from bem.missions.validation.recipe import dry_run as validation
+
+    return validation(base_path, profile=str(params.get("profile", "smoke")))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from workers.kinds import TaskContext
-from workers.kinds.demo import run_args
+from workers.kinds.demo import dry_run_base, run_args
 
 
 def run(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
@@ -18,3 +18,9 @@ def run(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         k: summary[k]
         for k in ("arms", "index_swap_pass", "kv_hit_ratio", "fused_rank", "parity", "timings_s", "values")
     }
+
+
+def dry_run(params: dict[str, Any], fn: str) -> dict[str, Any]:
+    from bem.missions.mission_a.recipe import dry_run as mission_a
+
+    return mission_a(dry_run_base(params), profile=str(params.get("profile", "smoke")))

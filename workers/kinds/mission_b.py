@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from workers.kinds import TaskContext
-from workers.kinds.demo import run_args
+from workers.kinds.demo import dry_run_base, run_args
 
 
 def stream(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
@@ -26,3 +26,13 @@ def stream(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     # `values` feed the mission's value guards (time-to-fix, soak); the rest is for people.
     keep = ("mode", "prompts", "aggregate", "aggregate_gain", "updates", "promotions", "rollbacks")
     return {k: summary[k] for k in (*keep, "events", "time_to_fix", "timings_s", "values") if k in summary}
+
+
+def dry_run(params: dict[str, Any], fn: str) -> dict[str, Any]:
+    from bem.missions.mission_b.recipe import dry_run as mission_b
+
+    return mission_b(
+        dry_run_base(params),
+        profile=str(params.get("profile", "smoke")),
+        learner_overrides=params.get("learner"),
+    )

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bem.core import dryrun
 from bem.core.attach import Attachment, attach_bems
 from bem.core.cache import RouterDecision, cache_safety_rate, codes_constant_in_chunks, kv_hit_ratio
 from bem.core.chunked import read_hidden
@@ -37,7 +38,7 @@ from bem.core.models import load_model
 from bem.core.parity import Cost, Parity, adapter_parameters, linear_flops, parity
 from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
 from bem.core.routing import chunk_means, lag_chunks, num_chunks
-from bem.core.train import LORA_RANK, lora_factors, train_lora
+from bem.core.train import LORA_RANK, lora_factors, lora_model, train_lora
 from bem.missions.mission_a import data as skills
 from bem.missions.mission_a import metrics, planner
 from bem.missions.mission_a.planner import SCOPES, SPANS, MacroAction, MacroPolicy
@@ -802,6 +803,53 @@ def run_mission_a(
     }
     save_results(out, reporter, summary, ev.rows + per_run)
     return summary
+
+
+DRY_RUN_SAMPLE = 256  # examples per kind a dry run draws to find the longest row
+
+
+def dry_run(base_path: str | Path, profile: str | Profile = "full") -> dict[str, Any]:
+    """One seed's models on the meta device, from the base's config.json alone (`bem.core.dryrun`): the
+    experts and the fused LoRA (through `lora_model`, as `train_lora` builds them; the fused rank from
+    `fused_rank_for`), the router (`new_policy`) and the SVD blocks (`load_blocks`); their parameters,
+    parity, and each phase's estimated peak memory. Row lengths come from the first DRY_RUN_SAMPLE
+    examples of each kind, the same draws `make_data` starts with."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    base = dryrun.meta_base(base_path)
+    model = base.model.requires_grad_(False)  # as `run_mission_a`
+    n = DRY_RUN_SAMPLE
+    data = make_data(replace(prof, n_single=min(prof.n_single, n), n_composite=min(prof.n_composite, n)))
+    adapters: dict[str, int] = {}
+    phases: list[dryrun.Phase] = []
+    factors: Factors = {}
+
+    def lora(name: str, rank: int, examples: list[skills.SkillExample], *beside: nn.Module) -> None:
+        peft_model = lora_model(model, rank)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        adapters[name] = dryrun.count(params)
+        run = dryrun.Pass(prof.batch_size, base.longest(examples))
+        phases.append(dryrun.phase(f"{name} (r {rank})", base, [model, peft_model, *beside], params, run))
+        factors[name.removeprefix("expert_")] = lora_factors(peft_model)
+
+    for skill in EXPERTS:
+        lora(f"expert_{skill}", LORA_RANK, data.single[skill])
+    policy = new_policy(model, prof)
+    fused_rank = fused_rank_for(factors, policy)
+    lora("fused", fused_rank, [e for s in data.single.values() for e in s] + data.composite, policy)
+    att, _ = load_blocks(model, factors)
+    adapters |= {"router": dryrun.count([policy]), "blocks": att.num_parameters()}
+    par = adapter_parity(factors, policy, fused_rank)
+    # AR0 and AR1 train the router alone; the LM reads features and decodes one prompt at a time, no grad.
+    cap = max(base.tokens(e.target) for e in data.composite) + 4  # `answer_cap`
+    run = dryrun.Pass(1, max(base.tokens(e.prompt) for e in data.composite) + cap, backward=False)
+    phases.append(dryrun.phase("router (AR0, AR1)", base, [model, policy], [policy], run))
+    return dryrun.summary(
+        base,
+        adapters,
+        phases,
+        fused_rank=fused_rank,
+        parity={"parameter_ratio": par.parameter_ratio, "flops_ratio": par.flops_ratio},
+    )
 
 
 def _code_bytes(code: dict[str, Tensor]) -> np.ndarray:

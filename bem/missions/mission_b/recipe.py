@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from bem.core import dryrun
 from bem.core.attach import attach_bems
 from bem.core.controllers import SimpleController
 from bem.core.models import load_model
@@ -48,7 +49,7 @@ from bem.missions.mission_b.learner import (
     check_rules,
 )
 from bem.missions.mission_b.metrics import SCORES, time_to_fix
-from bem.missions.mission_b.online import Checkpoints, state_hash
+from bem.missions.mission_b.online import Checkpoints, Replay, state_hash
 from stats.promotion import PromotionRules, PromotionWatch
 
 CENSORED = 1001.0  # a time-to-fix that did not happen within 1,000 prompts (or before the next injection)
@@ -360,6 +361,49 @@ def deploy(
     for p in att.parameters():
         p.requires_grad_(False)
     online.eval()
+
+
+DRY_RUN_SAMPLE = 1024  # deployment prompts a dry run draws to find the longest row
+
+
+def dry_run(
+    base_path: str | Path, profile: str | Profile = "full", learner_overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The deployed model on the meta device, from the base's config.json alone (`bem.core.dryrun`): the
+    BEM sites and the controller `deploy_model` builds; their parameters, and the estimated peak
+    memory of deployment (bases and controller learn), online updates (the controller alone, new
+    prompts plus replay) and the drift probes (live and shadow logits, no grad)."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    if learner_overrides:
+        prof = replace(prof, learner=replace(prof.learner, **learner_overrides))
+    base = dryrun.meta_base(base_path)
+    model, cfg = base.model, prof.learner
+    # As `deploy_model` builds them.
+    attachment = attach_bems(model, rank_schedule=[prof.rank], max_overhead=50.0)
+    d_model = int(model.config.hidden_size)
+    controller = SimpleController(d_model, attachment.total_rank, hidden=prof.controller_hidden, dropout=0.0)
+    adapters = {"bem": attachment.num_parameters(), "controller": dryrun.count([controller])}
+    n = min(max(prof.deploy_steps * prof.deploy_batch, 256), DRY_RUN_SAMPLE)
+    longest = base.longest(deployment_data(n, 1, prof))
+    replayed = Replay[StreamItem](min_items=0).mix(cfg.update_every, cfg.replay_fraction)
+    probe_len = base.longest(probe_set(cfg.n_probes, rows=prof.rows))
+    resident = [model, controller]
+    phases = [
+        dryrun.phase(
+            "deploy",
+            base,
+            resident,
+            [controller, *attachment.parameters()],
+            dryrun.Pass(prof.deploy_batch, longest),
+        ),
+        dryrun.phase(
+            "online update", base, resident, [controller], dryrun.Pass(cfg.update_every + replayed, longest)
+        ),
+        dryrun.phase(
+            "drift probes", base, resident, [], dryrun.Pass(cfg.n_probes, probe_len, False, logits=2)
+        ),
+    ]
+    return dryrun.summary(base, adapters, phases, bem_rank_per_site=prof.rank)
 
 
 BEFORE, AFTER = 100, 50  # prompts the preconditions look at, before and right after an injection

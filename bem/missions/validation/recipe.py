@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from bem.core import dryrun
 from bem.core.attach import Attachment, attach_bems
 from bem.core.chunked import read_hidden
 from bem.core.controllers import SimpleController, masked_mean
@@ -37,6 +38,7 @@ from bem.core.train import (
     encode,
     lm_loss,
     lora_factors,
+    lora_model,
     minibatches,
     take_rows,
     train_lora,
@@ -420,3 +422,38 @@ def run_validation(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     reporter.artifact(out / "summary.json", "summary")
     return summary
+
+
+def dry_run(base_path: str | Path, profile: str | Profile = "full") -> dict[str, Any]:
+    """One seed's models on the meta device, from the base's config.json alone (`bem.core.dryrun`): the
+    LoRAs of `train_loras` (through `lora_model`, as `train_lora` builds them), the BEM `compose`
+    makes of them and the controller `train_controller` trains; their parameters, and each phase's
+    estimated peak memory."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    base = dryrun.meta_base(base_path)
+    model = base.model.requires_grad_(False)  # as `load_base`
+    train = make_dataset(DATA_SEED, {"train": prof.sizes["train"]})["train"]
+    adapters, phases = {}, []
+    loras = {}
+    for name, examples, rank in (
+        ("json", [e for e in train if e.task == "json"], LORA_RANK),
+        ("summary", [e for e in train if e.task == "summary"], LORA_RANK),
+        ("multitask", train, 2 * LORA_RANK),
+    ):
+        peft_model = lora_model(model, rank)
+        lora = [p for p in peft_model.parameters() if p.requires_grad]
+        adapters[f"lora_{name}"] = dryrun.count(lora)
+        run = dryrun.Pass(prof.batch_size, base.longest(examples))
+        phases.append(dryrun.phase(f"lora_{name} (r {rank})", base, [model, peft_model], lora, run))
+        loras[name] = lora_factors(peft_model)
+        del peft_model
+    att = compose(model, loras)
+    ctrl = SimpleController(int(model.config.hidden_size), len(TASKS), interpolation=True)
+    adapters |= {"bem": att.num_parameters(), "controller": dryrun.count([ctrl])}
+    longest = base.longest(train)
+    # `prompt_features` reads every training prompt without gradients, 128 rows at a time.
+    phases.append(dryrun.phase("prompt features", base, [model], [], dryrun.Pass(128, longest, False)))
+    phases.append(
+        dryrun.phase("controller", base, [model, ctrl], [ctrl], dryrun.Pass(prof.batch_size, longest))
+    )
+    return dryrun.summary(base, adapters, phases, bem_rank_per_site=sum(BLOCKS.values()))
