@@ -370,15 +370,14 @@ def document(data: dict[str, Any]) -> Doc:
         b.append(P("No decisions are stored for this mission."))
 
     b.append(H(2, "Per-arm means"))
-    if data["arm_means"]:
+    # A corpus metric's per-example statistics (`chrf#0` ...) are inputs to its gate, not metrics.
+    means = [r for r in data["arm_means"] if "#" not in r["metric"]]
+    if means:
         b.append(P("Mean of each metric per arm over every example and seed (each task's current attempt)."))
         b.append(
             Table(
                 ["metric", "arm", "mean", "rows", "seeds"],
-                [
-                    [r["metric"], r["arm"], exact(r["mean"]), exact(r["n"]), exact(r["seeds"])]
-                    for r in data["arm_means"]
-                ],
+                [[r["metric"], r["arm"], exact(r["mean"]), exact(r["n"]), exact(r["seeds"])] for r in means],
             )
         )
     else:
