@@ -36,17 +36,26 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bem.core.models import save_model
 
-RECIPE_VERSION = "smoke-base-v1"  # bump when the recipe below changes, so stale caches are not reused
+# Bump when the recipe below changes, so stale caches are not reused. v2: documents may supervise
+# their target only.
+RECIPE_VERSION = "smoke-base-v2"
 SPECIALS = ("<pad>", "<eos>", "<unk>")
+
+
+Doc = str | tuple[str, str]  # a text, or (context, target): the loss reads the target's tokens only
 
 
 @dataclass(frozen=True)
 class Source:
-    """One kind of document in the mixture: `make(rng)` returns one document (no eos; added here)."""
+    """One kind of document in the mixture: `make(rng)` returns one document (no eos; added here).
+
+    A (context, target) pair puts the loss on the target alone, as tiny_models.md's recall recipe
+    does: a table's random values cannot be predicted, its lookups can, and a loss spread over the
+    unpredictable tokens delays the phase change in which retrieval is learnt."""
 
     name: str
     weight: float
-    make: Callable[[random.Random], str]
+    make: Callable[[random.Random], Doc]
 
 
 @dataclass(frozen=True)
@@ -92,13 +101,18 @@ class Mixture:
     seed: int = 0
     recipe: Recipe = field(default_factory=Recipe)
 
-    def documents(self) -> list[str]:
+    def documents(self) -> list[tuple[str, str]]:
+        """(context, target) per document; a plain text is all target."""
         if not self.sources or any(s.weight <= 0 for s in self.sources):
             raise ValueError(f"mixture {self.name!r}: every source needs a positive weight")
         rng = random.Random(f"{self.name}:{self.seed}")
         weights = [s.weight for s in self.sources]
         picks = rng.choices(self.sources, weights=weights, k=self.recipe.corpus_docs)
-        return [s.make(rng) for s in picks]
+        return [_pair(s.make(rng)) for s in picks]
+
+
+def _pair(doc: Doc) -> tuple[str, str]:
+    return ("", doc) if isinstance(doc, str) else doc
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------------
@@ -130,14 +144,20 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int) -> PreTrainedToke
 # ---- pretraining -------------------------------------------------------------------------------------
 
 
-def _stream(documents: Sequence[str], tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
-    """All documents as one id stream, each followed by eos (the training windows cut across them)."""
+def _stream(
+    documents: Sequence[tuple[str, str]], tokenizer: PreTrainedTokenizerFast
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All documents as one id stream, each followed by eos (the training windows cut across them),
+    and which positions the loss reads (a document's target and its eos)."""
     eos = tokenizer.eos_token_id
+    contexts = tokenizer([c for c, _ in documents], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([t for _, t in documents], add_special_tokens=False)["input_ids"]
     ids: list[int] = []
-    for ids_doc in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
-        ids.extend(ids_doc)
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
+    mask: list[bool] = []
+    for c, t in zip(contexts, targets, strict=True):
+        ids += [*c, *t, eos]
+        mask += [False] * len(c) + [True] * (len(t) + 1)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
 
 
 def _lr_at(step: int, recipe: Recipe) -> float:
@@ -151,6 +171,7 @@ def _lr_at(step: int, recipe: Recipe) -> float:
 def pretrain(
     model: LlamaForCausalLM,
     stream: torch.Tensor,
+    supervised: torch.Tensor,
     recipe: Recipe,
     seed: int,
     log: Callable[[str], None],
@@ -167,10 +188,12 @@ def pretrain(
     model.train()
     for step in range(recipe.steps):
         starts = torch.randint(0, len(stream) - recipe.seq_len, (recipe.batch_size,), generator=generator)
-        batch = stream[starts[:, None] + offsets]
+        window = starts[:, None] + offsets
+        batch = stream[window]
+        labels = batch.masked_fill(~supervised[window], -100)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, recipe)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -185,12 +208,12 @@ def pretrain(
     return losses
 
 
-def cache_key(mixture: Mixture, documents: Sequence[str]) -> str:
-    """Everything that determines the weights: the corpus text itself, the recipe and its version."""
+def cache_key(mixture: Mixture, documents: Sequence[tuple[str, str]]) -> str:
+    """Everything that determines the weights: the corpus text itself (and which part of each
+    document is supervised), the recipe and its version."""
     digest = hashlib.sha256()
-    for doc in documents:
-        digest.update(doc.encode())
-        digest.update(b"\0")
+    for context, target in documents:
+        digest.update(f"{context}\1{target}\0".encode())
     blob = json.dumps(
         {
             "version": RECIPE_VERSION,
@@ -223,14 +246,14 @@ def smoke_base(
         return final
     started = time.perf_counter()
     recipe = mixture.recipe
-    tokenizer = train_tokenizer(documents, recipe.vocab_size)
-    stream = _stream(documents, tokenizer)
+    tokenizer = train_tokenizer([c + t for c, t in documents], recipe.vocab_size)
+    stream, supervised = _stream(documents, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mixture.seed)
         model = LlamaForCausalLM(recipe.config(tokenizer))
         params = sum(p.numel() for p in model.parameters())
         log(f"smoke-base {mixture.name}: {params:,} parameters, {len(stream):,} corpus tokens")
-        losses = pretrain(model, stream, recipe, mixture.seed, log, budget_s)
+        losses = pretrain(model, stream, supervised, recipe, mixture.seed, log, budget_s)
     seconds = time.perf_counter() - started
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
@@ -246,6 +269,7 @@ def smoke_base(
             "vocab": len(tokenizer),
             "corpus_docs": len(documents),
             "corpus_tokens": len(stream),
+            "supervised_tokens": int(supervised.sum()),
             "steps_run": len(losses),
             "initial_loss": losses[0],
             "final_loss": sum(losses[-20:]) / len(losses[-20:]),
@@ -268,22 +292,24 @@ def smoke_base(
 
 
 def recall_source(
-    keys: Sequence[str], values: Sequence[str], weight: float, pairs: tuple[int, int] = (2, 6)
+    keys: Sequence[str],
+    values: Sequence[str],
+    weight: float,
+    pairs: tuple[int, int] = (2, 6),
+    answers_only: bool = False,
 ) -> Source:
     """Multi-query associative recall in the mission's own words (MQAR, Zoology): `k1 v1, k2 v2, ...`
     then queries `k v` for bound keys. In-context lookup and copying is what every skill here rests
-    on, and this is the cheapest way to make the base learn it (induction heads)."""
+    on, and this is the cheapest way to make the base learn it (induction heads). `answers_only`
+    puts the loss on the queries alone (the table's values are random)."""
 
-    def make(rng: random.Random) -> str:
+    def make(rng: random.Random) -> Doc:
         n = rng.randint(pairs[0], min(pairs[1], len(keys)))
         ks = rng.sample(list(keys), n)
         table = {k: rng.choice(list(values)) for k in ks}
         queries = rng.sample(ks, min(n, rng.randint(1, 3)))
-        return (
-            ", ".join(f"{k} {v}" for k, v in table.items())
-            + ". "
-            + ", ".join(f"{k} {table[k]}" for k in queries)
-            + "."
-        )
+        context = ", ".join(f"{k} {v}" for k, v in table.items()) + "."
+        target = " " + ", ".join(f"{k} {table[k]}" for k in queries) + "."
+        return (context, target) if answers_only else context + target
 
     return Source("recall", weight, make)

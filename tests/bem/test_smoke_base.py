@@ -32,7 +32,11 @@ def tiny_mixture(word: str = "alpha") -> Mixture:
     )
 
 
-TOKENIZER = train_tokenizer(smoke_mixture().documents()[:2000], 512)
+def texts(mixture: Mixture) -> list[str]:
+    return [context + target for context, target in mixture.documents()]
+
+
+TOKENIZER = train_tokenizer(texts(smoke_mixture())[:2000], 512)
 
 
 @settings(max_examples=200, deadline=None)
@@ -43,7 +47,7 @@ def test_the_tokenizer_round_trips_any_string(text: str) -> None:
 
 def test_the_tokenizer_fits_the_missions_formats() -> None:
     """Words of the task formats are single tokens, so the model copies a field in few steps."""
-    corpus = smoke_mixture().documents()[:2000]
+    corpus = texts(smoke_mixture())[:2000]
     mean_chars = sum(map(len, corpus)) / len(corpus)
     mean_tokens = sum(len(TOKENIZER(d)["input_ids"]) for d in corpus) / len(corpus)
     assert mean_chars / mean_tokens > 2.0, (mean_chars, mean_tokens)
@@ -51,7 +55,7 @@ def test_the_tokenizer_fits_the_missions_formats() -> None:
 
 
 def test_the_base_never_reads_a_held_out_input_or_a_cue() -> None:
-    corpus = "\n".join(smoke_mixture().documents())
+    corpus = "\n".join(texts(smoke_mixture()))
     assert JSON_CUE.strip() not in corpus and SUMMARY_CUE.strip() not in corpus
     for task in ("json", "summary"):
         for ex in make_split(task, "test", 100, 1):
@@ -87,8 +91,39 @@ def test_recall_documents_bind_each_queried_key_to_its_value() -> None:
     source = recall_source([f"k{i}" for i in range(10)], [f"v{i}" for i in range(10)], 1.0)
     rng = random.Random(0)
     for _ in range(200):
-        table, queries = source.make(rng).rstrip(".").split(". ")
+        doc = source.make(rng)
+        assert isinstance(doc, str)
+        table, queries = doc.rstrip(".").split(". ")
         bound = dict(pair.split(" ") for pair in table.split(", "))
         for pair in queries.split(", "):
             k, v = pair.split(" ")
             assert bound[k] == v
+
+
+def test_a_target_document_supervises_its_target_only() -> None:
+    """(context, target) documents: the loss mask covers the target and its eos, never the context."""
+    from bem.core.smoke_base import _stream
+
+    source = recall_source([f"k{i}" for i in range(10)], [f"v{i}" for i in range(10)], 1.0, answers_only=True)
+    docs = [source.make(random.Random(i)) for i in range(50)]
+    assert all(isinstance(d, tuple) for d in docs)
+    pairs = [d for d in docs if isinstance(d, tuple)]
+    ids, mask = _stream(pairs, TOKENIZER)
+    assert ids.shape == mask.shape and ids[mask].numel() < ids.numel()
+    # The supervised tokens decode to the targets, each followed by eos, in order.
+    eos = TOKENIZER.eos_token
+    assert TOKENIZER.decode(ids[mask]) == "".join(t + eos for _, t in pairs)
+    assert TOKENIZER.decode(ids[~mask]) == "".join(c for c, _ in pairs)
+
+
+def test_mission_corpora_hold_no_cue_and_nothing_of_mission_bs_injections() -> None:
+    from bem.missions.mission_a.data import smoke_mixture as mission_a
+    from bem.missions.mission_b.data import SHIFTED_ATTRIBUTES, SHIFTED_NAMES
+    from bem.missions.mission_b.data import smoke_mixture as mission_b
+
+    a = "\n".join(texts(mission_a()))
+    assert "question:" not in a and "answer:" not in a
+    b = "\n".join(texts(mission_b()))
+    words = set(b.replace(",", " ").replace(";", " ").replace("(", " ").replace(")", " ").split())
+    assert "json:" not in b and "fetch(" not in b and '"result"' not in b
+    assert not words & {*SHIFTED_NAMES, *SHIFTED_ATTRIBUTES}

@@ -213,17 +213,18 @@ def index_swaps(ex: SkillExample, seed: int) -> dict[str, SkillExample]:
 
 def smoke_mixture() -> Any:
     """Mission A's base corpus: context tables followed by lookups in plain text (several per table,
-    the key right before its value), sums written out, comparisons and JSON answers. The cues
+    the key right before its value; the loss reads the lookups, not the random tables), sums written
+    out, comparisons and JSON answers. The cues
     `question:` and `answer:` never appear: turning a question into the skill is the experts' job."""
     from bem.core.smoke_base import Mixture, Recipe, Source, recall_source
 
-    def lookups(rng: random.Random) -> str:
+    def lookups(rng: random.Random) -> tuple[str, str]:
         table = _table(rng, rng.randint(2, 5))
         asked = [rng.choice(table) for _ in range(rng.randint(1, 3))]
         facts = [
             f"{name}'s {attr} is {attrs[attr]}" for name, attrs in asked for attr in [rng.choice(list(attrs))]
         ]
-        return f"{render_table(table)}\n" + ". ".join(facts) + "."
+        return f"{render_table(table)}\n", ". ".join(facts) + "."
 
     def sums(rng: random.Random) -> str:
         x, y = rng.randint(1, 60), rng.randint(1, 60)
@@ -237,13 +238,15 @@ def smoke_mixture() -> Any:
         value: str | int = rng.randint(1, 999) if rng.random() < 0.5 else rng.choice(NAMES)
         return f"{value} in json is {_as_json(value)}"
 
-    def flat(rng: random.Random) -> str:
+    def flat(rng: random.Random) -> tuple[str, str]:
         """The same facts with each key right before its value (`bo score 40`): induction heads form
         on these first (tiny_models.md), then carry over to the two-hop table rows."""
         table = _table(rng, rng.randint(2, 5))
         pairs = [(f"{n} {a}", v) for n, attrs in table for a, v in attrs.items()]
         asked = rng.sample(pairs, min(len(pairs), rng.randint(1, 3)))
-        return ", ".join(f"{k} {v}" for k, v in pairs) + ". " + ", ".join(f"{k} {v}" for k, v in asked) + "."
+        return ", ".join(f"{k} {v}" for k, v in pairs) + ".", " " + ", ".join(
+            f"{k} {v}" for k, v in asked
+        ) + "."
 
     # Retrieval is a phase change that needs thousands of steps: short windows, a smaller model and
     # a larger batch buy them within the 5-minute budget (tiny_models.md's measured recipe).
@@ -258,7 +261,7 @@ def smoke_mixture() -> Any:
             Source("sums", 0.15, sums),
             Source("compare", 0.1, compare),
             Source("json", 0.1, as_json),
-            recall_source(list(NAMES), [str(i) for i in range(1, 61)], 0.15),
+            recall_source(list(NAMES), [str(i) for i in range(1, 61)], 0.15, answers_only=True),
         ),
         recipe=recipe,
     )

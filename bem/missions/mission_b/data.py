@@ -189,24 +189,24 @@ def smoke_mixture() -> Any:
         fact = _draw(rng, False, rng.randint(2, 4))
         return fact, "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in a) for n, a in fact.table)
 
-    def lookups(rng: random.Random) -> str:
+    def lookups(rng: random.Random) -> tuple[str, str]:
         fact, context = table(rng)
         calls = []
         for name, attrs in rng.sample(fact.table, rng.randint(1, len(fact.table))):
             attr, value = rng.choice(attrs)
             calls.append(f"lookup({name}, {attr}) = {value}")
-        return f"{context}\n" + "; ".join(calls) + "."
+        return f"{context}\n", "; ".join(calls) + "."
 
-    def answers(rng: random.Random) -> str:
+    def answers(rng: random.Random) -> tuple[str, str]:
         fact, context = table(rng)
         call = f"lookup({fact.name}, {fact.attr})"
-        return f'{context}\n{fact.name}\'s {fact.attr}: {{"call": "{call}", "answer": {fact.value}}}'
+        return f"{context}\n", f'{fact.name}\'s {fact.attr}: {{"call": "{call}", "answer": {fact.value}}}'
 
     return Mixture(
         name="mission_b",
         sources=(
             Source("lookups", 0.4, lookups),
             Source("answers", 0.4, answers),
-            recall_source(list(NAMES), [str(i) for i in range(1, 61)], 0.2),
+            recall_source(list(NAMES), [str(i) for i in range(1, 61)], 0.2, answers_only=True),
         ),
     )
