@@ -57,7 +57,12 @@ def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
             [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
         )
         status = subprocess.run(
-            [*git, "status", "--porcelain"], capture_output=True, text=True, timeout=30, check=True
+            # Tracked changes only: the reports that `make results` writes into the tree are not code.
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None, None
