@@ -56,5 +56,13 @@ def test_short_lines_come_back_whole_and_a_metric_can_be_picked(store: Store) ->
     got = queries.curves(store.query, [("m/t", 1)], points=100, metric="acc")
     assert set(got["m/t"]) == {"acc"}
     assert got["m/t"]["acc"]["step"] == [0, 10, 20] and got["m/t"]["acc"]["value"] == [0.1, 0.5, 0.9]
-    assert queries.metric_names(store.query, ["m/t"]) == ["acc", "loss"]
+    # The page opens on a training loss (then the rest by name), whatever the alphabet says.
+    assert queries.metric_names(store.query, ["m/t"]) == ["loss", "acc"]
+    _points(store, "m/t", 1, "adapter_overhead", np.array([0]), np.array([1.5]))
+    _points(store, "m/t", 1, "zz_steps", np.arange(5000), np.ones(5000))
+    assert queries.metric_names(store.query, ["m/t"]) == ["loss", "acc", "adapter_overhead", "zz_steps"]
+    _points(store, "m/u", 1, "acc", np.arange(50), np.ones(50))  # no loss: the longest series first
+    _points(store, "m/u", 1, "adapter_overhead", np.array([0]), np.array([1.5]))
+    assert queries.metric_names(store.query, ["m/u"]) == ["acc", "adapter_overhead"]
+    assert queries.metric_names(store.query, []) == []
     assert queries.curves(store.query, [], points=100) == {}
