@@ -138,6 +138,35 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     return path
 
 
+def cache_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    summary: dict[str, Any],
+    final: Path,
+    log: Callable[[str], None],
+) -> Path:
+    """Save a pretrained base and its `pretrain.json` as the cache folder `final`, atomically.
+
+    It is built in a temporary sibling and renamed into place, so an interrupted run never leaves a
+    half-written cache that a later call would trust; a concurrent builder's folder wins and is kept.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make a shared cache unreadable to other users
+        save_model(model, tokenizer, tmp)
+        (tmp / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "pretrain.json").is_file():
+                raise
+            log(f"{final.name} built concurrently; keeping that one")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def load_model(
     path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -306,32 +335,20 @@ def demo_base(
     seconds = time.perf_counter() - started
     model.eval()
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would make a shared cache unreadable to other users
-        save_model(model, tokenizer, tmp)
-        tail = losses[-10:]
-        summary = {
-            "recipe": DEMO_RECIPE_VERSION,
-            "config": kwargs,
-            "steps": steps,
-            "seed": seed,
-            "params": params,
-            "batch": DEMO_BATCH,
-            "seq_len": DEMO_SEQ_LEN,
-            "corpus_tokens": len(corpus),
-            "initial_loss": losses[0],
-            "final_loss": sum(tail) / len(tail),
-            "seconds": round(seconds, 2),
-        }
-        (tmp / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "pretrain.json").is_file():
-                raise
-            log(f"demo-base built concurrently at {final}; keeping that one")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tail = losses[-10:]
+    summary = {
+        "recipe": DEMO_RECIPE_VERSION,
+        "config": kwargs,
+        "steps": steps,
+        "seed": seed,
+        "params": params,
+        "batch": DEMO_BATCH,
+        "seq_len": DEMO_SEQ_LEN,
+        "corpus_tokens": len(corpus),
+        "initial_loss": losses[0],
+        "final_loss": sum(tail) / len(tail),
+        "seconds": round(seconds, 2),
+    }
+    cache_model(model, tokenizer, summary, final, log)
     log(f"demo-base saved to {final} in {seconds:.1f}s, final loss {summary['final_loss']:.3f}")
     return final

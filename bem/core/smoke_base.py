@@ -20,10 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +31,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from bem.core.models import save_model
+from bem.core.models import cache_model
 
 # Bump when the recipe below changes, so stale caches are not reused. v2: documents may supervise
 # their target only.
@@ -261,36 +258,23 @@ def smoke_base(
         log(f"smoke-base {mixture.name}: {params:,} parameters, {len(stream):,} corpus tokens")
         losses = pretrain(model, stream, supervised, recipe, mixture.seed, log, budget_s)
     seconds = time.perf_counter() - started
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        save_model(model, tokenizer, tmp)
-        summary: dict[str, Any] = {
-            "recipe": {"version": RECIPE_VERSION, **recipe.__dict__},
-            "mixture": mixture.name,
-            "sources": {s.name: s.weight for s in mixture.sources},
-            "seed": mixture.seed,
-            "params": params,
-            "vocab": len(tokenizer),
-            "corpus_docs": len(documents),
-            "corpus_tokens": len(stream),
-            "supervised_tokens": int(supervised.sum()),
-            "steps_run": len(losses),
-            "truncated": len(losses) < recipe.steps,
-            "initial_loss": losses[0],
-            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "seconds": round(seconds, 1),
-        }
-        (tmp / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "pretrain.json").is_file():
-                raise
-            log(f"smoke-base built concurrently at {final}; keeping that one")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    summary: dict[str, Any] = {
+        "recipe": {"version": RECIPE_VERSION, **recipe.__dict__},
+        "mixture": mixture.name,
+        "sources": {s.name: s.weight for s in mixture.sources},
+        "seed": mixture.seed,
+        "params": params,
+        "vocab": len(tokenizer),
+        "corpus_docs": len(documents),
+        "corpus_tokens": len(stream),
+        "supervised_tokens": int(supervised.sum()),
+        "steps_run": len(losses),
+        "truncated": len(losses) < recipe.steps,
+        "initial_loss": losses[0],
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "seconds": round(seconds, 1),
+    }
+    cache_model(model, tokenizer, summary, final, log)
     log(f"smoke-base saved to {final} in {seconds:.0f} s, final loss {summary['final_loss']:.3f}")
     return final
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,19 @@ async def _as(fleet: Fleet, role: str, violations: Violations) -> Any:
     )
 
 
+async def refusals(nc: Any, attempts: tuple[Callable[[], Awaitable[Any]], ...]) -> list[str]:
+    """Try each attempt on `nc`; the names of the errors the refused ones raised. Closes `nc`."""
+    refused = []
+    for attempt in attempts:
+        try:
+            await attempt()
+        except (nats.errors.Error, TimeoutError) as e:
+            refused.append(type(e).__name__)
+    await nc.flush()
+    await nc.close()
+    return refused
+
+
 def test_each_role_is_held_to_its_subjects(fleet: Fleet) -> None:
     fleet.start_fleetd()
 
@@ -105,23 +119,16 @@ def test_each_role_is_held_to_its_subjects(fleet: Fleet) -> None:
         v = Violations()
         nc = await _as(fleet, "worker", v)
         js = nc.jetstream(timeout=2)
-        refused = []
         me = creds.read_identity(creds.seed_path(fleet.home, "worker")).public_key
         req = m.encode(m.SubmitRequest(mission="selftest", profile="quick"))
-        for attempt in (
+        attempts = (
             lambda: nc.request(bus.ctl_subject(me, "submit"), req, timeout=2),
             lambda: nc.request(bus.cmd_subject("w0"), b"{}", timeout=2),
             lambda: js.purge_stream(bus.TASKS_STREAM),
             lambda: js.delete_stream(bus.EVENTS_STREAM),
             lambda: js.add_consumer(bus.TASKS_STREAM, bus.worker_consumer("intruder")),
-        ):
-            try:
-                await attempt()
-            except (nats.errors.Error, TimeoutError) as e:
-                refused.append(type(e).__name__)
-        await nc.flush()
-        await nc.close()
-        return refused, v.seen
+        )
+        return await refusals(nc, attempts), v.seen
 
     refused, seen = anyio.run(as_worker)
     assert len(refused) == 5, refused
@@ -151,20 +158,13 @@ def test_each_role_is_held_to_its_subjects(fleet: Fleet) -> None:
         v = Violations()
         nc = await _as(fleet, "client", v)
         js = nc.jetstream(timeout=2)
-        refused = []
         forged = m.encode(m.Finished(mission_id="m", task_id="m/t", attempt=1, seq=0, worker="w0", ts=0.0))
-        for attempt in (
+        attempts = (
             lambda: js.publish("fleet.evt.m.t.finished", forged),
             lambda: js.publish("fleet.task.w0", b"{}"),
             lambda: nc.request(bus.ctl_subject(worker_key, "status"), b"", timeout=2),
-        ):
-            try:
-                await attempt()
-            except (nats.errors.Error, TimeoutError) as e:
-                refused.append(type(e).__name__)
-        await nc.flush()
-        await nc.close()
-        return refused, v.seen
+        )
+        return await refusals(nc, attempts), v.seen
 
     refused, seen = anyio.run(as_client)
     assert len(refused) == 3, refused
