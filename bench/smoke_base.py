@@ -24,7 +24,7 @@ from rich.table import Table
 
 from bem.core.models import load_model
 from bem.core.smoke_base import smoke_base
-from bem.missions.mission_a.data import _table, render_table
+from bem.missions.mission_a.data import FORMAT_MAX, VALUE_MAX, _table, render_table
 
 Probe = Callable[[random.Random], tuple[str, str]]
 
@@ -33,16 +33,16 @@ def lookup(rng: random.Random) -> tuple[str, str]:
     table = _table(rng, rng.randint(2, 4))
     name, attrs = rng.choice(table)
     attr = rng.choice(list(attrs))
-    return f"{render_table(table)}\n{name}'s {attr} is", f" {attrs[attr]}"
+    return f"{render_table(table)}\n {name}'s {attr} is", f" {attrs[attr]}"
 
 
 def json_copy(rng: random.Random) -> tuple[str, str]:
-    v = rng.randint(1, 999)
+    v = rng.randint(1, FORMAT_MAX)
     return f"{v} in json is", f' {{"answer": {v}}}'
 
 
 def sums(rng: random.Random) -> tuple[str, str]:
-    x, y = rng.randint(1, 60), rng.randint(1, 60)
+    x, y = rng.randint(1, VALUE_MAX), rng.randint(1, VALUE_MAX)
     return f"{x} plus {y} is", f" {x + y}."
 
 

@@ -46,6 +46,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+import bem.core.token_shift  # noqa: F401  (the smoke base's architecture, for AutoConfig)
 from bem.core.train import TextPair
 
 GiB = 1024**3  # what a task's `vram_gb` counts in (fleetd's scheduler)

@@ -36,6 +36,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+# Registers the smoke base's architecture with the Auto classes, so load_model finds it.
+import bem.core.token_shift  # noqa: F401
+
 BYTE_VOCAB = 259  # 256 bytes after the 3 specials
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 

@@ -32,10 +32,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bem.core.models import cache_model
+from bem.core.token_shift import TokenShiftLlamaConfig, TokenShiftLlamaForCausalLM
 
 # Bump when the recipe below changes, so stale caches are not reused. v2: documents may supervise
-# their target only.
-RECIPE_VERSION = "smoke-base-v2"
+# their target only. v3: a token shift (bem.core.token_shift).
+RECIPE_VERSION = "smoke-base-v3"
 SPECIALS = ("<pad>", "<eos>", "<unk>")
 
 
@@ -74,9 +75,13 @@ class Recipe:
     warmup: int = 200
     weight_decay: float = 0.1
     corpus_docs: int = 20_000  # documents drawn once; the tokenizer and the pretraining both read them
+    # Each position also sees the token before it: in-context lookup is then learnt in hundreds of
+    # steps instead of after a slow phase change (bem.core.token_shift, bench/token_shift.py).
+    token_shift: bool = True
 
     def config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-        return LlamaConfig(
+        kind = TokenShiftLlamaConfig if self.token_shift else LlamaConfig
+        return kind(
             vocab_size=len(tokenizer),
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -253,7 +258,12 @@ def smoke_base(
     stream, supervised = _stream(documents, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mixture.seed)
-        model = LlamaForCausalLM(recipe.config(tokenizer))
+        config = recipe.config(tokenizer)
+        model = (
+            TokenShiftLlamaForCausalLM(config)  # type: ignore[arg-type]  # config() picks its class
+            if recipe.token_shift
+            else LlamaForCausalLM(config)
+        )
         params = sum(p.numel() for p in model.parameters())
         log(f"smoke-base {mixture.name}: {params:,} parameters, {len(stream):,} corpus tokens")
         losses = pretrain(model, stream, supervised, recipe, mixture.seed, log, budget_s)

@@ -26,10 +26,8 @@ def test_injections_change_what_a_right_answer_is_from_their_prompt_on() -> None
         # The answer is the asked row's value in the table (the stream is answerable).
         value = answer["result" if it.index >= 10 else "answer"]
         name, attr = it.prompt.split("what is ")[1].split("?")[0].split("'s ")
-        row = next(
-            r for r in it.prompt.split("context: ")[1].split("\n")[0].split("; ") if r.startswith(name)
-        )
-        assert f"{attr} {value}" in row
+        header, rows = it.prompt.split("context: ")[1].split("\n")[0].split(": ")
+        assert header == attr and f"{name} {value}" in rows.split(", ")
         assert set(answer["call"].split("(")[1][:-1].split(", ")) == {name, attr}
         assert "".join(t for _, t in it.pieces) == it.target and {k for k, _ in it.pieces} == {
             "structure",

@@ -1,7 +1,7 @@
 """Compositional synthetic tasks for Mission A (BEM_SPEC.md section 6): each example needs one to
 three skills in order, and carries its gold plan.
 
-- retrieve: look a fact up in the context table ("bo: age 25, score 40; ...");
+- retrieve: look a fact up in the context table ("age: ada 12, bo 7, cy 19");
 - reason: arithmetic or a comparison over values (retrieved, or given in the question);
 - formalise: write the answer in a required format (`{"answer": ...}`).
 
@@ -25,6 +25,13 @@ from typing import Any
 SKILLS: tuple[str, ...] = ("retrieve", "reason", "formalise")
 NAMES = ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal", "ivy", "jo")
 ATTRIBUTES = ("age", "score", "rank")
+# Values are small so that sums stay a fact table a tiny base can learn (400 of them); a table holds
+# one attribute, so each value sits right after the name that keys it (one hop, which a smoke base
+# with a token shift learns in minutes; name -> attribute -> value was two hops, and stayed near
+# chance).
+VALUE_MAX = 20
+# `format` draws from these and the names: enough distinct prompts for the full profile's 2,000.
+FORMAT_MAX = 9999
 ANSWER_CUE = "\nanswer: "
 
 # Composite kinds and their gold plans; the single-skill kinds train one expert each.
@@ -65,12 +72,23 @@ class SkillExample:
 
 
 def render_table(table: Table) -> str:
-    return "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in attrs.items()) for name, attrs in table)
+    """`age: ada 12, bo 7`: the attribute once, then each name right before its value."""
+    (attr,) = {a for _, attrs in table for a in attrs}
+    return f"{attr}: " + ", ".join(f"{name} {attrs[attr]}" for name, attrs in table)
 
 
 def _table(rng: random.Random, rows: int) -> Table:
-    names = rng.sample(NAMES, rows)
-    return tuple((n, {a: rng.randint(1, 60) for a in ATTRIBUTES[:2]}) for n in names)
+    attr = rng.choice(ATTRIBUTES[:2])
+    return tuple((n, {attr: _value(rng)}) for n in rng.sample(NAMES, rows))
+
+
+def _value(rng: random.Random) -> int:
+    return rng.randint(1, VALUE_MAX)
+
+
+def _corrupt(rng: random.Random, value: int) -> int:
+    """Another value in range (for the index swaps' corrupted rows)."""
+    return (value - 1 + rng.randint(1, VALUE_MAX - 1)) % VALUE_MAX + 1
 
 
 def _as_json(answer: str | int) -> str:
@@ -113,12 +131,12 @@ def _lookup_sum_format(rng: random.Random) -> tuple[Table, str, list[str]]:
 
 
 def _sum(rng: random.Random) -> tuple[Table, str, list[str]]:
-    x, y = rng.randint(1, 60), rng.randint(1, 60)
+    x, y = _value(rng), _value(rng)
     return (), f"what is {x} plus {y}?", [str(x + y)]
 
 
 def _format(rng: random.Random) -> tuple[Table, str, list[str]]:
-    value: str | int = rng.randint(1, 999) if rng.random() < 0.5 else rng.choice(NAMES)
+    value: str | int = rng.randint(1, FORMAT_MAX) if rng.random() < 0.9 else rng.choice(NAMES)
     return (), f"write {value} as json.", [_as_json(value)]
 
 
@@ -185,15 +203,13 @@ def index_swaps(ex: SkillExample, seed: int) -> dict[str, SkillExample]:
     partial = rows[:]
     if spare:
         i = rng.choice(spare)
-        partial[i] = (rows[i][0], {k: (v + rng.randint(5, 30)) % 61 or 1 for k, v in rows[i][1].items()})
+        partial[i] = (rows[i][0], {k: _corrupt(rng, v) for k, v in rows[i][1].items()})
     heavy = [
-        (name, attrs if name in asked else {k: (v + rng.randint(5, 30)) % 61 or 1 for k, v in attrs.items()})
+        (name, attrs if name in asked else {k: _corrupt(rng, v) for k, v in attrs.items()})
         for name, attrs in rows
     ]
     extra = [n for n in NAMES if n not in {name for name, _ in rows}]
-    heavy.insert(
-        rng.randrange(len(heavy) + 1), (rng.choice(extra), {a: rng.randint(1, 60) for a in ATTRIBUTES[:2]})
-    )
+    heavy.insert(rng.randrange(len(heavy) + 1), (rng.choice(extra), {a: _value(rng) for a in rows[0][1]}))
     variants = {
         "clean": rows,
         "shuffled": shuffled,
@@ -212,56 +228,49 @@ def index_swaps(ex: SkillExample, seed: int) -> dict[str, SkillExample]:
 
 
 def smoke_mixture() -> Any:
-    """Mission A's base corpus: context tables followed by lookups in plain text (several per table,
-    the key right before its value; the loss reads the lookups, not the random tables), sums written
-    out, comparisons and JSON answers. The cues
-    `question:` and `answer:` never appear: turning a question into the skill is the experts' job."""
-    from bem.core.smoke_base import Mixture, Recipe, Source, recall_source
+    """Mission A's base corpus: context tables followed by lookups in plain text (the loss reads the
+    lookups, not the random tables), sums and comparisons written out, and values with their JSON.
+    The cues `question:` and `answer:` never appear: turning a question into the skill is the
+    experts' job. A lookup starts with a space, as names do inside the prompts' questions, so the
+    name is the same token in the table, the corpus's lookups and the question."""
+    from bem.core.smoke_base import Mixture, Recipe, Source
 
-    def lookups(rng: random.Random) -> tuple[str, str]:
+    def statements(rng: random.Random) -> tuple[str, str]:
         table = _table(rng, rng.randint(2, 5))
-        asked = [rng.choice(table) for _ in range(rng.randint(1, 3))]
-        facts = [
-            f"{name}'s {attr} is {attrs[attr]}" for name, attrs in asked for attr in [rng.choice(list(attrs))]
-        ]
-        return f"{render_table(table)}\n", ". ".join(facts) + "."
+        asked = rng.sample(table, rng.randint(1, min(3, len(table))))
+        facts = [f" {name}'s {attr} is {value}" for name, attrs in asked for attr, value in attrs.items()]
+        return f"{render_table(table)}\n", ".".join(facts) + "."
+
+    def recall(rng: random.Random) -> tuple[str, str]:
+        """The table's own `name value` pairs asked back (multi-query associative recall)."""
+        table = _table(rng, rng.randint(2, 5))
+        asked = rng.sample(table, rng.randint(1, len(table)))
+        pairs = ", ".join(f"{name} {value}" for name, attrs in asked for value in attrs.values())
+        return f"{render_table(table)}\n", f" {pairs}."
 
     def sums(rng: random.Random) -> str:
-        x, y = rng.randint(1, 60), rng.randint(1, 60)
+        x, y = _value(rng), _value(rng)
         return f"{x} plus {y} is {x + y}."
 
     def compare(rng: random.Random) -> str:
-        (a, x), (b, y) = [(n, rng.randint(1, 60)) for n in rng.sample(NAMES, 2)]
+        (a, x), (b, y) = [(n, _value(rng)) for n in rng.sample(NAMES, 2)]
         return f"{a} has {x} and {b} has {y}, so {a if x >= y else b} has more."
 
     def as_json(rng: random.Random) -> str:
-        value: str | int = rng.randint(1, 999) if rng.random() < 0.5 else rng.choice(NAMES)
+        value: str | int = rng.randint(1, FORMAT_MAX) if rng.random() < 0.9 else rng.choice(NAMES)
         return f"{value} in json is {_as_json(value)}"
 
-    def flat(rng: random.Random) -> tuple[str, str]:
-        """The same facts with each key right before its value (`bo score 40`): induction heads form
-        on these first (tiny_models.md), then carry over to the two-hop table rows."""
-        table = _table(rng, rng.randint(2, 5))
-        pairs = [(f"{n} {a}", v) for n, attrs in table for a, v in attrs.items()]
-        asked = rng.sample(pairs, min(len(pairs), rng.randint(1, 3)))
-        return ", ".join(f"{k} {v}" for k, v in pairs) + ".", " " + ", ".join(
-            f"{k} {v}" for k, v in asked
-        ) + "."
-
-    # Retrieval is a phase change that needs thousands of steps: short windows and a smaller model
-    # buy them within the 5-minute budget (about 6 steps a second here: 1,600 in about 270 s).
     recipe = Recipe(
         num_hidden_layers=2, intermediate_size=256, seq_len=64, batch_size=64, steps=1600, warmup=300
     )
     return Mixture(
         name="mission_a",
         sources=(
-            Source("lookups", 0.3, lookups),
-            Source("flat", 0.2, flat),
-            Source("sums", 0.15, sums),
+            Source("statements", 0.3, statements),
+            Source("recall", 0.2, recall),
+            Source("sums", 0.2, sums),
             Source("compare", 0.1, compare),
-            Source("json", 0.1, as_json),
-            recall_source(list(NAMES), [str(i) for i in range(1, 61)], 0.15, answers_only=True),
+            Source("json", 0.2, as_json),
         ),
         recipe=recipe,
     )

@@ -1,8 +1,9 @@
 """Mission B's prompt stream (BEM_SPEC.md section 7): the traffic an online learner serves, with
 failures injected on a schedule.
 
-Each prompt is a small table and a question; the answer is JSON holding the tool call that fetches
-the fact and its value, `{"call": "lookup(ada, age)", "answer": 12}`, with the tool's signature
+Each prompt is a small table of one attribute (`age: ada 12, bo 7`: each value right after its name,
+one hop for the smoke base to look up) and a question; the answer is JSON holding the tool call that
+fetches the fact and its value, `{"call": "lookup(ada, age)", "answer": 12}`, with the tool's signature
 named in the prompt. From its prompt index on, an injected scenario changes what a right answer is,
 as production traffic does:
 - format_change: the answer key is renamed (`"answer"` becomes `"result"`), with no cue in the prompt;
@@ -64,7 +65,7 @@ def _render(
     fact: Fact, active: set[str] | tuple[str, ...], key: str | None = None
 ) -> tuple[str, tuple[tuple[str, str], ...]]:
     name, attr, value = fact.name, fact.attr, fact.value
-    context = "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in a) for n, a in fact.table)
+    context = render_table(fact.table)
     new_api = "new_api_signature" in active
     tool = "fetch(attr, name)" if new_api else "lookup(name, attr)"
     call = f"fetch({attr}, {name})" if new_api else f"lookup({name}, {attr})"
@@ -92,12 +93,17 @@ def instructed(item: StreamItem, key: str) -> StreamItem:
     )
 
 
+def render_table(table: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]) -> str:
+    """`age: ada 12, bo 7`: the table's one attribute, then each name right before its value."""
+    (attr,) = {a for _, values in table for a, _ in values}
+    return f"{attr}: " + ", ".join(f"{n} {dict(values)[attr]}" for n, values in table)
+
+
 def _draw(rng: random.Random, shifted: bool, rows: int) -> Fact:
     names = SHIFTED_NAMES if shifted else NAMES
-    attrs = SHIFTED_ATTRIBUTES if shifted else ATTRIBUTES
-    table = tuple((n, tuple((a, rng.randint(1, 60)) for a in attrs)) for n in rng.sample(names, rows))
+    attr = rng.choice(SHIFTED_ATTRIBUTES if shifted else ATTRIBUTES)
+    table = tuple((n, ((attr, rng.randint(1, 60)),)) for n in rng.sample(names, rows))
     name, values = rng.choice(table)
-    attr = rng.choice(attrs)
     return Fact(table, name, attr, dict(values)[attr])
 
 
@@ -182,31 +188,37 @@ def smoke_mixture() -> Any:
     """Mission B's base corpus: tables with lookups written out, and the JSON tool-call answers in the
     deployed contract (`lookup(name, attr)`, key "answer"). Nothing of the injected scenarios (other
     names and attributes, `fetch`, other keys) appears: an injection must cost the live model
-    something for the learner to fix."""
-    from bem.core.smoke_base import Mixture, Source, recall_source
+    something for the learner to fix. Lookups start with a space, as names do in the prompts."""
+    from bem.core.smoke_base import Mixture, Source
 
     def table(rng: random.Random) -> tuple[Fact, str]:
         fact = _draw(rng, False, rng.randint(2, 4))
-        return fact, "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in a) for n, a in fact.table)
+        return fact, render_table(fact.table)
 
     def lookups(rng: random.Random) -> tuple[str, str]:
         fact, context = table(rng)
         calls = []
-        for name, attrs in rng.sample(fact.table, rng.randint(1, len(fact.table))):
-            attr, value = rng.choice(attrs)
-            calls.append(f"lookup({name}, {attr}) = {value}")
-        return f"{context}\n", "; ".join(calls) + "."
+        for name, values in rng.sample(fact.table, rng.randint(1, len(fact.table))):
+            attr, value = values[0]
+            calls.append(f" lookup({name}, {attr}) = {value}")
+        return f"{context}\n", ";".join(calls) + "."
+
+    def recall(rng: random.Random) -> tuple[str, str]:
+        """The table's own `name value` pairs asked back (multi-query associative recall)."""
+        fact, context = table(rng)
+        asked = rng.sample(fact.table, rng.randint(1, len(fact.table)))
+        return f"{context}\n", " " + ", ".join(f"{n} {values[0][1]}" for n, values in asked) + "."
 
     def answers(rng: random.Random) -> tuple[str, str]:
         fact, context = table(rng)
         call = f"lookup({fact.name}, {fact.attr})"
-        return f"{context}\n", f'{fact.name}\'s {fact.attr}: {{"call": "{call}", "answer": {fact.value}}}'
+        return f"{context}\n", f' {fact.name}\'s {fact.attr}: {{"call": "{call}", "answer": {fact.value}}}'
 
     return Mixture(
         name="mission_b",
         sources=(
-            Source("lookups", 0.4, lookups),
+            Source("lookups", 0.3, lookups),
             Source("answers", 0.4, answers),
-            recall_source(list(NAMES), [str(i) for i in range(1, 61)], 0.2, answers_only=True),
+            Source("recall", 0.3, recall),
         ),
     )
