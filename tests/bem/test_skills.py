@@ -89,3 +89,22 @@ def test_monotonicity_checks() -> None:
     checks = metrics.monotonicity(bad)
     assert not checks["shuffled"] and not checks["ordered"] and checks["heavy"]
     assert metrics.pass_rate(checks) == pytest.approx(4 / 6)
+
+
+def test_every_profile_has_enough_distinct_examples() -> None:
+    """The full profile asks for 2,000 distinct training prompts per single-skill kind; a value range
+    too small for that must fail here, not on a GPU box."""
+    from bem.missions.mission_a import recipe
+
+    for name, prof in recipe.PROFILES.items():
+        data = recipe.make_data(prof)
+        assert {k: len(v) for k, v in data.single.items()} == dict.fromkeys(skills.SKILLS, prof.n_single), (
+            name
+        )
+        sums = [
+            int(w.strip("?"))
+            for ex in data.single["reason"]
+            for w in ex.question.split()
+            if w.strip("?").isdigit()
+        ]
+        assert max(sums) <= prof.value_max

@@ -25,7 +25,8 @@ from typing import Any
 SKILLS: tuple[str, ...] = ("retrieve", "reason", "formalise")
 NAMES = ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal", "ivy", "jo")
 ATTRIBUTES = ("age", "score", "rank")
-# Values are small so that sums stay a fact table a tiny base can learn (400 of them); a table holds
+# Smoke values are small so that sums stay a fact table a tiny base can learn (400 of them; the full
+# profile draws up to 99, for enough distinct sums, see recipe.Profile.value_max); a table holds
 # one attribute, so each value sits right after the name that keys it (one hop, which a smoke base
 # with a token shift learns in minutes; name -> attribute -> value was two hops, and stayed near
 # chance).
@@ -77,13 +78,13 @@ def render_table(table: Table) -> str:
     return f"{attr}: " + ", ".join(f"{name} {attrs[attr]}" for name, attrs in table)
 
 
-def _table(rng: random.Random, rows: int) -> Table:
+def _table(rng: random.Random, rows: int, top: int = VALUE_MAX) -> Table:
     attr = rng.choice(ATTRIBUTES[:2])
-    return tuple((n, {attr: _value(rng)}) for n in rng.sample(NAMES, rows))
+    return tuple((n, {attr: _value(rng, top)}) for n in rng.sample(NAMES, rows))
 
 
-def _value(rng: random.Random) -> int:
-    return rng.randint(1, VALUE_MAX)
+def _value(rng: random.Random, top: int = VALUE_MAX) -> int:
+    return rng.randint(1, top)
 
 
 def _corrupt(rng: random.Random, value: int) -> int:
@@ -95,52 +96,52 @@ def _as_json(answer: str | int) -> str:
     return json.dumps({"answer": answer}, separators=(", ", ": "))
 
 
-def _lookup(rng: random.Random) -> tuple[Table, str, list[str]]:
-    table = _table(rng, rng.randint(3, 4))
+def _lookup(rng: random.Random, top: int) -> tuple[Table, str, list[str]]:
+    table = _table(rng, rng.randint(3, 4), top)
     name, attrs = rng.choice(table)
     attr = rng.choice(list(attrs))
     return table, f"what is {name}'s {attr}?", [str(attrs[attr])]
 
 
-def _lookup_sum(rng: random.Random) -> tuple[Table, str, list[str]]:
-    table = _table(rng, rng.randint(3, 4))
+def _lookup_sum(rng: random.Random, top: int) -> tuple[Table, str, list[str]]:
+    table = _table(rng, rng.randint(3, 4), top)
     (a, av), (b, bv) = rng.sample(table, 2)
     attr = rng.choice(list(av))
     return table, f"what is {a}'s {attr} plus {b}'s {attr}?", [str(av[attr] + bv[attr])]
 
 
-def _lookup_compare(rng: random.Random) -> tuple[Table, str, list[str]]:
-    table = _table(rng, rng.randint(3, 4))
+def _lookup_compare(rng: random.Random, top: int) -> tuple[Table, str, list[str]]:
+    table = _table(rng, rng.randint(3, 4), top)
     while True:
         (a, av), (b, bv) = rng.sample(table, 2)
         attr = rng.choice(list(av))
         if av[attr] != bv[attr]:
             break
-        table = _table(rng, len(table))
+        table = _table(rng, len(table), top)
     return table, f"who has the higher {attr}, {a} or {b}?", [a if av[attr] > bv[attr] else b]
 
 
-def _lookup_format(rng: random.Random) -> tuple[Table, str, list[str]]:
-    table, question, golds = _lookup(rng)
+def _lookup_format(rng: random.Random, top: int) -> tuple[Table, str, list[str]]:
+    table, question, golds = _lookup(rng, top)
     return table, question[:-1] + " as json?", [_as_json(int(golds[0]))]
 
 
-def _lookup_sum_format(rng: random.Random) -> tuple[Table, str, list[str]]:
-    table, question, golds = _lookup_sum(rng)
+def _lookup_sum_format(rng: random.Random, top: int) -> tuple[Table, str, list[str]]:
+    table, question, golds = _lookup_sum(rng, top)
     return table, question[:-1] + " as json?", [_as_json(int(golds[0]))]
 
 
-def _sum(rng: random.Random) -> tuple[Table, str, list[str]]:
-    x, y = _value(rng), _value(rng)
+def _sum(rng: random.Random, top: int) -> tuple[Table, str, list[str]]:
+    x, y = _value(rng, top), _value(rng, top)
     return (), f"what is {x} plus {y}?", [str(x + y)]
 
 
-def _format(rng: random.Random) -> tuple[Table, str, list[str]]:
+def _format(rng: random.Random, top: int) -> tuple[Table, str, list[str]]:
     value: str | int = rng.randint(1, FORMAT_MAX) if rng.random() < 0.9 else rng.choice(NAMES)
     return (), f"write {value} as json.", [_as_json(value)]
 
 
-_GENERATORS: dict[str, Callable[[random.Random], tuple[Table, str, list[str]]]] = {
+_GENERATORS: dict[str, Callable[[random.Random, int], tuple[Table, str, list[str]]]] = {
     "lookup": _lookup,
     "lookup_sum": _lookup_sum,
     "lookup_compare": _lookup_compare,
@@ -157,8 +158,8 @@ def _bucket(text: str) -> int:
     return int(hashlib.sha1(text.encode()).hexdigest(), 16) % 20
 
 
-def make_examples(kind: str, split: str, n: int, seed: int) -> list[SkillExample]:
-    """`n` distinct examples of one kind; the same arguments always give the same list."""
+def make_examples(kind: str, split: str, n: int, seed: int, top: int = VALUE_MAX) -> list[SkillExample]:
+    """`n` distinct examples of one kind, values in 1..`top`; the same arguments give the same list."""
     if kind not in _GENERATORS:
         raise ValueError(f"unknown kind {kind!r}; kinds: {sorted(_GENERATORS)}")
     if split not in _SPLIT_BUCKETS:
@@ -169,7 +170,7 @@ def make_examples(kind: str, split: str, n: int, seed: int) -> list[SkillExample
     for _ in range(1000 * (n + 1)):
         if len(out) == n:
             return out
-        table, question, golds = _GENERATORS[kind](rng)
+        table, question, golds = _GENERATORS[kind](rng, top)
         ex = SkillExample("", kind, split, table, question, tuple(golds), PLANS[kind])
         if ex.prompt in seen or _bucket(ex.prompt) not in _SPLIT_BUCKETS[split]:
             continue
@@ -179,8 +180,10 @@ def make_examples(kind: str, split: str, n: int, seed: int) -> list[SkillExample
     raise RuntimeError(f"could not draw {n} distinct {kind}/{split} examples")
 
 
-def make_mixture(kinds: tuple[str, ...], split: str, n_per_kind: int, seed: int) -> list[SkillExample]:
-    return [ex for kind in kinds for ex in make_examples(kind, split, n_per_kind, seed)]
+def make_mixture(
+    kinds: tuple[str, ...], split: str, n_per_kind: int, seed: int, top: int = VALUE_MAX
+) -> list[SkillExample]:
+    return [ex for kind in kinds for ex in make_examples(kind, split, n_per_kind, seed, top)]
 
 
 def index_swaps(ex: SkillExample, seed: int) -> dict[str, SkillExample]:

@@ -74,6 +74,7 @@ class Profile:
     ppo_iterations: int
     ppo_episodes: int
     policy_lr: float
+    value_max: int = skills.VALUE_MAX  # table values and sum operands run 1..value_max
 
 
 PROFILES = {
@@ -81,7 +82,7 @@ PROFILES = {
     # all, so it takes a larger step. PPO's lr is the spec's policy lr (1e-5) in full.
     "tiny": Profile(8, 4, 3, 1, 4, 8, 1e-2, 16, 1, 2, 8, 3e-3, 1, 4, 3e-4),
     "smoke": Profile(120, 40, 20, 2, 80, 16, 1e-2, 32, 2, 20, 32, 3e-3, 2, 16, 3e-4),
-    "full": Profile(2000, 400, 100, 20, 1500, 16, 2e-3, 64, 3, 20, 64, 3e-4, 20, 64, 1e-5),
+    "full": Profile(2000, 400, 100, 20, 1500, 16, 2e-3, 64, 3, 20, 64, 3e-4, 20, 64, 1e-5, value_max=99),
 }
 
 
@@ -302,13 +303,13 @@ class Data:
 def make_data(prof: Profile) -> Data:
     """The single-skill training sets, the composite training set and the composite test set."""
     single = {
-        s: skills.make_mixture(kinds, "train", prof.n_single, DATA_SEED)
+        s: skills.make_mixture(kinds, "train", prof.n_single, DATA_SEED, prof.value_max)
         for s, kinds in skills.SINGLE_SKILL.items()
     }
-    composite = skills.make_mixture(skills.COMPOSITE, "train", prof.n_composite, DATA_SEED)
-    test = skills.make_mixture(skills.COMPOSITE, "test", prof.n_test, DATA_SEED)
+    composite = skills.make_mixture(skills.COMPOSITE, "train", prof.n_composite, DATA_SEED, prof.value_max)
+    test = skills.make_mixture(skills.COMPOSITE, "test", prof.n_test, DATA_SEED, prof.value_max)
     single_test = {
-        s: skills.make_mixture(kinds, "test", prof.n_test, DATA_SEED)
+        s: skills.make_mixture(kinds, "test", prof.n_test, DATA_SEED, prof.value_max)
         for s, kinds in skills.SINGLE_SKILL.items()
     }
     return Data(single, composite, test, single_test)
