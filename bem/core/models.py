@@ -246,13 +246,47 @@ def _demo_key(config_kwargs: dict[str, Any], steps: int, seed: int, corpus: torc
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _lr_at(step: int, steps: int) -> float:
-    """Linear warm-up over the first 10% of steps, then cosine decay to 10% of the peak."""
-    warmup = max(1, steps // 10)
+def warmup_cosine(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% of the peak."""
     if step < warmup:
-        return DEMO_LR * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
-    return DEMO_LR * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def lm_pretrain(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    lr_at: Callable[[int], float],
+    steps: int,
+    log: Callable[[str], None],
+    name: str,
+    budget_s: float | None = None,
+) -> list[float]:
+    """The loop both from-scratch bases pretrain with: `batch(step)` gives (input ids, labels);
+    gradients are clipped to norm 1. Returns the per-step losses; a `budget_s` that runs out stops it
+    early, loudly (the weights then depend on the machine's speed)."""
+    losses: list[float] = []
+    started = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        ids, labels = batch(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            log(f"{name} step {step + 1}/{steps} loss {losses[-1]:.3f}")
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            log(f"{name} WARNING: stopped at step {step + 1} of {steps}: the {budget_s:g} s budget is spent")
+            break
+    model.eval()
+    return losses
 
 
 def repeat_spans(
@@ -283,22 +317,16 @@ def _pretrain(
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=DEMO_LR, betas=(0.9, 0.95), weight_decay=0.1)
     offsets = torch.arange(DEMO_SEQ_LEN)
-    losses: list[float] = []
-    model.train()
-    for step in range(steps):
+
+    def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(0, len(corpus) - DEMO_SEQ_LEN, (DEMO_BATCH,), generator=generator)
-        batch = repeat_spans(corpus[starts[:, None] + offsets], generator)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
-            log(f"demo-base step {step + 1}/{steps} loss {losses[-1]:.3f}")
-    return losses
+        ids = repeat_spans(corpus[starts[:, None] + offsets], generator)
+        return ids, ids
+
+    def lr_at(step: int) -> float:
+        return warmup_cosine(step, steps, DEMO_LR, max(1, steps // 10))
+
+    return lm_pretrain(model, optimizer, batch, lr_at, steps, log, "demo-base")
 
 
 def demo_base(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from bem.core.models import cache_model
+from bem.core.models import cache_model, lm_pretrain, warmup_cosine
 from bem.core.token_shift import TokenShiftLlamaConfig, TokenShiftLlamaForCausalLM
 
 # Bump when the recipe below changes, so stale caches are not reused. v2: documents may supervise
@@ -164,14 +163,6 @@ def _stream(
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
 
 
-def _lr_at(step: int, recipe: Recipe) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def pretrain(
     model: LlamaForCausalLM,
     stream: torch.Tensor,
@@ -187,33 +178,17 @@ def pretrain(
         model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
     )
     offsets = torch.arange(recipe.seq_len)
-    losses: list[float] = []
-    started = time.perf_counter()
-    model.train()
-    for step in range(recipe.steps):
+
+    def batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(0, len(stream) - recipe.seq_len, (recipe.batch_size,), generator=generator)
         window = starts[:, None] + offsets
-        batch = stream[window]
-        labels = batch.masked_fill(~supervised[window], -100)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, recipe)
-        loss = model(input_ids=batch, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % max(1, recipe.steps // 10) == 0 or step == recipe.steps - 1:
-            log(f"smoke-base step {step + 1}/{recipe.steps} loss {losses[-1]:.3f}")
-        if budget_s is not None and time.perf_counter() - started > budget_s:
-            # The weights then depend on the machine's speed: said loudly, and in pretrain.json.
-            log(
-                f"smoke-base WARNING: stopped at step {step + 1} of {recipe.steps}: "
-                f"the {budget_s:g} s budget is spent"
-            )
-            break
-    model.eval()
-    return losses
+        ids = stream[window]
+        return ids, ids.masked_fill(~supervised[window], -100)
+
+    def lr_at(step: int) -> float:
+        return warmup_cosine(step, recipe.steps, recipe.lr, recipe.warmup)
+
+    return lm_pretrain(model, opt, batch, lr_at, recipe.steps, log, "smoke-base", budget_s)
 
 
 def cache_key(mixture: Mixture, documents: Sequence[tuple[str, str]]) -> str:
