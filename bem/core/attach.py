@@ -155,14 +155,18 @@ class Attachment:
 
 
 def family_of(model: nn.Module) -> tuple[str, Family]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-        raise ValueError(
-            f"unknown model family {model_type!r}; known: {sorted(FAMILIES)}. "
-            f"Linear candidates: {candidates[:12]}{' ...' if len(candidates) > 12 else ''}"
-        )
-    return model_type, FAMILIES[model_type]
+    """The model's family by its config's `model_type`, or the nearest config class it derives from
+    (the smoke base's token-shift Llama is a Llama: bem.core.token_shift)."""
+    config = getattr(model, "config", None)
+    for cls in type(config).__mro__:
+        family = getattr(cls, "model_type", None)
+        if family in FAMILIES:
+            return family, FAMILIES[family]
+    candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    raise ValueError(
+        f"unknown model family {getattr(config, 'model_type', None)!r}; known: {sorted(FAMILIES)}. "
+        f"Linear candidates: {candidates[:12]}{' ...' if len(candidates) > 12 else ''}"
+    )
 
 
 def _resolve_roles(family: Family, requested: Sequence[str]) -> list[str]:

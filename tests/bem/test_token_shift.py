@@ -7,6 +7,7 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
+from bem.core.attach import attach_bems
 from bem.core.models import load_model
 from bem.core.token_shift import TokenShiftLlamaConfig, TokenShiftLlamaForCausalLM
 
@@ -86,3 +87,13 @@ def test_generate_matches_greedy_full_passes_and_the_model_round_trips(tmp_path)
     assert isinstance(loaded, TokenShiftLlamaForCausalLM)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_bems_attach_to_it_as_to_a_llama() -> None:
+    """A subclass of a known family's config is that family: the smoke base takes BEMs at W_O and
+    W_down like any Llama."""
+    model = _model()
+    att = attach_bems(model, max_overhead=1.0)
+    assert sorted(att.sites) == sorted(
+        f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj")
+    )
