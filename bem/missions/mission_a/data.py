@@ -33,7 +33,9 @@ ATTRIBUTES = ("age", "score", "rank")
 VALUE_MAX = 20
 # `format` draws from these and the names: enough distinct prompts for the full profile's 2,000.
 FORMAT_MAX = 9999
-ANSWER_CUE = "\nanswer: "
+# The cue ends without a space and the target starts with one: BPE writes " 12" as one token, and a
+# base that has only ever seen values as " 12" cannot be asked for "12" after a lone " ".
+ANSWER_CUE = "\nanswer:"
 
 # Composite kinds and their gold plans; the single-skill kinds train one expert each.
 PLANS: dict[str, tuple[str, ...]] = {
@@ -69,7 +71,7 @@ class SkillExample:
 
     @property
     def target(self) -> str:
-        return self.golds[0]
+        return " " + self.golds[0]
 
 
 def render_table(table: Table) -> str:

@@ -70,9 +70,10 @@ def _render(
     tool = "fetch(attr, name)" if new_api else "lookup(name, attr)"
     call = f"fetch({attr}, {name})" if new_api else f"lookup({name}, {attr})"
     key = key or ("result" if "format_change" in active else "answer")
-    prompt = f"tools: {tool}\ncontext: {context}\nquestion: what is {name}'s {attr}?\njson: "
+    # No space after the cue: the answer's first token is ' {"', as in the base's corpus (BPE).
+    prompt = f"tools: {tool}\ncontext: {context}\nquestion: what is {name}'s {attr}?\njson:"
     pieces = (
-        ("structure", '{"call": "'),
+        ("structure", ' {"call": "'),
         ("call", call),
         ("structure", f'", "{key}": '),
         ("value", str(value)),
