@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,13 +117,17 @@ def test_a_target_document_supervises_its_target_only() -> None:
     assert TOKENIZER.decode(ids[~mask]) == "".join(c for c, _ in pairs)
 
 
-def test_mission_corpora_hold_no_cue_and_nothing_of_mission_bs_injections() -> None:
+def test_mission_corpora_hold_no_cue_no_composite_and_nothing_of_mission_bs_injections() -> None:
     from bem.missions.mission_a.data import smoke_mixture as mission_a
     from bem.missions.mission_b.data import SHIFTED_ATTRIBUTES, SHIFTED_NAMES
     from bem.missions.mission_b.data import smoke_mixture as mission_b
 
     a = "\n".join(texts(mission_a()))
     assert "question:" not in a and "answer:" not in a
+    # Single-skill questions are asked (after other cues), composite ones never: composing is the
+    # adapters' job.
+    assert "what is" in a and "as json." in a
+    assert "as json?" not in a and "who has the higher" not in a and not re.search(r"'s \w+ plus", a)
     b = "\n".join(texts(mission_b()))
     words = set(b.replace(",", " ").replace(";", " ").replace("(", " ").replace(")", " ").split())
     assert "json:" not in b and "fetch(" not in b and '"result"' not in b

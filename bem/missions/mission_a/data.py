@@ -232,12 +232,21 @@ def index_swaps(ex: SkillExample, seed: int) -> dict[str, SkillExample]:
 # ---- the smoke base's pretraining mixture (bem.core.smoke_base) -----------------------------------
 
 
+# Cues the base corpus answers its questions after: never the prompts' `answer:`, so invoking a skill at
+# that cue is what an expert learns. Several of them, so that the base learns "a question, a line, a
+# word and a colon" rather than one word (measured with bench/mission_a_experts.py: without the
+# questions the reason and formalise experts stayed near 0).
+CONNECTORS = ("so", "reply", "result", "then", "out")
+
+
 def smoke_mixture() -> Any:
     """Mission A's base corpus: context tables followed by lookups in plain text (the loss reads the
-    lookups, not the random tables), sums and comparisons written out, and values with their JSON.
-    The cues `question:` and `answer:` never appear: turning a question into the skill is the
-    experts' job. A lookup starts with a space, as names do inside the prompts' questions, so the
-    name is the same token in the table, the corpus's lookups and the question."""
+    lookups, not the random tables), sums and comparisons written out, values with their JSON, and
+    the single-skill questions in the prompts' own words answered after other cues (`CONNECTORS`).
+    The cues `question:` and `answer:` and the composite questions never appear: answering at the
+    mission's cue is the experts' job, and composing skills the fused adapter's and the router's. A
+    lookup starts with a space, as names do inside the prompts' questions, so the name is the same
+    token in the table, the corpus's lookups and the question."""
     from bem.core.smoke_base import Mixture, Recipe, Source
 
     def statements(rng: random.Random) -> tuple[str, str]:
@@ -265,6 +274,19 @@ def smoke_mixture() -> Any:
         value: str | int = rng.randint(1, FORMAT_MAX) if rng.random() < 0.9 else rng.choice(NAMES)
         return f"{value} in json is {_as_json(value)}"
 
+    def questions(rng: random.Random) -> tuple[str, str]:
+        """A single-skill question in the prompts' words, answered after a cue that is not `answer:`.
+        Lookups and formats come from the training split only; a sum may be any: a sum is a fact the
+        base should know, and the held-out split holds out prompts, not arithmetic."""
+        kind = rng.choice(("lookup", "sum", "format"))
+        while True:
+            table, question, golds = _GENERATORS[kind](rng, VALUE_MAX)
+            prompt = SkillExample("", kind, "train", table, question, tuple(golds), PLANS[kind]).prompt
+            if kind == "sum" or _bucket(prompt) in _SPLIT_BUCKETS["train"]:
+                break
+        context = f"{render_table(table)}\n" if table else ""
+        return f"{context}{question}\n{rng.choice(CONNECTORS)}:", f" {golds[0]}."
+
     recipe = Recipe(
         num_hidden_layers=2, intermediate_size=256, seq_len=64, batch_size=64, steps=1600, warmup=300
     )
@@ -276,6 +298,7 @@ def smoke_mixture() -> Any:
             Source("sums", 0.2, sums),
             Source("compare", 0.1, compare),
             Source("json", 0.2, as_json),
+            Source("questions", 0.3, questions),
         ),
         recipe=recipe,
     )
