@@ -14,7 +14,13 @@ from bem.core.reporter import MemoryReporter
 from bem.core.train import IGNORE, row_losses
 from bem.missions.mission_b.data import PIECE_KINDS, encode_items, prompt_stream
 from bem.missions.mission_b.metrics import AGGREGATE_WEIGHTS, prompt_scores
-from bem.missions.mission_b.recipe import PROFILES, deploy_model, make_learner, run_mission_b
+from bem.missions.mission_b.recipe import (
+    PROFILES,
+    deploy_model,
+    injection_breaks,
+    make_learner,
+    run_mission_b,
+)
 from stats.promotion import GateRule, PromotionRules
 
 
@@ -161,3 +167,17 @@ def test_prioritised_replay_keeps_each_prompts_loss_as_its_priority(base_dir: Pa
     before = list(learner.replay.priority)
     learner.step(stream[5:], 5)  # the buffer is ready: 2 replayed rows, priorities refreshed
     assert learner.replay.priority[:5] != before
+
+
+def test_what_an_injection_breaks_is_measured_on_the_deployed_model_whatever_the_learner_does(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    learns, _ = _run(base_dir, tmp_path / "learns", learner_overrides={"lr": 3e-3})
+    idle, _ = _run(base_dir, tmp_path / "idle", learner_overrides={"lr": 0.0})
+    drops = {k: v for k, v in learns["values"].items() if k.startswith("drop_")}
+    assert drops and drops == {k: v for k, v in idle["values"].items() if k.startswith("drop_")}
+    # ... and they are the deployed model's paired clean-minus-injected aggregates.
+    torch.manual_seed(1)
+    online, tok, _ = deploy_model(base_dir, PROFILES["tiny"], 1, "cpu", MemoryReporter())
+    expected = injection_breaks(online, tok, PROFILES["tiny"], 1)
+    assert drops == pytest.approx({f"drop_{s}": v for s, v in expected.items()}, abs=1e-6)

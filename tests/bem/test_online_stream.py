@@ -64,3 +64,29 @@ def test_time_to_fix() -> None:
         failing[i] = False  # the canary must pass too
     assert time_to_fix(metric, 100, failing) == 161
     assert time_to_fix(before + broken * 30, 100, [True] * 1600) is None  # censored
+
+
+def test_target_tokens_are_the_whole_targets_tokens_each_with_the_kind_of_its_piece() -> None:
+    """A BPE tokenizer merges across pieces (`)",` ends the call and starts the structure): the target is
+    tokenised whole, as in pretraining, and every token still says which piece it starts in."""
+    from bem.core.models import byte_tokenizer
+    from bem.core.smoke_base import train_tokenizer
+    from bem.missions.mission_b.data import PIECE_KINDS, smoke_mixture, target_tokens
+
+    corpus = [context + target for context, target in smoke_mixture().documents()[:3000]]
+    schedule = [(10, "format_change"), (20, "domain_shift"), (30, "new_api_signature")]
+    items = list(prompt_stream(40, seed=2, schedule=schedule, rows=3))
+    merged = 0
+    for tok in (train_tokenizer(corpus, 512), byte_tokenizer()):
+        for it in items:
+            ids, kinds = target_tokens(tok, it.pieces)
+            assert ids == tok(it.target, add_special_tokens=False)["input_ids"] and len(kinds) == len(ids)
+            by_kind = {
+                k: "".join(tok.decode([i]) for i, kk in zip(ids, kinds, strict=True) if kk == n)
+                for k, n in PIECE_KINDS.items()
+            }
+            call, value = (text for kind, text in it.pieces if kind != "structure")
+            assert by_kind["value"].strip() == value  # ' 11' is the value, space and all
+            assert by_kind["call"].startswith(call) and by_kind["call"][len(call) :] in ("", '",')
+            merged += by_kind["call"] != call
+    assert merged > 0  # the BPE tokenizer did merge across pieces somewhere, so the test saw the case

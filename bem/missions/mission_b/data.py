@@ -151,21 +151,42 @@ class Encoded:
     kinds: Tensor  # [B, T]: the piece kind of each labelled position (EOS counts as structure), -1 elsewhere
 
 
+def target_tokens(
+    tokenizer: PreTrainedTokenizerBase, pieces: Sequence[tuple[str, str]]
+) -> tuple[list[int], list[int]]:
+    """The target's token ids and each token's piece kind.
+
+    A BPE tokenizer merges across piece boundaries (`)",` closes a call and opens the structure), so
+    the target is tokenised whole, as the base saw such text in pretraining, and a token takes the kind
+    of its first non-space character (` 11` is a value). A slow tokenizer (the byte tokenizer: one
+    token per byte, nothing to merge) is tokenised piece by piece, which is then the same thing."""
+    if not tokenizer.is_fast:
+        ids: list[int] = []
+        kinds: list[int] = []
+        for kind, text in pieces:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            kinds += [PIECE_KINDS[kind]] * len(piece)
+        return ids, kinds
+    text = "".join(t for _, t in pieces)
+    owner = [PIECE_KINDS[kind] for kind, t in pieces for _ in t]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    kinds = []
+    for start, end in enc["offset_mapping"]:
+        chars = [i for i in range(start, end) if not text[i].isspace()] or [start]
+        kinds.append(owner[min(chars[0], len(owner) - 1)])
+    return list(enc["input_ids"]), kinds
+
+
 def encode_items(
     tokenizer: PreTrainedTokenizerBase, items: Sequence[StreamItem], device: torch.device | str = "cpu"
 ) -> Encoded:
-    """prompt + target pieces + EOS per row, right-padded, on `device`; pieces are tokenised one by one
-    so each token keeps its kind (exact for byte tokenisers, and consistent between training and
-    scoring). Padding is masked out, so tokenisers without a pad token pad with EOS."""
+    """prompt + target + EOS per row, right-padded, on `device`, with each target token's piece kind
+    (`target_tokens`). Padding is masked out, so tokenisers without a pad token pad with EOS."""
     rows: list[tuple[list[int], list[int], list[int]]] = []
     for it in items:
         prompt = tokenizer(it.prompt, add_special_tokens=False)["input_ids"]
-        target: list[int] = []
-        kind_ids: list[int] = []
-        for kind, text in it.pieces:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            target += piece
-            kind_ids += [PIECE_KINDS[kind]] * len(piece)
+        target, kind_ids = target_tokens(tokenizer, it.pieces)
         rows.append((prompt, [*target, tokenizer.eos_token_id], [*kind_ids, PIECE_KINDS["structure"]]))
     width = max(len(p) + len(t) for p, t, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -183,6 +204,11 @@ def encode_items(
 
 
 # ---- the smoke base's pretraining mixture (bem.core.smoke_base) -----------------------------------
+
+
+# Cues the base corpus answers prompts after: never the served `json:`, so serving at that cue is
+# what deployment teaches (as in Mission A's corpus, docs/decisions.md).
+CONNECTORS = ("so", "reply", "then", "out", "now")  # not "result": format_change's new key
 
 
 def smoke_mixture() -> Any:
@@ -215,11 +241,18 @@ def smoke_mixture() -> Any:
         call = f"lookup({fact.name}, {fact.attr})"
         return f"{context}\n", f' {fact.name}\'s {fact.attr}: {{"call": "{call}", "answer": {fact.value}}}'
 
+    def questions(rng: random.Random) -> tuple[str, str]:
+        """A deployed-contract prompt answered after a cue that is not `json:` (see `CONNECTORS`)."""
+        fact = _draw(rng, False, rng.randint(1, 4))
+        prompt, pieces = _render(fact, ())
+        return prompt.removesuffix("json:") + f"{rng.choice(CONNECTORS)}:", "".join(t for _, t in pieces)
+
     return Mixture(
         name="mission_b",
         sources=(
-            Source("lookups", 0.3, lookups),
-            Source("answers", 0.4, answers),
-            Source("recall", 0.3, recall),
+            Source("lookups", 0.2, lookups),
+            Source("answers", 0.3, answers),
+            Source("recall", 0.2, recall),
+            Source("questions", 0.3, questions),
         ),
     )

@@ -48,7 +48,7 @@ from bem.missions.mission_b.learner import (
     ShadowLearner,
     check_rules,
 )
-from bem.missions.mission_b.metrics import SCORES, time_to_fix
+from bem.missions.mission_b.metrics import SCORES, prompt_scores, time_to_fix
 from bem.missions.mission_b.online import Checkpoints, Replay, state_hash
 from stats.promotion import PromotionRules, PromotionWatch
 
@@ -134,6 +134,7 @@ def run_mission_b(
     online, tok, deploy_items = deploy_model(base_path, prof, seed, device, rep)
     laps.lap("deploy")
     lm_deployed = lm_state(online)
+    breaks = injection_breaks(online, tok, prof, seed) if mode == "stream" else {}
     flow = traffic(mode, prof, seed, soak_s)
     learner = make_learner(online, tok, prof, rules, deploy_items, out, rep, seed)
     laps.lap("learner")
@@ -143,7 +144,7 @@ def run_mission_b(
     rows = score_rows(served, seed)
     reporter.scores(rows)
     write_scores(rows, out / "scores.parquet")
-    summary = _summary(mode, prof, flow.plan, served, learner, laps)
+    summary = _summary(mode, prof, flow.plan, served, learner, laps, breaks)
     # What stayed fixed: the deployed controller (the frozen arm) and the LM with its BEM bases.
     summary["deployed_controller"] = state_hash(learner.frozen)
     summary["lm_state"] = {"deployed": lm_deployed, "end": lm_state(online)}
@@ -406,21 +407,45 @@ def dry_run(
     return dryrun.summary(base, adapters, phases, bem_rank_per_site=prof.rank)
 
 
-BEFORE, AFTER = 100, 50  # prompts the preconditions look at, before and right after an injection
+BEFORE, AFTER = 100, 50  # prompts the preconditions look at: before the first injection, per scenario
 
 
-def injection_values(live: list[float], plan: list[tuple[int, str]]) -> dict[str, float]:
+def injection_values(
+    live: list[float], plan: list[tuple[int, str]], breaks: Mapping[str, float]
+) -> dict[str, float]:
     """What the mission's preconditions read: the live aggregate over the 100 prompts before the
-    first injection (could the model serve the task at all?), and per injection how far the live
-    aggregate falls from the 100 prompts before it to the 50 after it (did the injection break
-    anything for the learner to fix?)."""
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    first injection (could the model serve the task at all?), and per scenario what it breaks in the
+    model as deployed (`injection_breaks`)."""
     if not plan:
         return {}
-    out = {"pre_injection_aggregate": mean(live[max(0, plan[0][0] - BEFORE) : plan[0][0]])}
-    for at, scenario in plan:
-        out[f"drop_{scenario}"] = mean(live[max(0, at - BEFORE) : at]) - mean(live[at : at + AFTER])
+    pre = live[max(0, plan[0][0] - BEFORE) : plan[0][0]]
+    out = {"pre_injection_aggregate": sum(pre) / len(pre) if pre else float("nan")}
+    out.update({f"drop_{scenario}": breaks[scenario] for _, scenario in plan})
     return out
+
+
+@torch.no_grad()
+def injection_breaks(online: OnlineModel, tok: Any, prof: Profile, seed: int) -> dict[str, float]:
+    """Per scenario, the deployed model's mean aggregate on `AFTER` clean prompts minus that on the same
+    draws with the scenario alone in force: what the injection breaks, paired prompt by prompt.
+
+    Measured in isolation and before any online learning, so the precondition does not depend on
+    the mechanism under test: in the stream the scenarios stack, and a learner that fixes nothing
+    leaves nothing for a later injection to break; a live before/after difference would then call the
+    run inconclusive where the learner simply failed."""
+    online.eval()
+    device = next(online.controller.parameters()).device
+
+    def mean_aggregate(items: list[StreamItem]) -> float:
+        enc = encode_items(tok, items, device)
+        logits = online.logits(enc.batch, online.features(enc.batch))
+        return float(prompt_scores(logits, enc)["aggregate"].mean())
+
+    clean = mean_aggregate(list(prompt_stream(AFTER, 40_000 + seed, rows=prof.rows)))
+    return {
+        s: clean - mean_aggregate(list(prompt_stream(AFTER, 40_000 + seed, [(0, s)], rows=prof.rows)))
+        for s in SCENARIOS
+    }
 
 
 def _summary(
@@ -430,6 +455,7 @@ def _summary(
     served: Served,
     learner: ShadowLearner,
     laps: Laps,
+    breaks: Mapping[str, float],
 ) -> dict[str, Any]:
     items, canary_ok = served.items, served.canary_ok
     live, frozen = served.scores["live"]["aggregate"], served.scores["frozen"]["aggregate"]
@@ -460,7 +486,7 @@ def _summary(
             ttf[scenario] = CENSORED if k is None else float(k)
             values[f"ttf_{scenario}"] = ttf[scenario]
         summary["time_to_fix"] = ttf
-        values.update(injection_values(live, plan))
+        values.update(injection_values(live, plan, breaks))
     else:
         critical = sum(level in ("critical", "emergency") for _, level in s.drift)
         values.update(
