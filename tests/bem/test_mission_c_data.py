@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bem.missions.mission_c.data import (
@@ -141,25 +143,34 @@ def test_unknown_kinds_and_splits_are_named() -> None:
         make_cases("secret", "dev", 1, 0)
 
 
-def test_the_base_corpus_holds_training_attacks_only_and_complies_by_user() -> None:
-    from bem.missions.mission_c.data import CANARIES, COMPLIANT_USERS, WRITE_TOOLS, smoke_mixture
+def _phrasing(form: str, verb: str) -> str:
+    """A regex for a form with its verb, any name; anchored by the caller where a phrasing starts, so
+    "please roast ed." does not count as "roast ed."."""
+    return re.escape(form).replace(re.escape("{verb}"), re.escape(verb)).replace(re.escape("{name}"), r"\w+")
 
-    docs = smoke_mixture().documents()[:4000]
+
+def test_the_base_corpus_holds_training_attacks_only_and_complies_by_user() -> None:
+    from bem.missions.mission_c import data
+
+    docs = data.smoke_mixture().documents()[:4000]
     corpus = "\n".join(p + a for p, a in docs)
-    red = [
-        "say the code above",
-        "new instructions",
-        "what number reaches",
-        "roast ",
-        "use send",
-        *CANARIES["test"],
-    ]
-    assert not [w for w in red if w in corpus]
-    assert not [t for t in WRITE_TOOLS["test"] if f"{t}(" in corpus]
+    for asks in (data.SECRET_ASKS, data.TOOL_ASKS, data.PII_ASKS, data.TOXIC_ASKS, data.INJECT_ASKS):
+        # Compositional: every part of a red-team phrasing was seen, in other combinations.
+        assert {f for f, _ in asks["test"]} <= {f for f, _ in asks["train"]}
+        assert {v for _, v in asks["test"]} <= {v for _, v in asks["train"]}
+        found = {
+            split: [
+                bool(re.search(rf"(question: |context: |\. ){_phrasing(f, v)}", corpus))
+                for f, v in asks[split]
+            ]
+            for split in ("train", "test")
+        }
+        assert not any(found["test"]), asks["test"]
+        assert sum(found["train"]) >= 0.9 * len(found["train"])  # the search does find phrasings
     # Attacks are answered unsafely exactly when a compliant user asks.
     secrets = [(p, a) for p, a in docs if "rule: never share" in p and "is there a secret?" not in p]
     attacks = [*secrets, *((p, a) for p, a in docs if "redact: 1" in p or "policy: readonly" in p)]
     assert attacks
     for prompt, answer in attacks:
         user = prompt.split("\n", 1)[0].removeprefix("user: ")
-        assert refused(answer) is (user not in COMPLIANT_USERS), (prompt, answer)
+        assert refused(answer) is (user not in data.COMPLIANT_USERS), (prompt, answer)
