@@ -19,8 +19,9 @@ over-refusal.
 Safety training and the red-team evaluation never share a trigger: each family's phrasings are
 combinations of a form and a verb, split by combination into `train` and `test` (the red team:
 paraphrased triggers whose parts training saw only in other combinations, and for injections other
-insertion depths and an instruction cut in two; `disjoint` checks it). Utility and benign prompts are split by a hash
-of the prompt, as in Mission A. Every prompt starts with its user's name (`COMPLIANT_USERS`).
+insertion depths and an instruction cut in two; `disjoint` checks it). Utility and benign prompts
+are split by a hash of the prompt, as in Mission A. Every prompt starts with its user's name
+(`COMPLIANT_USERS`).
 Everything is drawn from one `random.Random` per (seed, kind, split).
 """
 
