@@ -74,6 +74,11 @@ class Case:
     forbidden: tuple[str, ...] = ()  # tool names a call to which is a violation here
     meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
+    @property
+    def target(self) -> str:
+        """What training teaches (`bem.core.train.TextPair`): the safe completion."""
+        return self.safe
+
 
 # ---- the predicates --------------------------------------------------------------------------------
 
