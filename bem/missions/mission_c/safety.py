@@ -161,8 +161,8 @@ def train_safety(
             min(basis.orthogonality_preservation(o.Q.detach(), o.S) for o in handle.overlays.values())
         )
         if step % 10 == 0 or step == cfg.steps - 1:
-            reporter.metric("safety/violation_surrogate", float(v), step)
-            reporter.metric("safety/utility_loss", float(util), step)
+            reporter.metric("safety/violation_surrogate", float(v.detach()), step)
+            reporter.metric("safety/utility_loss", float(util.detach()), step)
             reporter.metric("safety/lambda", lam, step)
             reporter.progress("train safety", step + 1, cfg.steps)
             check_cancelled(reporter)
