@@ -370,7 +370,7 @@ class SafetyOverlay(nn.Module):
 # Hooking overlays into a model
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None) if inner is not None else None
     if layers is None:
@@ -389,7 +389,7 @@ class OverlayHandle:
     """
 
     def __init__(self, model: nn.Module, overlays: Mapping[int, SafetyOverlay]) -> None:
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         for i, overlay in overlays.items():
             if not 0 <= i < len(layers):

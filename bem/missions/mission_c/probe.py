@@ -25,7 +25,8 @@ def prompt_features(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], layer: int, batch: int = 32
 ) -> Tensor:
     """[N, d]: each prompt's hidden states after decoder layer `layer` (0 = embeddings), averaged over its
-    tokens (padding excluded)."""
+    tokens (padding excluded). transformers records `hidden_states` before forward hooks edit a layer's
+    output, so these are the states without any overlay or steering hook, whatever is attached."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch):
