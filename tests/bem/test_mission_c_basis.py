@@ -399,7 +399,8 @@ def test_a_fresh_overlay_starts_as_specified() -> None:
     assert orthonormality_error(ov.Q) < 1e-5 and orthogonality_preservation(ov.Q, s) >= 1 - 1e-10
     assert torch.equal(ov.w.detach(), torch.full((5,), 0.1)) and torch.equal(ov.s.detach(), torch.ones(5))
     assert float(ov.temperature.detach()) == pytest.approx(1.0)
-    assert {n for n, _ in ov.named_parameters()} == {"Q", "w", "s", "log_T"}
+    assert {n for n, _ in ov.named_parameters()} == {"Q", "w", "s", "log_T", "log_gain"}
+    assert float(ov.log_gain.detach()) == 0.0  # g = 1: section 8's update exactly
     with pytest.raises(ValueError, match="r=8"):
         SafetyOverlay(s, 8)
 
@@ -459,6 +460,10 @@ def test_a_safe_chunk_gets_a_smaller_push() -> None:
     assert float(safe / unsafe) == pytest.approx(0.5 / sigmoid(5.0))  # σ(0)/σ(5)
     assert float(half / unsafe) == pytest.approx(0.5)  # linear in L
     assert ov(h, 0.3, 0.0) is h
+    with torch.no_grad():  # the learned gain scales the whole push
+        ov.log_gain.fill_(math.log(3.0))
+        tripled = (ov(h, 0.0, 1.0) - h).norm()
+    assert float(tripled / unsafe) == pytest.approx(3.0)
 
 
 def test_tokens_at_level_zero_keep_their_exact_bits() -> None:

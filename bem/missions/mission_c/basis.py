@@ -275,7 +275,11 @@ def _is_zero(level: float | Tensor) -> bool:
 
 class SafetyOverlay(nn.Module):
     """One layer's safety basis and update: a = clamp(tanh((hQ ⊙ w ⊙ s)/T), .1, 1)·σ(5(1 − c))·L and
-    h' = h + a·Qᵀ, per token.
+    h' = h + g·a·Qᵀ, per token.
+
+    g = exp(log_gain) is one learned scalar per layer, 1 at the start (section 8's update exactly).
+    Section 8 bounds the push by ‖a‖ ≤ √r_s in residual units whatever the model's scale; on the smoke
+    base that barely moved a decision (bench/mission_c_safety.py), so the Lagrangian sets the scale.
 
     Q is a plain parameter kept on the constraint set by `reorthonormalise()`, called after every
     optimiser step (projected gradient descent), rather than by `torch.nn.utils.parametrizations.
@@ -310,6 +314,7 @@ class SafetyOverlay(nn.Module):
         self.w = nn.Parameter(torch.full((r_s,), 0.1, dtype=dtype))
         self.s = nn.Parameter(torch.ones(r_s, dtype=dtype))
         self.log_T = nn.Parameter(torch.tensor(math.log(temperature), dtype=dtype))
+        self.log_gain = nn.Parameter(torch.zeros((), dtype=dtype))
         self.generator = generator
 
     @property
@@ -344,7 +349,7 @@ class SafetyOverlay(nn.Module):
         if _is_zero(level):
             return h
         a = self.coefficients(h, c, level)
-        out = h + (a @ self.Q.T).to(h.dtype)
+        out = h + (self.log_gain.exp() * (a @ self.Q.T)).to(h.dtype)
         if isinstance(level, Tensor):
             # a is exactly 0 where L = 0, but h + 0 can still turn −0.0 into +0.0; keep h's bits there.
             on = torch.broadcast_to(level.to(h.device).ne(0), h.shape[:-1]).unsqueeze(-1)
@@ -428,7 +433,8 @@ class OverlayHandle:
             self.c, self.level = previous
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """The trainable overlay parameters (Q, w, s, log_T of every layer); the base stays frozen."""
+        """The trainable overlay parameters (Q, w, s, log_T, log_gain of every layer); the base stays
+        frozen."""
         for overlay in self.overlays.values():
             yield from overlay.parameters()
 
