@@ -115,7 +115,7 @@ def main() -> None:
         "final_lambda": history.lam[-1],
         "train_s": trained_s,
         "probe_train_accuracy": probe.train_accuracy,
-        **{f"gain_layer{i}": float(o.log_gain.exp()) for i, o in overlays.items()},
+        **{f"gain_layer{i}": float(o.log_gain.detach().exp()) for i, o in overlays.items()},
     }
     console.print(", ".join(f"{k} {v:.4g}" for k, v in summary.items()), highlight=False)
     out = Path(__file__).parent / "results" / "mission_c_safety.json"
