@@ -6,7 +6,9 @@ pretrains) Mission C's smoke base, trains the utility skill LoRA (rank 8, on uti
 prompts), takes each layer's skill subspace, fits the constitution probe, trains one safety overlay per
 layer under the Lagrangian (`bem.missions.mission_c.safety`), and decodes the red-team set greedily at
 levels L = 0, .5 and 1: per kind, the share that violates, is refused, or is exactly the safe
-completion. L = 0 is the model without the overlay (exactly, by construction). Writes
+completion. L = 0 is the model without the overlay (exactly, by construction). Then sweeps the knob
+κ over 0, .1, …, 1 (`stats.steering`: the propensity slope with its BCa interval, Spearman ρ of κ with
+the violation rate, the anti-steerable share, and utility's cost curve). Writes
 bench/results/mission_c_safety.json.
 """
 
@@ -16,7 +18,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -27,9 +31,54 @@ from bem.core.smoke_base import smoke_base
 from bem.core.train import train_lora
 from bem.missions.mission_c import basis, data
 from bem.missions.mission_c.probe import fit_probe
-from bem.missions.mission_c.safety import SafetyConfig, constitution_scores, skill_bases, train_safety
+from bem.missions.mission_c.safety import (
+    SafetyConfig,
+    completion_logprob,
+    constitution_scores,
+    skill_bases,
+    train_safety,
+)
+from stats.steering import steerability
 
 LEVELS = (0.0, 0.5, 1.0)
+KAPPAS = tuple(k / 10 for k in range(11))
+
+
+def knob_sweep(model, tokenizer, handle, scores, test) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """κ over 0, .1, …, 1; each prompt is one chunk, so its level is a fresh knob's first step on the
+    probe's c. Per red-team attack: the propensity (mean log p(safe) − mean log p(violating)
+    completion) and whether the greedy output violates; per utility prompt, whether it is exact."""
+    attacks = [c for kind in data.FAMILIES for c in test[kind]]
+    propensity = np.zeros((len(attacks), len(KAPPAS)))
+    flags = np.zeros_like(propensity)
+    exact = []
+    for j, kappa in enumerate(KAPPAS):
+        for i, c in enumerate(attacks):
+            level = basis.Knob(kappa).step(scores[c.example_id])
+            with handle.overlay_inputs(c=scores[c.example_id], level=level), torch.no_grad():
+                safe = completion_logprob(model, tokenizer, [c], unsafe=False)
+                unsafe = completion_logprob(model, tokenizer, [c], unsafe=True)
+                propensity[i, j] = float(safe - unsafe)
+                flags[i, j] = data.violates(c, greedy(model, tokenizer, c.prompt))
+        right = 0
+        for c in test["utility"]:
+            level = basis.Knob(kappa).step(scores[c.example_id])
+            with handle.overlay_inputs(c=scores[c.example_id], level=level):
+                right += greedy(model, tokenizer, c.prompt).strip() == c.safe.strip()
+        exact.append(right / len(test["utility"]))
+    s = steerability(KAPPAS, propensity, flags, n_resamples=10_000, seed=0)
+    return {
+        "kappas": list(KAPPAS),
+        "violation_rate": list(s.violation_rate),
+        "mean_propensity": list(s.mean_propensity),
+        "utility_exact": exact,
+        "slope": s.slope.estimate,
+        "slope_low": s.slope.low,
+        "slope_high": s.slope.high,
+        "spearman_violation": s.spearman_violation,
+        "spearman_propensity": s.spearman_propensity,
+        "anti_steerable": s.anti_steerable,
+    }
 
 
 def greedy(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:  # type: ignore[no-untyped-def]
@@ -110,6 +159,26 @@ def main() -> None:
             cells.append(" / ".join(f"{r[k]:.2f}" for k in ("violates", "refused", "safe_exactly") if k in r))
         table.add_row(kind, *cells)
     console.print(table)
+    sweep = knob_sweep(model, tokenizer, handle, scores, test)
+    table = Table(
+        title="the knob: κ → L per prompt (bem.missions.mission_c.basis.Knob), red team and utility"
+    )
+    for col in ("κ", "attacks violate", "mean propensity", "utility exact"):
+        table.add_column(col)
+    for j, kappa in enumerate(KAPPAS):
+        table.add_row(
+            f"{kappa:.1f}",
+            f"{sweep['violation_rate'][j]:.2f}",
+            f"{sweep['mean_propensity'][j]:.3f}",
+            f"{sweep['utility_exact'][j]:.2f}",
+        )
+    console.print(table)
+    slope = f"{sweep['slope']:.3f} [{sweep['slope_low']:.3f}, {sweep['slope_high']:.3f}] (95% BCa)"
+    console.print(
+        f"steerability slope {slope}, Spearman ρ(κ, violations) {sweep['spearman_violation']:.3f}, "
+        f"anti-steerable {sweep['anti_steerable']:.2f}",
+        highlight=False,
+    )
     summary = {
         "min_op": min(history.min_op),
         "final_lambda": history.lam[-1],
@@ -122,7 +191,8 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(
         json.dumps(
-            {"args": vars(args) | {"cache": str(args.cache)}, **summary, "red_team": results}, indent=2
+            {"args": vars(args) | {"cache": str(args.cache)}, **summary, "red_team": results, "knob": sweep},
+            indent=2,
         )
     )
 

@@ -349,12 +349,14 @@ def test_orth_penalty_by_hand() -> None:
 # --- 7. Re-orthogonalisation keeps OP through training; its ablation does not ---------------------------
 
 
-def train_toward_s(reorthonormalise: bool, steps: int = 50) -> tuple[float, SafetyOverlay]:
+def train_toward_s(
+    reorthonormalise: bool, steps: int = 50, orthogonal: bool = True
+) -> tuple[float, SafetyOverlay]:
     """Fit targets that lie inside S: unconstrained, the gradient rotates Q into S."""
     g = torch.Generator().manual_seed(0)
     d, r_k = 16, 4
     s = skill_subspace([torch.randn(d, r_k, generator=g)])
-    ov = SafetyOverlay(s, 4, generator=g)
+    ov = SafetyOverlay(s, 4, generator=g, orthogonal=orthogonal)
     opt = torch.optim.Adam(ov.parameters(), lr=0.1)
     h = torch.randn(8, 5, d, generator=g)
     target = h + torch.randn(8, 5, r_k, generator=g) @ s.T
@@ -377,6 +379,13 @@ def test_reorthonormalise_keeps_op_through_training() -> None:
     worst_off, ov_off = train_toward_s(reorthonormalise=False)
     assert worst_off < 0.95  # the same loop without the projection drifts into S
     assert orthonormality_error(ov_off.Q) > 1e-2
+
+
+def test_the_ablation_without_orthogonality_keeps_q_orthonormal_but_lets_it_into_s() -> None:
+    worst, ov = train_toward_s(reorthonormalise=True, orthogonal=False)
+    assert worst < 0.95  # nothing keeps Q out of S
+    assert orthonormality_error(ov.Q) < 1e-5  # but its columns stay orthonormal
+    assert float(ov.orth_penalty()) < 1e-8  # and the penalty no longer counts ‖QᵀS‖
 
 
 def test_reorthonormalise_is_idempotent_and_repairs_a_column_inside_s() -> None:

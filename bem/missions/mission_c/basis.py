@@ -299,8 +299,12 @@ class SafetyOverlay(nn.Module):
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
         temperature: float = 1.0,
+        orthogonal: bool = True,
     ) -> None:
         super().__init__()
+        # orthogonal=False is the mission's ablation: Q starts anywhere and is kept orthonormal only, so
+        # it may turn into S; S stays as a buffer so OP can still be measured.
+        self.orthogonal = orthogonal
         if S.dim() != 2:
             raise ValueError(f"S must be d×k; got shape {tuple(S.shape)}")
         if not temperature > 0:
@@ -308,7 +312,7 @@ class SafetyOverlay(nn.Module):
         d = S.shape[0]
         # Built in float64 so the starting basis is orthogonal to S to ~1e-16 before it is rounded.
         basis = _orth64(S)
-        q = complement_basis(basis, d, r_s, generator)
+        q = complement_basis(basis if orthogonal else basis[:, :0], d, r_s, generator)
         self.register_buffer("S", basis.to(dtype))
         self.Q = nn.Parameter(q.to(dtype))
         self.w = nn.Parameter(torch.full((r_s,), 0.1, dtype=dtype))
@@ -362,13 +366,17 @@ class SafetyOverlay(nn.Module):
         sign fix (so an already-valid Q is returned unchanged up to rounding, not with flipped columns)."""
         q64 = self.Q.detach().to(torch.float64)
         s64 = self.S.to(torch.float64)
-        self.Q.copy_(_orthonormal_in_complement(q64, s64, self.generator).to(self.Q.dtype))
+        self.Q.copy_(_orthonormal_in_complement(q64, self._kept_out(s64), self.generator).to(self.Q.dtype))
 
     def orth_penalty(self) -> Tensor:
-        return orth_penalty(self.Q, self.S)
+        return orth_penalty(self.Q, self._kept_out(self.S))
+
+    def _kept_out(self, s: Tensor) -> Tensor:
+        """The subspace Q is kept out of: S, or nothing for the ablation."""
+        return s if self.orthogonal else s[:, :0]
 
     def extra_repr(self) -> str:
-        return f"d={self.d}, r_s={self.r_s}, rank(S)={self.S.shape[1]}"
+        return f"d={self.d}, r_s={self.r_s}, rank(S)={self.S.shape[1]}, orthogonal={self.orthogonal}"
 
 
 # ---------------------------------------------------------------------------------------------------
