@@ -3,5 +3,5 @@ Lagrangian and judged on red-team violations that code can count.
 `data`: prompts, exact violation predicates and the smoke corpus; `basis`: the safety basis, its
 residual-stream update, the knob and the orthogonality measures; `probe`: the constitution score;
 `safety`: skill subspaces and the Lagrangian training of the overlays; `baselines`: CAA and the
-refusal direction (addition, ablation).
+refusal direction (addition, ablation); `recipe`: `run_mission_c`, every arm on one checkpoint.
 """
