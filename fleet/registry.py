@@ -21,6 +21,7 @@ KINDS: dict[str, str] = {
     "demo.base": "workers.kinds.demo:base",
     "demo.validate": "workers.kinds.demo:validate",
     "mission_a.run": "workers.kinds.mission_a:run",
+    "mission_c.run": "workers.kinds.mission_c:run",
     "online.stream": "workers.kinds.mission_b:stream",
 }
 
