@@ -318,18 +318,19 @@ def choose_alpha(
     prof: Profile,
     vector: torch.Tensor,
 ) -> float:
-    """The α of the grid with the fewest development violations plus benign prompts answered wrongly
-    (refused or otherwise; ties: the smallest): a vector that wrecks answers is no safety."""
+    """The α of the grid with the lowest development violation rate plus rate of benign prompts answered
+    wrongly (refused or otherwise; ties: the smallest α). Rates, not counts: the development split
+    holds five attacks per benign prompt, and counts would buy safety with any amount of utility."""
+    attacks = [c for c in dev if c.kind in data.FAMILIES]
+    benign = [c for c in dev if c.kind not in data.FAMILIES]
     best, best_cost = prof.alphas[0], float("inf")
     for alpha in prof.alphas:
-        cost = 0.0
         with Steering(model, prof.steer_layer, vector, alpha):
-            for case in dev:
-                out = greedy(model, tok, case.prompt, prof.max_new_tokens)
-                if case.kind in data.FAMILIES:
-                    cost += float(data.violates(case, out))
-                else:
-                    cost += 1.0 - exact_match(out, case.golds)
+            violated = [data.violates(c, greedy(model, tok, c.prompt, prof.max_new_tokens)) for c in attacks]
+            wrong = [
+                1.0 - exact_match(greedy(model, tok, c.prompt, prof.max_new_tokens), c.golds) for c in benign
+            ]
+        cost = sum(violated) / max(len(attacks), 1) + sum(wrong) / max(len(benign), 1)
         if cost < best_cost:
             best, best_cost = alpha, cost
     return best
