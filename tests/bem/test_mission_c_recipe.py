@@ -46,5 +46,15 @@ def test_a_tiny_run_scores_every_arm_on_the_same_examples(base_dir: Path, tmp_pa
         "anti_steerable",
     }
     assert len(summary["knob"]["violation_rate"]) == 11
+    assert summary["layers"] == {"probe": 1, "steer": 0}  # depth .5 of the test base's 2 layers
     # κ = 0: the overlay is off, so the red team's violation rate is the skilled model's own, exactly.
     assert summary["knob"]["violation_rate"][0] == summary["arms"]["no_safety"]["violation"]
+
+
+def test_depths_name_layers_on_any_model() -> None:
+    from bem.core.models import build_tiny_llama, tiny_llama_config
+    from bem.missions.mission_c.recipe import depth_layer
+
+    for n, depth, want in [(2, 0.5, 1), (2, 1.0, 2), (32, 0.5, 16), (32, 0.0, 1), (12, 0.6, 7)]:
+        model = build_tiny_llama(tiny_llama_config(num_hidden_layers=n), seed=0)
+        assert depth_layer(model, depth) == want, (n, depth)

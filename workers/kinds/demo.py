@@ -7,7 +7,8 @@ from typing import Any
 
 from workers.kinds import TaskContext
 
-SMOKE_CORPORA = ("validation", "mission_a", "mission_b", "mission_c")  # missions that declare a smoke_mixture()
+# Missions that declare a smoke_mixture().
+SMOKE_CORPORA = ("validation", "mission_a", "mission_b", "mission_c")
 
 
 def _base(params: dict[str, Any], ctx: TaskContext) -> Path:

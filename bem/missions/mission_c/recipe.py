@@ -78,19 +78,26 @@ class Profile:
     lora_lr: float
     safety: SafetyConfig
     kappa: float  # the knob the safety arms serve at
-    probe_layer: int
-    steer_layer: int  # 0-based decoder layer for CAA and refusal addition
+    # Where the probe reads and the steering baselines act, as a share of the model's depth, so one
+    # profile fits any base: decoder layer round(depth·L) (1-based, as `hidden_states` counts).
+    probe_depth: float
+    steer_depth: float
     alphas: tuple[float, ...]
     max_new_tokens: int = 16
 
 
 PROFILES = {
     "tiny": Profile(
-        24, 4, 4, 2, 4, 3e-3, SafetyConfig(rank=4, steps=4, batch_size=4, lr=0.03), 1.0, 1, 0, (1.0,)
+        24, 4, 4, 2, 4, 3e-3, SafetyConfig(rank=4, steps=4, batch_size=4, lr=0.03), 1.0, 0.5, 0.5, (1.0,)
     ),
     "smoke": Profile(
         300, 60, 30, 10, 200, 3e-3, SafetyConfig(rank=8, steps=300, batch_size=16, lr=0.03),
-        1.0, 1, 1, (0.5, 1.0, 2.0, 4.0, 8.0),
+        1.0, 0.5, 1.0, (0.5, 1.0, 2.0, 4.0, 8.0),
+    ),
+    # The spec's r_s 32 and default knob .6; a real chat model's probe and steering at mid-depth.
+    "full": Profile(
+        2000, 400, 100, 40, 1500, 1e-3, SafetyConfig(rank=32, steps=2000, batch_size=16, lr=1e-2),
+        0.6, 0.5, 0.5, (1.0, 2.0, 4.0, 8.0, 16.0), max_new_tokens=32,
     ),
 }  # fmt: skip
 
@@ -213,7 +220,8 @@ def run_mission_c(
     laps.lap("train_skill")
 
     benign_prompts = [c.prompt for c in d.utility]
-    probe = fit_probe(model, tok, benign_prompts, [c.prompt for c in d.attacks], prof.probe_layer)
+    probe_layer, steer_layer = depth_layer(model, prof.probe_depth), depth_layer(model, prof.steer_depth) - 1
+    probe = fit_probe(model, tok, benign_prompts, [c.prompt for c in d.attacks], probe_layer)
     scores = constitution_scores(model, tok, probe, [*d.utility, *d.attacks, *d.dev, *d.red_team,
                                                      *d.utility_test, *d.benign_test])  # fmt: skip
     laps.lap("probe")
@@ -255,13 +263,14 @@ def run_mission_c(
     laps.lap("train_safety_lora")
 
     refuse = [c.prompt for c in d.attacks]
-    direction = mean_difference(model, tok, refuse, benign_prompts, prof.steer_layer + 1)
+    direction = mean_difference(model, tok, refuse, benign_prompts, steer_layer + 1)
     unit = direction / direction.norm()
     chosen = {}
-    for arm, vector in (("caa", direction), ("refusal_add", unit * _residual_scale(model, tok, d, prof))):
-        alpha = choose_alpha(model, tok, d.dev, prof, vector)
+    scale = _residual_scale(model, tok, d, steer_layer)
+    for arm, vector in (("caa", direction), ("refusal_add", unit * scale)):
+        alpha = choose_alpha(model, tok, d.dev, prof, steer_layer, vector)
         chosen[arm] = alpha
-        rows += score_arm(model, tok, arm, steering_serving(model, prof.steer_layer, vector, alpha), d, seed,
+        rows += score_arm(model, tok, arm, steering_serving(model, steer_layer, vector, alpha), d, seed,
                           prof.max_new_tokens)  # fmt: skip
     rows += score_arm(
         model, tok, "refusal_ablate", lambda _: Ablation(model, direction), d, seed, prof.max_new_tokens
@@ -281,6 +290,7 @@ def run_mission_c(
         },
         "probe_train_accuracy": probe.train_accuracy,
         "alphas": chosen,
+        "layers": {"probe": probe_layer, "steer": steer_layer},
         "knob": sweep,
         "timings_s": laps.timings,
     }
@@ -305,9 +315,15 @@ def merged(skilled: Any) -> nn.Module:
     return copy.deepcopy(skilled).merge_and_unload()
 
 
-def _residual_scale(model: nn.Module, tok: PreTrainedTokenizerBase, d: Data, prof: Profile) -> float:
+def depth_layer(model: nn.Module, depth: float) -> int:
+    """Decoder layer round(depth·L), 1-based and at least 1 (what `hidden_states[i]` holds)."""
+    n = len(basis.decoder_layers(model))
+    return min(n, max(1, round(depth * n)))
+
+
+def _residual_scale(model: nn.Module, tok: PreTrainedTokenizerBase, d: Data, steer_layer: int) -> float:
     """The residual's typical norm at the steering layer, so the refusal direction's α is in those units."""
-    states = last_token_states(model, tok, [c.prompt for c in d.utility[:32]], prof.steer_layer + 1)
+    states = last_token_states(model, tok, [c.prompt for c in d.utility[:32]], steer_layer + 1)
     return float(states.norm(dim=-1).median())
 
 
@@ -316,6 +332,7 @@ def choose_alpha(
     tok: PreTrainedTokenizerBase,
     dev: Sequence[data.Case],
     prof: Profile,
+    steer_layer: int,
     vector: torch.Tensor,
 ) -> float:
     """The α of the grid with the lowest development violation rate plus rate of benign prompts answered
@@ -325,7 +342,7 @@ def choose_alpha(
     benign = [c for c in dev if c.kind not in data.FAMILIES]
     best, best_cost = prof.alphas[0], float("inf")
     for alpha in prof.alphas:
-        with Steering(model, prof.steer_layer, vector, alpha):
+        with Steering(model, steer_layer, vector, alpha):
             violated = [data.violates(c, greedy(model, tok, c.prompt, prof.max_new_tokens)) for c in attacks]
             wrong = [
                 1.0 - exact_match(greedy(model, tok, c.prompt, prof.max_new_tokens), c.golds) for c in benign
