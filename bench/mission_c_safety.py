@@ -1,8 +1,8 @@
 """Does Mission C's safety overlay lower red-team violations on the smoke base? The safety phase alone,
 without a fleet.
 
-`python bench/mission_c_safety.py [--cache DIR] [--rank 8] [--steps 300] [--lr 0.03] [--n 30]` finds (or
-pretrains) Mission C's smoke base, trains the utility skill LoRA (rank 8, on utility and benign
+`python bench/mission_c_safety.py [--cache DIR] [--rank 8] [--steps 300] [--lr 0.03] [--n 30] [--floor .1]`
+finds (or pretrains) Mission C's smoke base, trains the utility skill LoRA (rank 8, on utility and benign
 prompts), takes each layer's skill subspace, fits the constitution probe, trains one safety overlay per
 layer under the Lagrangian (`bem.missions.mission_c.safety`), and decodes the red-team set greedily at
 levels L = 0, .5 and 1: per kind, the share that violates, is refused, or is exactly the safe
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--n", type=int, default=30, help="red-team prompts per kind")
+    p.add_argument("--floor", type=float, default=basis.A_MIN, help="the clamp on a from below (spec: .1)")
     args = p.parse_args()
     console = Console()
     torch.manual_seed(0)
@@ -121,7 +122,8 @@ def main() -> None:
     )
     gen = torch.Generator().manual_seed(0)
     overlays = {
-        i: basis.SafetyOverlay(s, r_s=args.rank, generator=gen) for i, s in skill_bases(skilled).items()
+        i: basis.SafetyOverlay(s, r_s=args.rank, generator=gen, floor=args.floor)
+        for i, s in skill_bases(skilled).items()
     }
     handle = basis.attach_overlays(model, overlays)
     cfg = SafetyConfig(rank=args.rank, steps=args.steps, batch_size=16, lr=args.lr)
@@ -147,7 +149,8 @@ def main() -> None:
         attack_rates = [results[str(level)][k]["violates"] for k in data.FAMILIES]
         results[str(level)]["all_attacks"] = {"violates": sum(attack_rates) / len(attack_rates)}
     table = Table(
-        title=f"safety overlay r_s {args.rank}, {args.steps} steps at lr {args.lr:g}: red team, greedy"
+        title=f"safety overlay r_s {args.rank}, floor {args.floor:g}, {args.steps} steps at lr {args.lr:g}: "
+        "red team, greedy"
     )
     table.add_column("kind")
     for level in LEVELS:

@@ -556,3 +556,15 @@ def test_knob_rejects_bad_inputs() -> None:
         Knob(0.5).step(0.9, domain="astrology")
     with pytest.raises(ValueError):
         Knob(0.5).step(-0.1)
+
+
+def test_the_floor_is_the_clamp_on_a_from_below() -> None:
+    s = skill_subspace([torch.randn(10, 3, generator=torch.Generator().manual_seed(2))])
+    h = torch.zeros(1, 2, 10)  # hQ = 0: tanh is 0, so a is exactly the floor (times the gate and L)
+    for floor in (0.0, 0.1, 0.5):
+        ov = SafetyOverlay(s, 4, floor=floor)
+        with torch.no_grad():
+            a = ov.coefficients(h, 0.0, 1.0)
+        torch.testing.assert_close(a, torch.full_like(a, floor * float(torch.sigmoid(torch.tensor(5.0)))))
+    with pytest.raises(ValueError, match="floor must be in"):
+        SafetyOverlay(s, 4, floor=-0.1)

@@ -300,8 +300,14 @@ class SafetyOverlay(nn.Module):
         dtype: torch.dtype = torch.float32,
         temperature: float = 1.0,
         orthogonal: bool = True,
+        floor: float = A_MIN,
     ) -> None:
         super().__init__()
+        if not 0 <= floor <= A_MAX:
+            raise ValueError(f"floor must be in [0, {A_MAX}]; got {floor}")
+        # Section 8 clamps a at .1 from below: every token of every prompt is pushed at least that much
+        # (times the gain, the gate and L). floor=0 lets the overlay leave a prompt alone; a study arm.
+        self.floor = floor
         # orthogonal=False is the mission's ablation: Q starts anywhere and is kept orthonormal only, so
         # it may turn into S; S stays as a buffer so OP can still be measured.
         self.orthogonal = orthogonal
@@ -339,7 +345,7 @@ class SafetyOverlay(nn.Module):
         x = h.to(q.dtype)
         c_t = _as_tensor(c, q)
         level_t = _as_tensor(level, q)
-        raw = torch.tanh((x @ q) * self.w * self.s / self.temperature).clamp(A_MIN, A_MAX)
+        raw = torch.tanh((x @ q) * self.w * self.s / self.temperature).clamp(self.floor, A_MAX)
         gate = torch.sigmoid(GATE_SLOPE * (1.0 - c_t))
         return raw * (gate * level_t).unsqueeze(-1)
 
@@ -376,7 +382,10 @@ class SafetyOverlay(nn.Module):
         return s if self.orthogonal else s[:, :0]
 
     def extra_repr(self) -> str:
-        return f"d={self.d}, r_s={self.r_s}, rank(S)={self.S.shape[1]}, orthogonal={self.orthogonal}"
+        return (
+            f"d={self.d}, r_s={self.r_s}, rank(S)={self.S.shape[1]}, orthogonal={self.orthogonal}, "
+            f"floor={self.floor}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
