@@ -20,17 +20,8 @@ from rich.table import Table
 
 from bem.core.models import load_model
 from bem.core.smoke_base import smoke_base
-from bem.missions.mission_c import data
+from bem.missions.mission_c import data, recipe
 from bem.missions.mission_c.probe import fit_probe, prompt_features
-
-
-def greedy(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:  # type: ignore[no-untyped-def]
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad():
-        out = model.generate(  # type: ignore[operator]
-            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).split("\n")[0]
 
 
 def probe_accuracy(model: torch.nn.Module, tokenizer, n: int, seed: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -72,7 +63,7 @@ def main() -> None:
         results[split] = {}
         for kind in data.KINDS:
             cases = data.make_cases(kind, split, args.n, args.seed)
-            outs = [greedy(model, tokenizer, c.prompt) for c in cases]
+            outs = [recipe.greedy(model, tokenizer, c.prompt, 16) for c in cases]
             violated = [data.violates(c, o) for c, o in zip(cases, outs, strict=True)]
             compliant = [
                 v for c, v in zip(cases, violated, strict=True) if data.user_of(c) in data.COMPLIANT_USERS

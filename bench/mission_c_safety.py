@@ -18,9 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -29,65 +27,12 @@ from bem.core.models import load_model
 from bem.core.reporter import MemoryReporter
 from bem.core.smoke_base import smoke_base
 from bem.core.train import train_lora
-from bem.missions.mission_c import basis, data
+from bem.missions.mission_c import basis, data, recipe
 from bem.missions.mission_c.probe import fit_probe
-from bem.missions.mission_c.safety import (
-    SafetyConfig,
-    completion_logprob,
-    constitution_scores,
-    skill_bases,
-    train_safety,
-)
-from stats.steering import steerability
+from bem.missions.mission_c.safety import SafetyConfig, constitution_scores, skill_bases, train_safety
 
 LEVELS = (0.0, 0.5, 1.0)
-KAPPAS = tuple(k / 10 for k in range(11))
-
-
-def knob_sweep(model, tokenizer, handle, scores, test) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """κ over 0, .1, …, 1; each prompt is one chunk, so its level is a fresh knob's first step on the
-    probe's c. Per red-team attack: the propensity (mean log p(safe) − mean log p(violating)
-    completion) and whether the greedy output violates; per utility prompt, whether it is exact."""
-    attacks = [c for kind in data.FAMILIES for c in test[kind]]
-    propensity = np.zeros((len(attacks), len(KAPPAS)))
-    flags = np.zeros_like(propensity)
-    exact = []
-    for j, kappa in enumerate(KAPPAS):
-        for i, c in enumerate(attacks):
-            level = basis.Knob(kappa).step(scores[c.example_id])
-            with handle.overlay_inputs(c=scores[c.example_id], level=level), torch.no_grad():
-                safe = completion_logprob(model, tokenizer, [c], unsafe=False)
-                unsafe = completion_logprob(model, tokenizer, [c], unsafe=True)
-                propensity[i, j] = float(safe - unsafe)
-                flags[i, j] = data.violates(c, greedy(model, tokenizer, c.prompt))
-        right = 0
-        for c in test["utility"]:
-            level = basis.Knob(kappa).step(scores[c.example_id])
-            with handle.overlay_inputs(c=scores[c.example_id], level=level):
-                right += greedy(model, tokenizer, c.prompt).strip() == c.safe.strip()
-        exact.append(right / len(test["utility"]))
-    s = steerability(KAPPAS, propensity, flags, n_resamples=10_000, seed=0)
-    return {
-        "kappas": list(KAPPAS),
-        "violation_rate": list(s.violation_rate),
-        "mean_propensity": list(s.mean_propensity),
-        "utility_exact": exact,
-        "slope": s.slope.estimate,
-        "slope_low": s.slope.low,
-        "slope_high": s.slope.high,
-        "spearman_violation": s.spearman_violation,
-        "spearman_propensity": s.spearman_propensity,
-        "anti_steerable": s.anti_steerable,
-    }
-
-
-def greedy(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:  # type: ignore[no-untyped-def]
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad():
-        out = model.generate(  # type: ignore[operator]
-            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).split("\n")[0]
+MAX_NEW_TOKENS = 16
 
 
 def main() -> None:
@@ -139,7 +84,7 @@ def main() -> None:
             outs = []
             for c in cases:
                 with handle.overlay_inputs(c=scores[c.example_id], level=level):
-                    outs.append(greedy(model, tokenizer, c.prompt))
+                    outs.append(recipe.greedy(model, tokenizer, c.prompt, MAX_NEW_TOKENS))
             pairs = list(zip(cases, outs, strict=True))
             results[str(level)][kind] = {
                 "violates": sum(data.violates(c, o) for c, o in pairs) / len(cases),
@@ -162,18 +107,19 @@ def main() -> None:
             cells.append(" / ".join(f"{r[k]:.2f}" for k in ("violates", "refused", "safe_exactly") if k in r))
         table.add_row(kind, *cells)
     console.print(table)
-    sweep = knob_sweep(model, tokenizer, handle, scores, test)
+    held_out = recipe.Data([], [], [], [c for k in data.FAMILIES for c in test[k]], test["utility"], [])
+    sweep = recipe.knob_sweep(model, tokenizer, handle, scores, held_out, MAX_NEW_TOKENS)
     table = Table(
         title="the knob: κ → L per prompt (bem.missions.mission_c.basis.Knob), red team and utility"
     )
-    for col in ("κ", "attacks violate", "mean propensity", "utility exact"):
+    for col in ("κ", "attacks violate", "mean propensity", "utility EM"):
         table.add_column(col)
-    for j, kappa in enumerate(KAPPAS):
+    for j, kappa in enumerate(recipe.KAPPAS):
         table.add_row(
             f"{kappa:.1f}",
             f"{sweep['violation_rate'][j]:.2f}",
             f"{sweep['mean_propensity'][j]:.3f}",
-            f"{sweep['utility_exact'][j]:.2f}",
+            f"{sweep['utility_em'][j]:.2f}",
         )
     console.print(table)
     slope = f"{sweep['slope']:.3f} [{sweep['slope_low']:.3f}, {sweep['slope_high']:.3f}] (95% BCa)"

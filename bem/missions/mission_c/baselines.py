@@ -22,26 +22,21 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from bem.missions.mission_c.basis import decoder_layers
+from bem.missions.mission_c.basis import decoder_layers, edit_layer_output
+from bem.missions.mission_c.probe import layer_states
 
 
-@torch.no_grad()
 def last_token_states(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], layer: int, batch: int = 32
 ) -> Tensor:
     """[N, d]: the residual after decoder layer `layer` (1-based, as in `hidden_states`) at each prompt's
     last token."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch):
-        enc = tokenizer(
-            list(prompts[i : i + batch]), return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
-        last = mask.sum(1) - 1  # right padding: the last real token
-        out.append(hidden[torch.arange(len(ids), device=device), last])
-    return torch.cat(out).float()
+    return layer_states(model, tokenizer, prompts, layer, last_token, batch)
+
+
+def last_token(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Each row's state at its last real token (right padding)."""
+    return hidden[torch.arange(len(hidden), device=hidden.device), mask.sum(1) - 1]
 
 
 def mean_difference(
@@ -73,9 +68,7 @@ class _LayerHooks:
         raise NotImplementedError
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (self.edit(output[0]), *output[1:])
-        return self.edit(output)
+        return edit_layer_output(output, self.edit)
 
     def remove(self) -> None:
         for h in self._handles:

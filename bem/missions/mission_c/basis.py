@@ -25,7 +25,7 @@ Two choices differ from a literal reading of section 8 and follow the brief that
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -402,6 +402,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def edit_layer_output(output: Any, edit: Callable[[Tensor], Tensor]) -> Any:
+    """A forward hook's return for a decoder layer: its hidden states (a tensor, or a tuple's first item)
+    replaced by edit(hidden), or None when edit hands them back unchanged, which keeps the layer's own
+    output object."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    new = edit(hidden)
+    if new is hidden:
+        return None
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
 class OverlayHandle:
     """The installed hooks plus the (c, level) that the next forward passes use.
 
@@ -429,11 +440,8 @@ class OverlayHandle:
                 raise RuntimeError(
                     "safety overlays attached but no inputs set: use handle.overlay_inputs(c, level)"
                 )
-            h = output[0] if isinstance(output, tuple) else output
-            new = overlay(h, self.c, self.level)
-            if new is h:
-                return None  # returning None keeps the layer's own output object untouched
-            return (new, *output[1:]) if isinstance(output, tuple) else new
+            c, level = self.c, self.level
+            return edit_layer_output(output, lambda h: overlay(h, c, level))
 
         return hook
 

@@ -10,7 +10,7 @@ overlaid model's own hidden states. The held-out evaluator is not this probe: vi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,12 +21,17 @@ from transformers import PreTrainedTokenizerBase
 
 
 @torch.no_grad()
-def prompt_features(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], layer: int, batch: int = 32
+def layer_states(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    layer: int,
+    pool: Callable[[Tensor, Tensor], Tensor],
+    batch: int = 32,
 ) -> Tensor:
-    """[N, d]: each prompt's hidden states after decoder layer `layer` (0 = embeddings), averaged over its
-    tokens (padding excluded). transformers records `hidden_states` before forward hooks edit a layer's
-    output, so these are the states without any overlay or steering hook, whatever is attached."""
+    """[N, d]: `pool(hidden, mask)` of each prompt's hidden states after decoder layer `layer` (0 =
+    embeddings), right-padded batches. transformers records `hidden_states` before forward hooks edit a
+    layer's output, so these are the states without any overlay or steering hook, whatever is attached."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch):
@@ -35,8 +40,16 @@ def prompt_features(
         )
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
-        out.append(mean_over_tokens(hidden, mask))
+        out.append(pool(hidden, mask))
     return torch.cat(out).float()
+
+
+def prompt_features(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], layer: int, batch: int = 32
+) -> Tensor:
+    """[N, d]: each prompt's hidden states after decoder layer `layer`, averaged over its tokens (padding
+    excluded)."""
+    return layer_states(model, tokenizer, prompts, layer, mean_over_tokens, batch)
 
 
 def mean_over_tokens(hidden: Tensor, mask: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ Recipe, one seed, every arm on the same checkpoint:
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from bem.core.generate import greedy_generate
 from bem.core.metrics import exact_match, token_f1
 from bem.core.models import load_model
 from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
@@ -135,14 +137,9 @@ Serve = Callable[[data.Case], AbstractContextManager[Any]]  # what wraps one pro
 
 
 def greedy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int) -> str:
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(
-        next(model.parameters()).device
-    )
-    with torch.no_grad():
-        out = model.generate(  # type: ignore[operator]
-            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).split("\n")[0]
+    """One prompt's greedy answer, its first line (under whatever overlay or hook is set for it)."""
+    out = greedy_generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)
+    return out[0].split("\n")[0]
 
 
 def score_arm(
@@ -310,8 +307,6 @@ def steering_serving(model: nn.Module, layer: int, vector: torch.Tensor, alpha: 
 
 def merged(skilled: Any) -> nn.Module:
     """The skilled model with its LoRA folded in (a copy), as the base an unconstrained LoRA starts from."""
-    import copy
-
     return copy.deepcopy(skilled).merge_and_unload()
 
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from bem.core.reporter import Reporter, check_cancelled
-from bem.core.train import IGNORE, encode, lm_loss, lora_factors
+from bem.core.train import encode, lm_loss, lora_factors, row_losses
 from bem.missions.mission_c import basis
 from bem.missions.mission_c.data import Case
 from bem.missions.mission_c.probe import ConstitutionProbe, prompt_features
@@ -79,11 +79,8 @@ def completion_logprob(
     σ(margin) is flat and the surrogate would give no gradient on the attacks that matter most."""
     rows = [_Pair(c.prompt, c.unsafe if unsafe else c.safe) for c in pairs]
     batch = encode(tokenizer, rows).to(next(model.parameters()).device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    labels = batch.labels[:, 1:]
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    labelled = labels != IGNORE
-    return (logp * labelled).sum(1) / labelled.sum(1).clamp_min(1)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return -row_losses(logits, batch.labels)  # a row's mean cross-entropy is minus its mean log p
 
 
 @dataclass(frozen=True)
