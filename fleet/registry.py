@@ -29,6 +29,7 @@ KINDS: dict[str, str] = {
 # (fleetd/services.py says the rest); a stage names the services that watch its tasks.
 SERVICES: dict[str, str] = {
     "promotion": "stats.promotion:PromotionWatch",  # Mission B's drift monitor and canary gate
+    "overlay": "stats.overlay:OverlayWatch",  # Mission C's safety overlay: raises κ on a violation spike
 }
 
 

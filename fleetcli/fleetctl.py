@@ -32,6 +32,16 @@ def _override(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _kappa(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"κ must be in [0, 1]; got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fleetctl", description="submit and watch BEM missions")
     top.add_argument("--home", type=Path, help="fleet home (default $FLEET_HOME or ./.fleet)")
@@ -70,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("mission", nargs="?")
     p = verb("cancel", "cancel a mission or a task")
     p.add_argument("id")
+    p = verb("knob", "set a running task's safety-overlay knob κ (0 turns the overlay off, 1 is the most)")
+    p.add_argument("task")
+    p.add_argument("value", type=_kappa)
     p = verb("logs", "a task's log lines")
     p.add_argument("task")
     p.add_argument("-f", "--follow", action="store_true")
@@ -161,6 +174,19 @@ async def cancel(client: FleetClient, args: argparse.Namespace, console: Console
     out = await client.call("cancel", m.IdRequest(id=args.id))
     _json(out) if args.json else console.print(f"cancelled {len(out['cancelled'])} task(s)")
     return 0
+
+
+async def knob(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    """The reply waits for the task to apply κ at its next check; exit 1 if it did not."""
+    out = await client.call("knob", m.KnobRequest(task_id=args.task, value=args.value))
+    if args.json:
+        _json(out)
+    else:
+        state = "[green]applied[/]" if out["acked"] else "[red]not applied[/]"
+        console.print(
+            f"κ {out['value']:g} on {out['task_id']} (attempt {out['attempt']}): {state}: {out['detail']}"
+        )
+    return 0 if out["acked"] else 1
 
 
 async def logs(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
@@ -291,7 +317,7 @@ async def workers(client: FleetClient, args: argparse.Namespace, console: Consol
 
 VERBS = {
     f.__name__: f
-    for f in (submit, status, cancel, logs, sql, export, report, rejudge, retry, missions, workers)
+    for f in (submit, status, cancel, knob, logs, sql, export, report, rejudge, retry, missions, workers)
 }
 
 if __name__ == "__main__":

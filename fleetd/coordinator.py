@@ -520,6 +520,28 @@ class Coordinator:
         cancelled = await self.mutate(partial(self.sched.cancel, target), audit)
         return {"cancelled": cancelled}
 
+    async def ctl_knob(self, data: bytes, actor: Actor) -> dict[str, Any]:
+        """Set a running task's overlay knob κ by hand: stored in service_decisions (service `knob`,
+        level `manual`) and audited with who asked, then sent to its worker; the reply carries the
+        task's acknowledgement (a task without an overlay refuses it)."""
+        req = msgspec.json.decode(data, type=m.KnobRequest)
+        task = self.sched.tasks.get(req.task_id)
+        if task is None:
+            raise _Refused("not_found", f"no task {req.task_id!r}")
+        if task.state != "running" or task.worker is None:
+            raise _Refused("refused", f"task {req.task_id} is {task.state}: a knob is set on a running task")
+        row = {
+            "mission_id": task.mission_id, "task_id": task.task_id, "attempt": task.attempt,
+            "service": "knob", "decision": "knob", "level": "manual", "value": req.value,
+            "reason": f"set by hand by {actor.role}:{actor.credential}", "acked": None, "detail": None,
+            "decided_at": time.time(),
+        }  # fmt: skip
+        step = await self.write(self.store.record_knob, row, actor)
+        cmd = m.Command(action="knob", task_id=task.task_id, attempt=task.attempt, value=req.value)
+        acked, detail = await self.services.command(task.worker, cmd, "knob", step)
+        return {"task_id": task.task_id, "attempt": task.attempt, "value": req.value, "acked": acked,
+                "detail": detail}  # fmt: skip
+
     async def ctl_status(self, data: bytes, actor: Actor) -> dict[str, Any]:
         req = msgspec.json.decode(data, type=m.IdRequest) if data else m.IdRequest()
         missions = await self.read(

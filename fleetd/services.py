@@ -4,7 +4,8 @@ A service is registered by name in `fleet.registry.SERVICES` as a class with `fr
 mission's `[services.NAME]` table, validated at submit) and, per watched task attempt, an instance
 whose `observe(series)` turns one batch of metric points into actions (`Watch` below). Mission B's
 `promotion` service (`stats.promotion`) is the drift monitor and the canary gate: its actions are
-rollback and promote.
+rollback and promote. Mission C's `overlay` service (`stats.overlay`) raises a task's knob κ when its
+red-team violation rate spikes.
 
 Each service is its own durable consumer of FLEET_EVENTS (`svc-<name>`), so it resumes where it
 stopped and never slows the recorder. A task is watched by the services its stage names; the
@@ -36,9 +37,9 @@ COMMAND_TIMEOUT_S = 35.0  # the worker waits up to 30 s for the job's step bound
 class Action(Protocol):
     service: str  # the part of the service that decided (the name stored in service_decisions)
     step: int
-    decision: str  # a command the worker passes to the task: rollback, promote
+    decision: str  # a command the worker passes to the task: rollback, promote, knob
     level: str
-    value: float
+    value: float  # what the decision saw (a drift signal, a pass rate), or the knob's new κ
     reason: str
 
 
@@ -140,17 +141,19 @@ class Services:
             task=ev.task_id,
             **{k: row[k] for k in ("service", "step", "decision", "reason")},
         )
-        self._tg.start_soon(self._command, ev, action)
+        value = action.value if action.decision == "knob" else None
+        cmd = m.Command(action=action.decision, task_id=ev.task_id, attempt=ev.attempt, value=value)  # type: ignore[arg-type]
+        self._tg.start_soon(self.command, ev.worker, cmd, action.service, action.step)
 
-    async def _command(self, ev: m.Metrics, action: Action) -> None:
-        cmd = m.Command(action=action.decision, task_id=ev.task_id, attempt=ev.attempt)  # type: ignore[arg-type]
+    async def command(self, worker: str, cmd: m.Command, service: str, step: int) -> tuple[bool, str]:
+        """Send one command to the worker running its task, wait for the task's acknowledgement and
+        store it on the decision's row."""
         try:
-            reply = await self.nc.request(
-                bus.cmd_subject(ev.worker), m.encode(cmd), timeout=COMMAND_TIMEOUT_S
-            )
+            reply = await self.nc.request(bus.cmd_subject(worker), m.encode(cmd), timeout=COMMAND_TIMEOUT_S)
             ack = msgspec.json.decode(reply.data, type=m.CommandAck)
             acked, detail = ack.ok, ack.detail
         except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as e:
             acked, detail = False, f"no acknowledgement: {e!r}"
-        await self.write(self.ack, (ev.task_id, ev.attempt, action.service, action.step), acked, detail)
-        log.info("service_command", task=ev.task_id, decision=action.decision, acked=acked, detail=detail)
+        await self.write(self.ack, (cmd.task_id, cmd.attempt, service, step), acked, detail)
+        log.info("service_command", task=cmd.task_id, decision=cmd.action, acked=acked, detail=detail)
+        return acked, detail

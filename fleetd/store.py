@@ -429,6 +429,30 @@ class Store:
             raise
         return bool(inserted)
 
+    def record_knob(self, row: dict[str, Any], actor: Actor) -> int:
+        """A hand-set knob (`fleetctl knob`): its step counts the attempt's hand settings (0, 1, ...);
+        the audit names the person, not a service. Returns the step."""
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            (step,) = con.execute(
+                "SELECT count(*) FROM service_decisions WHERE task_id = ? AND attempt = ? AND service = ?",
+                [row["task_id"], row["attempt"], row["service"]],
+            ).fetchone() or (0,)
+            row = {**row, "step": step}
+            cols = list(row)
+            con.execute(
+                f"INSERT INTO service_decisions ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                [row[c] for c in cols],
+            )
+            target = f"{row['task_id']}#{row['attempt']}@{step}"
+            _insert(con, "audit", [audit_row(row["mission_id"], "knob", target, actor, str(row["value"]))])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return int(step)
+
     def ack_service_decision(self, key: tuple[str, int, str, int], acked: bool, detail: str) -> None:
         self.con.execute(
             "UPDATE service_decisions SET acked = ?, detail = ? "

@@ -174,9 +174,17 @@ class Heartbeat(Struct, frozen=True, kw_only=True):
 
 class Command(Struct, frozen=True, kw_only=True):
     v: int = SCHEMA_VERSION
-    action: Literal["cancel", "promote", "rollback"]
+    action: Literal["cancel", "promote", "rollback", "knob"]
     task_id: TaskId
     attempt: int
+    value: float | None = None  # the knob's new κ in [0, 1]; no other action takes a value
+
+    def __post_init__(self) -> None:
+        if self.action == "knob":
+            if self.value is None or not 0.0 <= self.value <= 1.0:
+                raise ValueError(f"a knob command needs a value in [0, 1]; got {self.value}")
+        elif self.value is not None:
+            raise ValueError(f"a {self.action} command takes no value")
 
 
 class CommandAck(Struct, frozen=True):
@@ -197,6 +205,18 @@ class SubmitRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 class IdRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     v: int = SCHEMA_VERSION
     id: str | None = None
+
+
+class KnobRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Set a running task's safety-overlay knob κ by hand (`fleetctl knob TASK VALUE`)."""
+
+    v: int = SCHEMA_VERSION
+    task_id: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.value <= 1.0:
+            raise ValueError(f"κ must be in [0, 1]; got {self.value}")
 
 
 class SqlRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -64,7 +64,7 @@ class PipeReporter:
                     msg = msgspec.json.decode(line, type=p.CommandMsg)
                 except msgspec.DecodeError:
                     continue
-                self._commands.put(Command(msg.id, msg.action))
+                self._commands.put(Command(msg.id, msg.action, msg.value))
 
         threading.Thread(target=loop, name="commands", daemon=True).start()
 

@@ -66,6 +66,7 @@ class CommandMsg(Struct, frozen=True, tag="command"):
 
     id: str
     action: str
+    value: float | None = None
 
 
 class CommandDone(Struct, frozen=True, tag="command_done"):

@@ -87,14 +87,16 @@ class Supervisor:
         await child.stdin.send(line)
         return child
 
-    async def command(self, command_id: str, action: str, timeout: float) -> p.CommandDone:
+    async def command(
+        self, command_id: str, action: str, timeout: float, value: float | None = None
+    ) -> p.CommandDone:
         """Hand a command to the running job and wait until it says it applied it (or refused)."""
         child = self._current
         if child is None:
             return p.CommandDone(command_id, False, "no task is running")
         event, box = self._done[command_id] = (anyio.Event(), [])
         try:
-            await child.stdin.send(msgspec.json.encode(p.CommandMsg(command_id, action)) + b"\n")
+            await child.stdin.send(msgspec.json.encode(p.CommandMsg(command_id, action, value)) + b"\n")
             with anyio.move_on_after(timeout):
                 await event.wait()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):

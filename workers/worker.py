@@ -238,7 +238,9 @@ class Worker:
             return
         # The job applies it at its next step boundary; the reply waits for that (Mission B's
         # services need to know the rollback happened, not only that it was asked for).
-        done = await self.supervisor.command(secrets.token_hex(8), cmd.action, self.command_timeout_s)
+        done = await self.supervisor.command(
+            secrets.token_hex(8), cmd.action, self.command_timeout_s, cmd.value
+        )
         await msg.respond(m.encode(m.CommandAck(done.ok, done.detail)))
 
     # ---- tasks ----------------------------------------------------------------------------------

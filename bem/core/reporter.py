@@ -26,10 +26,12 @@ class ScoreRow:
 
 @dataclass(frozen=True)
 class Command:
-    """An instruction to a running job from whoever runs it (Mission B: promote, rollback)."""
+    """An instruction to a running job from whoever runs it (Mission B: promote, rollback; a safety
+    overlay: knob, with κ as its value)."""
 
     id: str
     action: str
+    value: float | None = None
 
 
 class Cancelled(Exception):

@@ -3,6 +3,8 @@ applied at the job's next step and acknowledged only then (what Mission B's roll
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -10,8 +12,9 @@ import msgspec
 import pytest
 
 from fleet import bus, creds
+from fleet.client import FleetError
 from schemas import messages as m
-from tests.fleet.conftest import Fleet, mission_dir, sql, status, submit, wait_for, wait_mission
+from tests.fleet.conftest import Fleet, call, mission_dir, sql, status, submit, wait_for, wait_mission
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +64,8 @@ def test_a_running_job_applies_a_command_and_only_then_acknowledges(fleet: Fleet
     result = sql(fleet, f"SELECT result FROM tasks WHERE task_id = '{task}'")[0]["result"]
     applied = msgspec.json.decode(result)["applied"] if isinstance(result, str) else result["applied"]
     assert applied == [
-        {"action": "rollback", "step": step},
-        {"action": "promote", "step": applied[1]["step"]},
+        {"action": "rollback", "step": step, "value": None},
+        {"action": "promote", "step": applied[1]["step"], "value": None},
     ]
     # The job's own record of the rollback reached DuckDB too.
     points = sql(fleet, f"SELECT step FROM metrics WHERE task_id = '{task}' AND name = 'applied/rollback'")
@@ -120,3 +123,78 @@ def test_services_roll_back_and_promote_through_the_real_bus(fleet: Fleet, tmp_p
         assert r["detail"] == f"{a['action']} applied at step {a['step']}"
     shown = status(fleet, mission)["service_decisions"]
     assert {(d["service"], d["step"]) for d in shown} == {("drift", 20), ("canary", 80), ("canary", 100)}
+
+
+WATCHED = """
+name = "watched"
+[[stages]]
+name = "served"
+kind = "selftest.obey"
+services = ["overlay"]
+params = { steps = 140, step_s = 0.1, knob = 0.0, checks = [
+    { step = 5, violated = 2, n = 10 },
+    { step = 30, violated = 9, n = 10 },
+    { step = 70, violated = 8, n = 10 },
+    { step = 110, violated = 0, n = 10 },
+] }
+[services.overlay]
+ceiling = 0.1
+confidence = 0.9
+raise_by = 0.3
+"""
+
+
+def test_a_violation_spike_makes_the_overlay_service_raise_the_knob(fleet: Fleet, tmp_path: Path) -> None:
+    """Mission C's overlay service reads a task's red-team checks from JetStream: 2/10 is no spike at a
+    .1 ceiling, 9/10 raises κ from 0 to .3, 8/10 at the applied .3 raises it to .6, a clean check
+    nothing. Each decision is stored before its command and acknowledged by the task after; then a
+    person sets κ by hand with `fleetctl knob`, audited under their credential."""
+    fleet.env["FLEET_MISSIONS_DIR"] = str(mission_dir(tmp_path, "watched", WATCHED))
+    fleet.start_fleetd()
+    fleet.start_worker("w0")
+    fleet.wait_workers(1)
+    mission = submit(fleet, "watched")
+    task = f"{mission}/served"
+
+    def overlay_rows() -> list[dict[str, object]]:
+        query = "SELECT service, step, decision, level, value, acked, detail, reason FROM service_decisions"
+        return sql(fleet, f"{query} WHERE mission_id = '{mission}' ORDER BY service, step")
+
+    wait_for(lambda: len([r for r in overlay_rows() if r["acked"]]) == 2, 60, "two acknowledged raises")
+    fleetctl = [sys.executable, "-m", "fleetcli.fleetctl", "--home", str(fleet.home), "--nats", fleet.url]
+    by_hand = subprocess.run([*fleetctl, "knob", task, "0.9"], capture_output=True, text=True, timeout=60)
+    assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
+    assert "applied" in by_hand.stdout and task in by_hand.stdout
+    refused = subprocess.run([*fleetctl, "knob", task, "1.5"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "κ must be in [0, 1]" in refused.stderr, refused.stderr
+
+    st = wait_mission(fleet, mission, timeout=60)
+    assert st["missions"][0]["state"] == "succeeded"
+    rows = overlay_rows()
+    assert [(r["service"], r["step"], r["level"], r["value"]) for r in rows] == [
+        ("knob", 0, "manual", 0.9),
+        ("overlay", 30, "spike", 0.3),
+        ("overlay", 70, "spike", 0.6),
+    ], rows
+    assert all(r["acked"] and str(r["detail"]).startswith("knob applied at step ") for r in rows), rows
+    assert "8/10 red-team outputs violated at κ 0.3" in str(rows[2]["reason"])
+    result = sql(fleet, f"SELECT result FROM tasks WHERE task_id = '{task}'")[0]["result"]
+    applied = msgspec.json.decode(result)["applied"] if isinstance(result, str) else result["applied"]
+    assert [(a["action"], a["value"]) for a in applied] == [("knob", 0.3), ("knob", 0.6), ("knob", 0.9)]
+    # The raise reached the job before its next check: that check ran at the raised κ.
+    knobs = sql(fleet, f"SELECT step, value FROM metrics WHERE task_id = '{task}' AND name = 'overlay/knob'")
+    assert sorted((p["step"], p["value"]) for p in knobs) == [(5, 0.0), (30, 0.0), (70, 0.3), (110, 0.9)]
+    audit = sql(fleet, f"SELECT role, action FROM audit WHERE mission_id = '{mission}' AND action = 'knob'")
+    assert sorted(a["role"] for a in audit) == ["client", "service", "service"], audit
+
+
+def test_a_knob_for_no_running_task_is_refused_with_the_reason(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.start_fleetd()
+    with pytest.raises(FleetError, match="no task 'nope/x'"):
+        call(fleet, "knob", m.KnobRequest(task_id="nope/x", value=0.5))
+    with pytest.raises(ValueError, match="knob command needs a value"):
+        m.Command(action="knob", task_id="a/b", attempt=1)
+    with pytest.raises(msgspec.ValidationError, match="takes no value"):
+        msgspec.json.decode(
+            b'{"action": "rollback", "task_id": "a/b", "attempt": 1, "value": 0.5}', type=m.Command
+        )

@@ -13,7 +13,7 @@ import signal
 import time
 from typing import Any, cast
 
-from bem.core.reporter import Commanded, ScoreRow, check_cancelled
+from bem.core.reporter import Commanded, ScoreRow, Value, check_cancelled
 from workers.kinds import TaskContext
 
 
@@ -69,23 +69,34 @@ def score(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
 def obey(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     """Steps that apply commands at step boundaries and acknowledge them (the shape of Mission B's
-    online learner): `promote` and `rollback` are applied, anything else refused."""
+    online learner and of a task under Mission C's overlay): `promote`, `rollback` and `knob` are
+    applied, anything else refused."""
     steps, applied = int(params.get("steps", 100)), []
+    kappa = float(params.get("knob", 0.0))
     commands = cast(Commanded, ctx.reporter)
     # Scripted checks, as an online learner streams them: {"step": 10, "drift": {"grad_norm": 25.0}}
-    # or {"step": 20, "canary": 0.97, "prompts_since_promotion": 1500}.
+    # or {"step": 20, "canary": 0.97, "prompts_since_promotion": 1500}; as an overlay's monitor does:
+    # {"step": 30, "violated": 9, "n": 10} (reported with the κ the job runs at).
     checks = {int(c["step"]): c for c in params.get("checks", [])}
     for step in range(steps):
         check = checks.get(step, {})
-        points = {f"drift/{name}": float(value) for name, value in check.get("drift", {}).items()}
+        points: dict[str, Value] = {
+            f"drift/{name}": float(value) for name, value in check.get("drift", {}).items()
+        }
         if "canary" in check:
             points["canary/prompts_since_promotion"] = float(check.get("prompts_since_promotion", 0))
             points["canary/pass_rate"] = float(check["canary"])
-        if points:  # one check's points travel together, as the promotion service expects
+        if "violated" in check:
+            violated, n = int(check["violated"]), int(check["n"])
+            points["overlay/violation"] = [1.0] * violated + [0.0] * (n - violated)
+            points["overlay/knob"] = kappa
+        if points:  # one check's points travel together, as the services expect
             ctx.reporter.metrics(points, step)
         for command in commands.commands():
-            if command.action in ("promote", "rollback"):
-                applied.append({"action": command.action, "step": step})
+            if command.action in ("promote", "rollback", "knob"):
+                if command.action == "knob" and command.value is not None:
+                    kappa = command.value
+                applied.append({"action": command.action, "step": step, "value": command.value})
                 ctx.reporter.metric(f"applied/{command.action}", 1.0, step)
                 commands.acknowledge(command, True, f"{command.action} applied at step {step}")
             else:
