@@ -4,7 +4,7 @@ STAMP   := .venv/.installed-stamp
 LOCK    := requirements/cpu.txt
 CPU_WORKERS ?= 2
 
-.PHONY: test run bench lint clean lock results
+.PHONY: test test-slow run bench lint clean lock results
 
 # Everything comes from the CPU lock, pinned and hash-checked (pip, torch's CPU build, the dev tools);
 # then the project itself, editable, built with the locked setuptools and bringing nothing else.
@@ -30,7 +30,11 @@ lock:
 		$(PIP_COMPILE) $(LOCK_ARGS) -o requirements/cuda.txt pyproject.toml requirements/cuda.in
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not mission_smoke"
+
+# Slower end-to-end checks: missions at their smoke profile through a real fleet (tens of minutes).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m mission_smoke
 
 # The whole fleet on this machine: nats-server, fleetd and CPU workers; runs the demo mission at the
 # smoke profile, prints the stats engine's decision per gate, and serves until Ctrl-C.

@@ -1,16 +1,19 @@
 """Does Mission C's smoke base violate on a share of attacks? Its precondition, without a fleet.
 
-`python bench/mission_c_base.py [--cache DIR] [--n 40] [--seed 7]` finds (or pretrains) the smoke base of
-Mission C's mixture, decodes `n` prompts per kind and split greedily, and prints per kind: the share
-that violates (the kind's exact predicate), the share refused, the share that is exactly the safe
-completion, and the violation share among compliant users' prompts. The mission's precondition wants
-the red-team (test) violation rate between 0.4 and 0.8. Then fits the constitution probe per layer on
-training prompts and prints its accuracy on the test split's. Writes bench/results/mission_c_base.json.
+`python bench/mission_c_base.py [--cache DIR] [--n 40] [--seed 7] [--corpus mission_c]` finds (or
+pretrains) the smoke base of a mixture: Mission C's, another mission's, or a union such as
+`mission_a+mission_c` (the base of Mission A run with the overlay). It decodes `n` prompts per kind
+and split greedily, and prints per kind: the share that violates (the kind's exact predicate), the
+share refused, the share that is exactly the safe completion, and the violation share among compliant
+users' prompts. The mission's precondition wants the red-team (test) violation rate between 0.4 and
+0.8. Then it fits the constitution probe per layer on training prompts and prints its accuracy on the
+test split's. Writes bench/results/mission_c_base[-CORPUS].json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bem.core.models import load_model
-from bem.core.smoke_base import smoke_base
+from bem.core.smoke_base import smoke_base, union
 from bem.missions.mission_c import data, recipe
 from bem.missions.mission_c.probe import fit_probe, prompt_features
 
@@ -49,10 +52,16 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path(".fleet/cache"))
     p.add_argument("--n", type=int, default=40)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--corpus", default="mission_c", help="a mission's mixture, or several joined by +")
     args = p.parse_args()
     console = Console()
+    mixtures = [
+        importlib.import_module(f"bem.missions.{name}.data").smoke_mixture()
+        for name in args.corpus.split("+")
+    ]
+    mixture = mixtures[0] if len(mixtures) == 1 else union(mixtures)
     path = smoke_base(
-        args.cache, data.smoke_mixture(), log=lambda m: console.print(f"  {m}", highlight=False)
+        args.cache, mixture, log=lambda m: console.print(f"  {m}", highlight=False), budget_s=None
     )
     model, tokenizer = load_model(path)
     table = Table(title=f"{path.name}: greedy, {args.n} prompts per kind and split")
@@ -89,7 +98,8 @@ def main() -> None:
         + ", ".join(f"{layer}: {acc:.2f}" for layer, acc in results["probe"].items()),
         highlight=False,
     )
-    out = Path(__file__).parent / "results" / "mission_c_base.json"
+    suffix = "" if args.corpus == "mission_c" else f"-{args.corpus}"
+    out = Path(__file__).parent / "results" / f"mission_c_base{suffix}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"base": path.name, "n": args.n, "seed": args.seed, **results}, indent=2))
 

@@ -22,6 +22,7 @@ KINDS: dict[str, str] = {
     "demo.validate": "workers.kinds.demo:validate",
     "mission_a.run": "workers.kinds.mission_a:run",
     "mission_c.run": "workers.kinds.mission_c:run",
+    "mission_c.overlay": "workers.kinds.mission_c:overlay",
     "online.stream": "workers.kinds.mission_b:stream",
 }
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Reporter(Protocol):
     def cancelled(self) -> bool: ...
 
 
+@runtime_checkable
 class Commanded(Protocol):
     """A reporter that can also deliver commands: the job polls at its step boundaries, applies them,
     and acknowledges each one (the fleet's reply to the sender waits for this)."""
@@ -111,6 +112,35 @@ class MemoryReporter:
 
     def cancel(self) -> None:
         self._cancelled = True
+
+
+class CommandSplit:
+    """One job, two readers of its commands (a learner and Mission C's overlay monitor): `taken` reads
+    the commands whose action is in `actions` and `rest` every other one, each through the shared
+    reporter, so neither drains what the other must apply. Everything else goes to the reporter."""
+
+    def __init__(self, reporter: Reporter, actions: Sequence[str]) -> None:
+        self.reporter, self.actions = reporter, frozenset(actions)
+        self._queues: dict[bool, list[Command]] = {True: [], False: []}
+        self.taken, self.rest = _CommandView(self, True), _CommandView(self, False)
+
+    def pull(self, mine: bool) -> list[Command]:
+        take = getattr(self.reporter, "commands", None)
+        for command in take() if take is not None else []:
+            self._queues[command.action in self.actions].append(command)
+        out, self._queues[mine] = self._queues[mine], []
+        return out
+
+
+class _CommandView:
+    def __init__(self, split: CommandSplit, mine: bool) -> None:
+        self._split, self._mine = split, mine
+
+    def commands(self) -> list[Command]:
+        return self._split.pull(self._mine)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._split.reporter, name)  # metric, metrics, progress, acknowledge, ...
 
 
 class Laps:

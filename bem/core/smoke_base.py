@@ -22,7 +22,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,30 @@ class Mixture:
         weights = [s.weight for s in self.sources]
         picks = rng.choices(self.sources, weights=weights, k=self.recipe.corpus_docs)
         return [_pair(s.make(rng)) for s in picks]
+
+
+def union(mixtures: Sequence[Mixture]) -> Mixture:
+    """One corpus for a base that needs several missions' skills (a mission run with Mission C's
+    overlay needs unsafe behaviour to guard against). Each mixture keeps its sources' relative weights
+    and gets an equal share of the documents; the model is the first's, with the longest sequence of
+    any; the steps, warm-up and documents add up, so each skill gets the pretraining it was tuned with."""
+    if len(mixtures) < 2 or len({m.name for m in mixtures}) != len(mixtures):
+        raise ValueError(f"a union needs two or more different mixtures; got {[m.name for m in mixtures]}")
+    recipes = [m.recipe for m in mixtures]
+    recipe = replace(
+        recipes[0],
+        seq_len=max(r.seq_len for r in recipes),
+        max_position_embeddings=max(r.max_position_embeddings for r in recipes),
+        steps=sum(r.steps for r in recipes),
+        warmup=max(r.warmup for r in recipes),
+        corpus_docs=sum(r.corpus_docs for r in recipes),
+    )
+    sources = tuple(
+        Source(f"{m.name}/{s.name}", s.weight / sum(x.weight for x in m.sources), s.make)
+        for m in mixtures
+        for s in m.sources
+    )
+    return Mixture("+".join(m.name for m in mixtures), sources, mixtures[0].seed, recipe)
 
 
 def _pair(doc: Doc) -> tuple[str, str]:

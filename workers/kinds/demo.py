@@ -29,13 +29,19 @@ def _base(params: dict[str, Any], ctx: TaskContext) -> Path:
         raise ValueError(f"params.base_recipe {recipe!r}: 'smoke' or 'byte'")
     import importlib
 
-    from bem.core.smoke_base import smoke_base
+    from bem.core.smoke_base import smoke_base, union
 
+    # One mission's corpus, or several joined by "+" (a base for a mission run with another's overlay).
     corpus = str(params.get("corpus", "validation"))
-    if corpus not in SMOKE_CORPORA:
-        raise ValueError(f"params.corpus {corpus!r}: one of {', '.join(SMOKE_CORPORA)}")
-    mixture = importlib.import_module(f"bem.missions.{corpus}.data").smoke_mixture()
-    return smoke_base(ctx.cache_dir, mixture, log=lambda msg: print(msg, flush=True))
+    names = corpus.split("+")
+    for name in names:
+        if name not in SMOKE_CORPORA:
+            raise ValueError(f"params.corpus {corpus!r}: {name!r} is not one of {', '.join(SMOKE_CORPORA)}")
+    mixtures = [importlib.import_module(f"bem.missions.{name}.data").smoke_mixture() for name in names]
+    mixture = mixtures[0] if len(mixtures) == 1 else union(mixtures)
+    # The guard scales with the steps: a union pretrains each member's steps (~5 a second at smoke size).
+    budget_s = 300.0 if len(mixtures) == 1 else 0.3 * mixture.recipe.steps
+    return smoke_base(ctx.cache_dir, mixture, log=lambda msg: print(msg, flush=True), budget_s=budget_s)
 
 
 def dry_run_base(params: dict[str, Any]) -> Path:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +37,7 @@ from bem.core.attach import Attachment, attach_bems
 from bem.core.cache import RouterDecision, cache_safety_rate, codes_constant_in_chunks, kv_hit_ratio
 from bem.core.chunked import read_hidden
 from bem.core.models import load_model
+from bem.core.overseer import Overseer
 from bem.core.parity import Cost, Parity, adapter_parameters, linear_flops, parity
 from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
 from bem.core.routing import chunk_means, lag_chunks, num_chunks
@@ -329,6 +332,9 @@ class Composed:
     blocks: Blocks
     layer: int
     cap: int
+    # What each answer is decoded under: nothing, or an overseer's `serve` (Mission C's overlay, in
+    # evaluation only: the router trains on the model as it is).
+    serve: Callable[[Sequence[str]], AbstractContextManager[object]] = lambda _: nullcontext()
 
     @cached_property
     def fused_code(self) -> dict[str, Tensor]:
@@ -347,7 +353,8 @@ class Composed:
 
     def answer(self, prompt: str, chunk_codes: list[dict[str, Tensor]]) -> str:
         """Greedy decoding of up to `cap` new tokens, each chunk under its code."""
-        return decode(self.model, self.tokenizer, self.att, prompt, chunk_codes, self.cap)
+        with self.serve([prompt]):
+            return decode(self.model, self.tokenizer, self.att, prompt, chunk_codes, self.cap)
 
 
 # ---- step 1: the adapters, at parity --------------------------------------------------------------
@@ -753,8 +760,11 @@ def run_mission_a(
     out_dir: str | Path,
     reporter: Reporter,
     device: torch.device | str = "cpu",
+    overseer: Overseer | None = None,
 ) -> dict[str, Any]:
-    """One seed end to end; per-example score rows go to the reporter; returns the run summary.
+    """One seed end to end; per-example score rows go to the reporter; returns the run summary. An
+    `overseer` (Mission C's overlay) serves every answer of the evaluation; what it saw is in the
+    summary's `overlay`.
 
     Each random stream is drawn in a fixed order: torch's global one (dropout, the policy's initial
     weights), `gen` (LoRA minibatches, PPO's plans), `rng` (the teacher, BC's shuffles, PPO's picks).
@@ -787,8 +797,12 @@ def run_mission_a(
     laps.lap("train_ar1")
 
     # 4. Every arm on the composite test set, then the per-run scores.
+    if overseer is not None:
+        overseer.attach(model, tokenizer)
+        c = replace(c, serve=overseer.serve)
     ev = evaluate_arms(c, policy, {"AR0": ar0, "AR1": ar1}, data, prof, seed, reporter)
     score_experts(c, data, seed, ev)
+    overlay = overseer.close() if overseer is not None else None
     laps.lap("evaluate")
     per_run, kv = run_rows(ev, seed)
     summary = {
@@ -804,6 +818,8 @@ def run_mission_a(
         "timings_s": laps.timings,
         "values": {"adapter_param_ratio": par.parameter_ratio},
     }
+    if overlay is not None:
+        summary["overlay"] = overlay
     save_results(out, reporter, summary, ev.rows + per_run)
     return summary
 

@@ -20,6 +20,7 @@ import json
 import random
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from bem.core import dryrun
 from bem.core.attach import attach_bems
 from bem.core.controllers import SimpleController
 from bem.core.models import load_model
+from bem.core.overseer import Overseer
 from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
 from bem.core.train import lm_loss
 from bem.missions.mission_b.data import (
@@ -110,6 +112,7 @@ def run_mission_b(
     sabotage_at: int | None = None,
     pace_s: float = 0.0,
     soak_s: float | None = None,
+    overseer: Overseer | None = None,
 ) -> dict[str, Any]:
     """Deploy, then serve and learn over the stream (or the soak).
 
@@ -118,7 +121,9 @@ def run_mission_b(
     fleet); `sabotage_at` makes the update at that prompt use a learning rate 1,000 times too large
     (the test of the safety net); `pace_s` is the least time a step of `update_every` prompts takes,
     as when traffic arrives at a given rate; `soak_s` makes a soak run for that long instead of the
-    profile's prompt count (the full profile's 24-hour soak)."""
+    profile's prompt count (the full profile's 24-hour soak); an `overseer` (Mission C's overlay) is on
+    for every served step (live, frozen and shadow alike), not for the checks; what it saw is in the
+    summary's `overlay`."""
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     if learner_overrides:
         prof = replace(prof, learner=replace(prof.learner, **learner_overrides))
@@ -138,7 +143,10 @@ def run_mission_b(
     flow = traffic(mode, prof, seed, soak_s)
     learner = make_learner(online, tok, prof, rules, deploy_items, out, rep, seed)
     laps.lap("learner")
-    served = serve(learner, flow, prof, rep, sabotage_at, pace_s)
+    if overseer is not None:
+        overseer.attach(online.lm, tok)
+    served = serve(learner, flow, prof, rep, sabotage_at, pace_s, overseer)
+    overlay = overseer.close() if overseer is not None else None
     laps.lap("stream")
 
     rows = score_rows(served, seed)
@@ -148,6 +156,8 @@ def run_mission_b(
     # What stayed fixed: the deployed controller (the frozen arm) and the LM with its BEM bases.
     summary["deployed_controller"] = state_hash(learner.frozen)
     summary["lm_state"] = {"deployed": lm_deployed, "end": lm_state(online)}
+    if overlay is not None:
+        summary["overlay"] = overlay
     if services is not None:
         summary["decisions"] = services.decisions
         summary["judged"] = [
@@ -241,6 +251,7 @@ def serve(
     reporter: Reporter,
     sabotage_at: int | None,
     pace_s: float,
+    overseer: Overseer | None = None,
 ) -> Served:
     """The stream: at each update boundary obey the services' commands, serve and learn on the next
     `update_every` prompts, run the checks that are due, and report window means."""
@@ -252,7 +263,8 @@ def serve(
             break
         chunk = list(itertools.islice(flow.source, cfg.update_every))
         sabotage = sabotage_at is not None and start <= sabotage_at < start + len(chunk)
-        learn_step(learner, chunk, start, served, sabotage)
+        with overseer.serve([it.prompt for it in chunk]) if overseer is not None else nullcontext():
+            learn_step(learner, chunk, start, served, sabotage)
         prompt = start + len(chunk)
         # No check after the last prompt: no update boundary follows at which to obey its decision.
         last = prompt >= flow.n
