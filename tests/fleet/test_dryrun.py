@@ -213,3 +213,28 @@ def test_the_mission_is_read_locally(
     with pytest.raises(SystemExit) as refused:
         fleetctl.main(["submit", "demo", "--missions-dir", str(tmp_path)])
     assert refused.value.code == 2
+
+
+def test_mission_c_counts_are_the_recipes(capsys: pytest.CaptureFixture[str], config_dir: Path) -> None:
+    from bem.core.train import LORA_RANK, train_lora
+    from bem.missions.mission_c import basis
+    from bem.missions.mission_c import recipe as mc
+    from bem.missions.mission_c.safety import skill_bases
+
+    out = full(capsys, "mission_c", config_dir)
+    check_base_stage(out, config_dir)
+    got = built(out, "mission_c.run")[0]["result"]
+
+    # The real thing: the skill LoRA a step, its subspaces, one overlay per layer at the full r_s.
+    model = build_tiny_llama(tiny_llama_config()).requires_grad_(False)
+    data = mc.make_data(replace(mc.PROFILES["full"], n_utility=4, n_attack=1, n_test=1, n_dev=1))
+    skilled = train_lora(
+        model, byte_tokenizer(), data.utility, rank=LORA_RANK, steps=1, lr=1e-3, batch_size=2,
+        generator=torch.Generator().manual_seed(0), reporter=MemoryReporter(), name="skill",
+    )  # fmt: skip
+    lora = count([p for p in skilled.parameters() if p.requires_grad])
+    rank = mc.PROFILES["full"].safety.rank
+    overlays = [basis.SafetyOverlay(s, r_s=rank) for s in skill_bases(skilled).values()]
+    assert got["adapters"] == {"skill_lora": lora, "overlays": count(overlays), "safety_lora": lora}
+    assert got["layers"] == len(overlays) and got["overlay_rank"] == rank
+    assert [p["trainable"] for p in got["phases"]] == [lora, 0, count(overlays), lora, 0]

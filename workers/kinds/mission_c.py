@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.kinds import TaskContext
-from workers.kinds.demo import _base, run_args
+from workers.kinds.demo import _base, dry_run_base, run_args
 
 PACKAGE_SEED = 1  # the overlay stage runs once per mission; its tasks find the package by this seed
 
@@ -70,3 +70,13 @@ def monitor(params: dict[str, Any], ctx: TaskContext) -> Any:
         per_check=rules.per_check,
         seed=PACKAGE_SEED,
     )
+
+
+def dry_run(params: dict[str, Any], fn: str) -> dict[str, Any]:
+    """`run`: one seed's models; `overlay`: the overlay stage's (nothing with the overlay off)."""
+    if fn == "overlay" and not params.get("overlay"):
+        return {"nothing": "the overlay is off (params.overlay): the stage trains nothing"}
+    from bem.missions.mission_c.recipe import dry_run as mission_c
+
+    profile = str(params.get("profile", "smoke"))
+    return mission_c(dry_run_base(params), profile=profile, overlay_only=fn == "overlay")

@@ -30,7 +30,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,11 +39,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from bem.core import dryrun
 from bem.core.generate import greedy_generate
 from bem.core.metrics import exact_match, token_f1
 from bem.core.models import load_model
 from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
-from bem.core.train import LORA_RANK, train_lora
+from bem.core.train import LORA_RANK, lora_model, train_lora
 from bem.missions.mission_c import basis, data
 from bem.missions.mission_c.baselines import Ablation, Steering, last_token_states, mean_difference
 from bem.missions.mission_c.probe import fit_probe
@@ -452,3 +453,50 @@ def run_values(summary: dict[str, Any]) -> dict[str, float]:
         "knob_slope_low": knob.get("slope_low", float("nan")),
         "base_violation_rate": summary["arms"]["no_safety"].get("violation", float("nan")),
     }
+
+
+DRY_RUN_SAMPLE = 256  # prompts per kind a dry run draws to find the longest row
+
+
+def dry_run(
+    base_path: str | Path, profile: str | Profile = "full", overlay_only: bool = False
+) -> dict[str, Any]:
+    """One seed's models on the meta device, from the base's config.json alone (`bem.core.dryrun`): the
+    utility skill LoRA, the probe's pass, the overlays (r_s per layer, built on a skill subspace of the
+    LoRA's shape), the safety LoRA, and decoding; their parameters and each phase's estimated peak
+    memory. `overlay_only`: the overlay stage of another mission (skill, probe, overlays)."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    base = dryrun.meta_base(base_path)
+    model = base.model.requires_grad_(False)
+    n = DRY_RUN_SAMPLE
+    d = make_data(replace(prof, n_utility=min(prof.n_utility, n), n_attack=min(prof.n_attack, n // 5),
+                          n_test=min(prof.n_test, n // 5), n_dev=min(prof.n_dev, n // 5)))  # fmt: skip
+    skill = lora_model(model, LORA_RANK)
+    # S has the LoRA's shape (its W_O and W_down output factors: 2·rank columns per layer); its values do
+    # not change a parameter count or a byte, so a random one on the CPU stands in.
+    hidden = int(model.config.hidden_size)
+    gen = torch.Generator().manual_seed(0)
+    overlays = [
+        basis.SafetyOverlay(
+            torch.randn(hidden, 2 * LORA_RANK, generator=gen), r_s=prof.safety.rank, generator=gen
+        )
+        for _ in basis.decoder_layers(model)
+    ]
+    skill_params = [p for p in skill.parameters() if p.requires_grad]
+    rows = [*d.utility, *d.attacks]
+    longest = base.longest(rows)
+    phases = [
+        dryrun.phase(f"skill (r {LORA_RANK})", base, [model, skill], skill_params, dryrun.Pass(16, longest)),
+        dryrun.phase("probe", base, [model], [], dryrun.Pass(32, longest, backward=False)),
+        dryrun.phase(f"overlays (r_s {prof.safety.rank})", base, [model, *overlays], overlays,
+                     dryrun.Pass(prof.safety.batch_size, longest)),
+    ]  # fmt: skip
+    adapters = {"skill_lora": dryrun.count(skill_params), "overlays": dryrun.count(overlays)}
+    if not overlay_only:
+        phases.append(dryrun.phase(f"safety_lora (r {LORA_RANK})", base, [model, skill], skill_params,
+                                   dryrun.Pass(16, longest)))  # fmt: skip
+        longest_prompt = max(base.tokens(c.prompt) for c in [*d.red_team, *d.utility_test, *d.benign_test])
+        run = dryrun.Pass(1, longest_prompt + prof.max_new_tokens, backward=False)
+        phases.append(dryrun.phase("decode every arm", base, [model, *overlays], [], run))
+        adapters["safety_lora"] = adapters["skill_lora"]
+    return dryrun.summary(base, adapters, phases, overlay_rank=prof.safety.rank, layers=len(overlays))
