@@ -44,7 +44,7 @@ run: $(STAMP)
 bench: $(STAMP)
 	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
-# The smoke missions (demo, mission_a, mission_b) on a fresh temporary fleet with CPU workers, one after
+# The smoke missions (demo, mission_a, mission_b, mission_c) on a fresh temporary fleet with CPU workers, one after
 # the other, and each one's report (Markdown and one HTML file) into docs/results/, stamped with the
 # commit. RESULTS_ARGS="--missions selftest --profile quick" tries the plumbing in seconds.
 results: $(STAMP)

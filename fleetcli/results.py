@@ -1,10 +1,10 @@
 """`make results`: the smoke missions on a fresh temporary fleet, each one's report into docs/results/.
 
-`python -m fleetcli.results [--missions demo,mission_a,mission_b] [--profile smoke] [--out DIR]` starts
-`fleetd up --cpu-workers N` on a new home in a temporary folder, submits the missions one after the
-other, and writes `fleetctl report` for each (stamped with this checkout's commit, "dirty" when the
-tree has changes). Exits 1 when a mission did not succeed or did not end in time (its report is
-still written when it ended); the temporary home is kept then, for its logs.
+`python -m fleetcli.results [--missions demo,mission_a,mission_b,mission_c] [--profile smoke]
+[--out DIR]` starts `fleetd up --cpu-workers N` on a new home in a temporary folder, submits the
+missions one after the other, and writes `fleetctl report` for each (stamped with this checkout's
+commit, "dirty" when the tree has changes). Exits 1 when a mission did not succeed or did not end in
+time (its report is still written when it ended); the temporary home is kept then, for its logs.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from fleetcli import report as reporting
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fleetcli.results", description=__doc__.splitlines()[0])
-    p.add_argument("--missions", default="demo,mission_a,mission_b", help="comma-separated mission names")
+    p.add_argument(
+        "--missions", default="demo,mission_a,mission_b,mission_c", help="comma-separated mission names"
+    )
     p.add_argument("--profile", default="smoke")
     p.add_argument("--out", type=Path, default=Path("docs/results"), metavar="DIR")
     p.add_argument("--cpu-workers", type=int, default=2)

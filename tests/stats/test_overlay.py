@@ -64,3 +64,7 @@ def test_the_config_table_is_validated() -> None:
         OverlayWatch.from_config({"raise_by": 0.0})
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
         OverlayWatch.from_config({"ceilling": 0.2})
+    with pytest.raises(msgspec.ValidationError, match="every and per_check"):
+        OverlayWatch.from_config({"every": 0})
+    with pytest.raises(msgspec.ValidationError, match="knob must be in"):
+        OverlayWatch.from_config({"knob": 1.5})

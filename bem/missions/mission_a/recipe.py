@@ -34,7 +34,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bem.core import dryrun
 from bem.core.attach import Attachment, attach_bems
-from bem.core.cache import RouterDecision, cache_safety_rate, codes_constant_in_chunks, kv_hit_ratio
+from bem.core.cache import (
+    RouterDecision,
+    cache_safety_rate,
+    codes_constant_in_chunks,
+    kv_hit_rate,
+    kv_hit_ratio,
+)
 from bem.core.chunked import read_hidden
 from bem.core.models import load_model
 from bem.core.overseer import Overseer
@@ -719,11 +725,19 @@ def score_experts(c: Composed, data: Data, seed: int, ev: Evaluation) -> None:
         ev.per_arm[f"expert_{skill}"] = {"em": float(np.mean(ems))}
 
 
-def run_rows(ev: Evaluation, seed: int) -> tuple[list[ScoreRow], dict[str, float]]:
+def run_rows(ev: Evaluation, seed: int) -> tuple[list[ScoreRow], dict[str, float | None]]:
     """The per-run scores, example_id run-seed{seed}: KV-hit against the fused arm, index-swap pass rate,
-    cache-safety rate; and the KV-hit ratios for the summary."""
+    cache-safety rate; and the KV-hit ratios for the summary.
+
+    When the fused arm reuses nothing (a tokenizer that packs the shared context into less than one
+    chunk: the base of a mission run with Mission C's overlay), the ratio is undefined: no row, None in
+    the summary, and the KV-hit guard finds no evidence rather than a made-up number."""
     run_id = f"run-seed{seed}"
-    kv = {arm: kv_hit_ratio(ev.streams[arm], ev.streams["fused"], CHUNK) for arm in ARMS}
+    fused_hits = kv_hit_rate(ev.streams["fused"], CHUNK)
+    kv = {
+        arm: kv_hit_ratio(ev.streams[arm], ev.streams["fused"], CHUNK) if fused_hits > 0 else None
+        for arm in ARMS
+    }
     rows = []
     for arm in ARMS:
         safety = cache_safety_rate(ev.decisions[arm]) if ev.decisions[arm] else 1.0
@@ -732,7 +746,8 @@ def run_rows(ev: Evaluation, seed: int) -> tuple[list[ScoreRow], dict[str, float
             ("index_swap_pass", ev.swap_rate[arm]),
             ("cache_safety_rate", safety),
         ):
-            rows.append(ScoreRow(run_id, arm, seed, metric, float(value)))
+            if value is not None:
+                rows.append(ScoreRow(run_id, arm, seed, metric, float(value)))
     return rows, kv
 
 
