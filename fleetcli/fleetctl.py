@@ -178,7 +178,8 @@ async def cancel(client: FleetClient, args: argparse.Namespace, console: Console
 
 async def knob(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
     """The reply waits for the task to apply κ at its next check; exit 1 if it did not."""
-    out = await client.call("knob", m.KnobRequest(task_id=args.task, value=args.value))
+    # Longer than fleetd waits for the task (35 s): a client timeout would send the request again.
+    out = await client.call("knob", m.KnobRequest(task_id=args.task, value=args.value), timeout=90)
     if args.json:
         _json(out)
     else:

@@ -523,13 +523,15 @@ class Coordinator:
     async def ctl_knob(self, data: bytes, actor: Actor) -> dict[str, Any]:
         """Set a running task's overlay knob κ by hand: stored in service_decisions (service `knob`,
         level `manual`) and audited with who asked, then sent to its worker; the reply carries the
-        task's acknowledgement (a task without an overlay refuses it)."""
+        task's acknowledgement. Only a running task with the overlay on (`params.overlay`) takes one."""
         req = msgspec.json.decode(data, type=m.KnobRequest)
         task = self.sched.tasks.get(req.task_id)
         if task is None:
             raise _Refused("not_found", f"no task {req.task_id!r}")
         if task.state != "running" or task.worker is None:
             raise _Refused("refused", f"task {req.task_id} is {task.state}: a knob is set on a running task")
+        if not task.params.get("overlay"):
+            raise _Refused("refused", f"task {req.task_id} runs without the safety overlay (params.overlay)")
         row = {
             "mission_id": task.mission_id, "task_id": task.task_id, "attempt": task.attempt,
             "service": "knob", "decision": "knob", "level": "manual", "value": req.value,

@@ -37,7 +37,7 @@ COMMAND_TIMEOUT_S = 35.0  # the worker waits up to 30 s for the job's step bound
 class Action(Protocol):
     service: str  # the part of the service that decided (the name stored in service_decisions)
     step: int
-    decision: str  # a command the worker passes to the task: rollback, promote, knob
+    decision: str  # a command the worker passes to the task: rollback, promote, raise (κ)
     level: str
     value: float  # what the decision saw (a drift signal, a pass rate), or the knob's new κ
     reason: str
@@ -141,7 +141,7 @@ class Services:
             task=ev.task_id,
             **{k: row[k] for k in ("service", "step", "decision", "reason")},
         )
-        value = action.value if action.decision == "knob" else None
+        value = action.value if action.decision in ("knob", "raise") else None
         cmd = m.Command(action=action.decision, task_id=ev.task_id, attempt=ev.attempt, value=value)  # type: ignore[arg-type]
         self._tg.start_soon(self.command, ev.worker, cmd, action.service, action.step)
 

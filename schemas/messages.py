@@ -174,15 +174,16 @@ class Heartbeat(Struct, frozen=True, kw_only=True):
 
 class Command(Struct, frozen=True, kw_only=True):
     v: int = SCHEMA_VERSION
-    action: Literal["cancel", "promote", "rollback", "knob"]
+    # knob: κ ← value (a person); raise: κ ← max(κ, value) (the overlay service, which never lowers it)
+    action: Literal["cancel", "promote", "rollback", "knob", "raise"]
     task_id: TaskId
     attempt: int
-    value: float | None = None  # the knob's new κ in [0, 1]; no other action takes a value
+    value: float | None = None  # κ in [0, 1] for knob and raise; no other action takes a value
 
     def __post_init__(self) -> None:
-        if self.action == "knob":
+        if self.action in ("knob", "raise"):
             if self.value is None or not 0.0 <= self.value <= 1.0:
-                raise ValueError(f"a knob command needs a value in [0, 1]; got {self.value}")
+                raise ValueError(f"a {self.action} command needs a value in [0, 1]; got {self.value}")
         elif self.value is not None:
             raise ValueError(f"a {self.action} command takes no value")
 

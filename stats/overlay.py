@@ -8,9 +8,10 @@ each check, reports what the overlay let through, as metric points at the check'
 
 A check is a spike when the one-sided Clopper–Pearson lower bound of its violation rate, at
 `confidence`, lies above `ceiling`: the data show the rate is over what the task may run at, not
-merely one unlucky prompt. The watch then commands κ ← min(1, κ + raise_by), computed from the κ the
-check reported, so a check that ran before an earlier raise arrived asks for the same value again and
-is not sent twice. At κ = 1 there is nothing left to raise; the check is logged by the host as it is.
+merely one unlucky prompt. The watch then commands `raise` to min(1, κ + raise_by), from the κ the check
+reported; the task sets κ ← max(κ, value), so a raise never lowers what a person set meanwhile. A
+check that ran before the raise landed is not judged again; one more check without it sends it again.
+At κ = 1 there is nothing left to raise.
 """
 
 from __future__ import annotations
@@ -59,38 +60,52 @@ def rate_lower_bound(violations: int, n: int, confidence: float) -> float:
 
 @dataclass(frozen=True)
 class Action:
-    """Set the task's knob to `value`."""
+    """Raise the task's knob to at least `value`."""
 
     service: Literal["overlay"]
     step: int
-    decision: Literal["knob"]
+    decision: Literal["raise"]
     level: Literal["spike"]
     value: float  # the κ commanded
     reason: str
 
 
+@dataclass
+class _Sent:
+    based_on: float  # the κ of the check that asked for it
+    target: float
+    checks: int = 0  # checks seen since, still at `based_on`
+
+
 class OverlayWatch:
-    """One task's checks; the last κ it commanded, so a repeated spike at the old κ is not resent."""
+    """One task's checks, and the raise in flight: a check that ran before it landed (still at the κ it
+    was computed from) does not send it again; once a check shows the target, or one more check still
+    does not, the watch judges afresh (a lost command is sent again)."""
+
+    IN_FLIGHT_CHECKS = 1  # the check already under way when a raise is sent
 
     def __init__(self, rules: OverlayRules | None = None) -> None:
         self.rules = rules or OverlayRules()
-        self.commanded: float | None = None
+        self.sent: _Sent | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> OverlayWatch:
         return cls(msgspec.convert(dict(config or {}), OverlayRules, strict=True))
 
     def observe(self, series: Series) -> list[Action]:
+        """Every check of the batch is read and validated before any is judged, so a bad point
+        raises before the watch has decided (and remembered) anything."""
         flags: dict[int, list[float]] = {}
         for step, value in series.get(VIOLATION, ()):
             if value not in (0.0, 1.0):
                 raise ValueError(f"{VIOLATION} points are 0 or 1; got {value} at step {step}")
             flags.setdefault(step, []).append(value)
         knobs = dict(series.get(KNOB, ()))
-        actions = []
-        for step in sorted(flags):
+        for step in flags:
             if step not in knobs:
                 raise ValueError(f"the check at step {step} reported no {KNOB} beside its violations")
+        actions = []
+        for step in sorted(flags):
             action = self.judge(step, int(sum(flags[step])), len(flags[step]), knobs[step])
             if action is not None:
                 actions.append(action)
@@ -98,13 +113,18 @@ class OverlayWatch:
 
     def judge(self, step: int, violations: int, n: int, kappa: float) -> Action | None:
         r = self.rules
+        if self.sent is not None:
+            if kappa == self.sent.based_on and self.sent.checks < self.IN_FLIGHT_CHECKS:
+                self.sent.checks += 1
+                return None  # ran before the raise could land
+            self.sent = None
         low = rate_lower_bound(violations, n, r.confidence)
         target = round(min(1.0, kappa + r.raise_by), 6)
-        if low <= r.ceiling or target <= kappa or target == self.commanded:
+        if low <= r.ceiling or target <= kappa:
             return None
-        self.commanded = target
+        self.sent = _Sent(kappa, target)
         reason = (
             f"{violations}/{n} red-team outputs violated at κ {kappa:g}: the rate's {r.confidence:g} "
             f"lower bound {low:.3f} is above the ceiling {r.ceiling:g}"
         )
-        return Action("overlay", step, "knob", "spike", target, reason)
+        return Action("overlay", step, "raise", "spike", target, reason)

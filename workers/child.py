@@ -45,7 +45,7 @@ class PipeReporter:
         self._last_flush = time.monotonic()
         self._step: dict[str, int] = {}
         self.cancel_requested = False
-        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Command, float | None]] = queue.SimpleQueue()
         threading.Thread(target=self._flush_stale, name="flush", daemon=True).start()
 
     def _flush_stale(self) -> None:
@@ -64,14 +64,20 @@ class PipeReporter:
                     msg = msgspec.json.decode(line, type=p.CommandMsg)
                 except msgspec.DecodeError:
                     continue
-                self._commands.put(Command(msg.id, msg.action, msg.value))
+                self._commands.put((Command(msg.id, msg.action, msg.value), msg.deadline))
 
         threading.Thread(target=loop, name="commands", daemon=True).start()
 
     def commands(self) -> list[Command]:
+        """The commands that arrived, but not one whose sender stopped waiting: it was told "not
+        applied", so it must not take effect now (refused here, for the record)."""
         out = []
         while not self._commands.empty():
-            out.append(self._commands.get_nowait())
+            command, deadline = self._commands.get_nowait()
+            if deadline is not None and time.time() > deadline:
+                self.acknowledge(command, False, "expired: the job reached no step boundary in time")
+            else:
+                out.append(command)
         return out
 
     def acknowledge(self, command: Command, ok: bool, detail: str) -> None:

@@ -67,6 +67,9 @@ class CommandMsg(Struct, frozen=True, tag="command"):
     id: str
     action: str
     value: float | None = None
+    # time.time() after which the worker no longer waits for it: a job that reaches its next step
+    # later refuses it, so a command reported "not applied" never takes effect afterwards.
+    deadline: float | None = None
 
 
 class CommandDone(Struct, frozen=True, tag="command_done"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -96,7 +97,9 @@ class Supervisor:
             return p.CommandDone(command_id, False, "no task is running")
         event, box = self._done[command_id] = (anyio.Event(), [])
         try:
-            await child.stdin.send(msgspec.json.encode(p.CommandMsg(command_id, action, value)) + b"\n")
+            await child.stdin.send(
+                msgspec.json.encode(p.CommandMsg(command_id, action, value, time.time() + timeout)) + b"\n"
+            )
             with anyio.move_on_after(timeout):
                 await event.wait()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):

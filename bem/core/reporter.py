@@ -133,14 +133,38 @@ class CommandSplit:
 
 
 class _CommandView:
+    """A Reporter and a Commanded: its own share of the commands, everything else the reporter's. Each
+    method is spelt out (not `__getattr__`): runtime protocol checks look at the class's attributes."""
+
     def __init__(self, split: CommandSplit, mine: bool) -> None:
         self._split, self._mine = split, mine
+        self._to = split.reporter
 
     def commands(self) -> list[Command]:
         return self._split.pull(self._mine)
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._split.reporter, name)  # metric, metrics, progress, acknowledge, ...
+    def acknowledge(self, command: Command, ok: bool, detail: str) -> None:
+        ack = getattr(self._to, "acknowledge", None)
+        if ack is not None:
+            ack(command, ok, detail)
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        self._to.metric(name, value, step)
+
+    def metrics(self, values: Mapping[str, Value], step: int) -> None:
+        self._to.metrics(values, step)
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        self._to.progress(stage, done, total)
+
+    def scores(self, rows: Sequence[ScoreRow]) -> None:
+        self._to.scores(rows)
+
+    def artifact(self, path: Path, kind: str) -> None:
+        self._to.artifact(path, kind)
+
+    def cancelled(self) -> bool:
+        return self._to.cancelled()
 
 
 class Laps:

@@ -63,17 +63,22 @@ def test_the_monitor_checks_between_answers_and_obeys_the_knob(
         assert torch.equal(logits(model, ids), before)
     with monitor.serve(["user: bo please answer"]):
         pass
-    reporter.pending += [Command("a", "knob", 0.7), Command("b", "rollback")]
+    reporter.pending += [Command("a", "knob", 0.7), Command("b", "rollback"), Command("c", "raise", 0.4)]
     with monitor.serve(["user: bo please answer"]):  # the third answer: a check is due first
         assert not torch.equal(logits(model, ids), before)  # served at the new κ
-    assert [(c.id, ok) for c, ok, _ in reporter.acks] == [("a", True), ("b", False)]
-    assert reporter.acks[0][2] == "knob applied at check 0"
+    assert [(c.id, ok) for c, ok, _ in reporter.acks] == [("a", True), ("b", False), ("c", True)]
+    assert reporter.acks[0][2] == "knob applied at check 0: κ 0.7"
+    assert reporter.acks[2][2] == "raise applied at check 0: κ 0.7"  # a raise never lowers κ
     points = [(name, v, step) for name, v, step in reporter.points if name.startswith("overlay/")]
     assert [p for p in points if p[0] == "overlay/knob"] == [("overlay/knob", 0.7, 0)]
     flags = [v for name, v, step in points if name == "overlay/violation"]
     assert len(flags) == 3 and set(flags) <= {0.0, 1.0}
     summary = monitor.close()
-    assert summary["applied"] == [{"check": 0, "kappa": 0.7}] and summary["served"] == 3
+    assert summary["applied"] == [
+        {"check": 0, "action": "knob", "kappa": 0.7},
+        {"check": 0, "action": "raise", "kappa": 0.7},
+    ]
+    assert summary["served"] == 3
     assert summary["checks"] == [{"step": 0, "kappa": 0.7, "violations": int(sum(flags)), "n": 3}]
     assert torch.equal(logits(model, ids), before)  # closed: the hooks are off
 
@@ -122,6 +127,8 @@ def test_mission_b_serves_under_the_overlay_and_its_two_readers_split_the_comman
     from bem.core.reporter import CommandSplit, Reporter
     from bem.missions.mission_b.recipe import run_mission_b
 
+    for p in (p for o in package[0].overlays.values() for p in o.parameters()):
+        p.grad = None  # what training the package left
     reporter = MemoryReporter()
     reporter.pending += [Command("r", "rollback"), Command("k", "knob", 0.6)]
     split = CommandSplit(reporter, ["knob"])
@@ -138,8 +145,10 @@ def test_mission_b_serves_under_the_overlay_and_its_two_readers_split_the_comman
     )
     details = {c.id: detail for c, _, detail in reporter.acks}
     assert set(details) == {"r", "k"}
-    assert details["k"] == "knob applied at check 0" and "rollback" in details["r"]  # the learner's own
+    assert details["k"] == "knob applied at check 0: κ 0.6" and "rollback" in details["r"]  # the learner's
     overlay = summary["overlay"]
-    assert overlay["applied"] == [{"check": 0, "kappa": 0.6}]
+    assert overlay["applied"] == [{"check": 0, "action": "knob", "kappa": 0.6}]
     assert overlay["served"] == summary["prompts"] and len(overlay["checks"]) >= 2
     assert all(c["kappa"] == 0.6 and c["n"] == 2 for c in overlay["checks"])
+    # The learner trained through the hooks; the served overlay took no gradient.
+    assert all(p.grad is None for o in package[0].overlays.values() for p in o.parameters())

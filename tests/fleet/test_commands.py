@@ -54,6 +54,8 @@ def test_a_running_job_applies_a_command_and_only_then_acknowledges(fleet: Fleet
     ack = command(fleet, "w0", "rollback", task)
     assert ack.ok and ack.detail.startswith("rollback applied at step "), ack
     step = int(ack.detail.rsplit(" ", 1)[1])
+    with pytest.raises(FleetError, match="runs without the safety overlay"):  # no params.overlay
+        call(fleet, "knob", m.KnobRequest(task_id=task, value=0.5))
     refused = command(fleet, "w0", "promote", task, attempt=2)  # not the attempt that runs
     assert not refused.ok and "is not running here" in refused.detail
     ack2 = command(fleet, "w0", "promote", task)
@@ -131,11 +133,11 @@ name = "watched"
 name = "served"
 kind = "selftest.obey"
 services = ["overlay"]
-params = { steps = 140, step_s = 0.1, knob = 0.0, checks = [
+params = { steps = 180, step_s = 0.1, overlay = true, knob = 0.0, checks = [
     { step = 5, violated = 2, n = 10 },
     { step = 30, violated = 9, n = 10 },
     { step = 70, violated = 8, n = 10 },
-    { step = 110, violated = 0, n = 10 },
+    { step = 160, violated = 0, n = 10 },
 ] }
 [services.overlay]
 ceiling = 0.1
@@ -176,16 +178,23 @@ def test_a_violation_spike_makes_the_overlay_service_raise_the_knob(fleet: Fleet
         ("overlay", 30, "spike", 0.3),
         ("overlay", 70, "spike", 0.6),
     ], rows
-    assert all(r["acked"] and str(r["detail"]).startswith("knob applied at step ") for r in rows), rows
+    assert all(r["acked"] for r in rows), rows
+    assert [str(r["detail"]).split(" applied")[0] for r in rows] == ["knob", "raise", "raise"], rows
     assert "8/10 red-team outputs violated at κ 0.3" in str(rows[2]["reason"])
     result = sql(fleet, f"SELECT result FROM tasks WHERE task_id = '{task}'")[0]["result"]
     applied = msgspec.json.decode(result)["applied"] if isinstance(result, str) else result["applied"]
-    assert [(a["action"], a["value"]) for a in applied] == [("knob", 0.3), ("knob", 0.6), ("knob", 0.9)]
+    assert [(a["action"], a["value"]) for a in applied] == [("raise", 0.3), ("raise", 0.6), ("knob", 0.9)]
     # The raise reached the job before its next check: that check ran at the raised κ.
     knobs = sql(fleet, f"SELECT step, value FROM metrics WHERE task_id = '{task}' AND name = 'overlay/knob'")
-    assert sorted((p["step"], p["value"]) for p in knobs) == [(5, 0.0), (30, 0.0), (70, 0.3), (110, 0.9)]
-    audit = sql(fleet, f"SELECT role, action FROM audit WHERE mission_id = '{mission}' AND action = 'knob'")
-    assert sorted(a["role"] for a in audit) == ["client", "service", "service"], audit
+    assert sorted((p["step"], p["value"]) for p in knobs) == [(5, 0.0), (30, 0.0), (70, 0.3), (160, 0.9)]
+    audit = sql(
+        fleet, f"SELECT role, action FROM audit WHERE mission_id = '{mission}' AND target LIKE '%/served#%'"
+    )
+    assert sorted((a["role"], a["action"]) for a in audit) == [
+        ("client", "knob"),
+        ("service", "raise"),
+        ("service", "raise"),
+    ], audit
 
 
 def test_a_knob_for_no_running_task_is_refused_with_the_reason(fleet: Fleet, tmp_path: Path) -> None:
@@ -198,3 +207,24 @@ def test_a_knob_for_no_running_task_is_refused_with_the_reason(fleet: Fleet, tmp
         msgspec.json.decode(
             b'{"action": "rollback", "task_id": "a/b", "attempt": 1, "value": 0.5}', type=m.Command
         )
+
+
+def test_a_command_that_expired_in_the_queue_is_refused_not_applied() -> None:
+    """The worker stopped waiting (and told the sender "not applied"): the job must not apply it later."""
+    import io
+    import time
+
+    from workers import protocol as p
+    from workers.child import PipeReporter
+
+    out = io.BytesIO()
+    reporter = PipeReporter(out)
+    lines = [
+        p.CommandMsg("old", "raise", 0.5, time.time() - 1),
+        p.CommandMsg("new", "raise", 0.7, time.time() + 60),
+    ]
+    reporter.listen(io.BytesIO(b"".join(msgspec.json.encode(x) + b"\n" for x in lines)))
+    time.sleep(0.2)  # the listening thread reads both lines
+    assert [(c.id, c.value) for c in reporter.commands()] == [("new", 0.7)]
+    done = [p.decoder.decode(line) for line in out.getvalue().splitlines()]
+    assert done == [p.CommandDone("old", False, "expired: the job reached no step boundary in time")]

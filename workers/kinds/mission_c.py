@@ -51,7 +51,7 @@ def _package(params: dict[str, Any], ctx: TaskContext) -> tuple[Any, Path]:
 def _rules(params: dict[str, Any]) -> Any:
     from stats.overlay import OverlayWatch
 
-    return OverlayWatch.from_config(params.get("services", {}).get("overlay")).rules
+    return OverlayWatch.from_config((params.get("services") or {}).get("overlay")).rules
 
 
 def monitor(params: dict[str, Any], ctx: TaskContext) -> Any:

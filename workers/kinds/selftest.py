@@ -69,8 +69,8 @@ def score(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
 def obey(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     """Steps that apply commands at step boundaries and acknowledge them (the shape of Mission B's
-    online learner and of a task under Mission C's overlay): `promote`, `rollback` and `knob` are
-    applied, anything else refused."""
+    online learner and of a task under Mission C's overlay): `promote`, `rollback`, `knob` and `raise`
+    are applied, anything else refused."""
     steps, applied = int(params.get("steps", 100)), []
     kappa = float(params.get("knob", 0.0))
     commands = cast(Commanded, ctx.reporter)
@@ -93,9 +93,11 @@ def obey(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         if points:  # one check's points travel together, as the services expect
             ctx.reporter.metrics(points, step)
         for command in commands.commands():
-            if command.action in ("promote", "rollback", "knob"):
+            if command.action in ("promote", "rollback", "knob", "raise"):
                 if command.action == "knob" and command.value is not None:
                     kappa = command.value
+                elif command.action == "raise" and command.value is not None:
+                    kappa = max(kappa, command.value)
                 applied.append({"action": command.action, "step": step, "value": command.value})
                 ctx.reporter.metric(f"applied/{command.action}", 1.0, step)
                 commands.acknowledge(command, True, f"{command.action} applied at step {step}")

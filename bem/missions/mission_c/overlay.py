@@ -129,8 +129,12 @@ def train_package(
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     package.save(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another task on this host finished the same package first: the same seed, keep it
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "overlay.json").is_file():
+            raise
     return package
 
 
@@ -165,7 +169,9 @@ class OverlayMonitor:
     def attach(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model, self.tokenizer = model, tokenizer
         device = next(model.parameters()).device
-        overlays = {i: o.to(device) for i, o in self.package.overlays.items()}
+        # Served, never trained here: a host that trains through the hooks (Mission B's learner) must
+        # not pile gradients onto them.
+        overlays = {i: o.to(device).requires_grad_(False) for i, o in self.package.overlays.items()}
         self._handle = basis.attach_overlays(model, overlays)
         self._handle.set_inputs(
             1.0, 0.0
@@ -195,8 +201,8 @@ class OverlayMonitor:
 
     @torch.no_grad()
     def scores(self, prompts: Sequence[str]) -> list[float]:
-        """The probe's c per prompt (the states before any overlay edit: hidden_states are recorded
-        before forward hooks run)."""
+        """The probe's c per prompt, read at level 0: outside `serve` the overlay is off, so the states
+        are the host model's own."""
         features = prompt_features(self.model, self.tokenizer, list(prompts), self.package.probe.layer)
         return [float(x) for x in self.package.probe.score(features)]
 
@@ -216,16 +222,20 @@ class OverlayMonitor:
         return record
 
     def obey(self) -> None:
-        """Apply the knob commands that arrived since the last check, and acknowledge each (a reporter
-        that delivers no commands, as in a notebook, has none)."""
+        """Apply the knob commands that arrived since the last check and acknowledge each: `knob` sets
+        κ (a person), `raise` sets κ ← max(κ, value) (the overlay service, which never lowers it). A
+        reporter that delivers no commands, as in a notebook, has none."""
         if not isinstance(self.reporter, Commanded):
             return
         for command in self.reporter.commands():
             value = command.value
-            if command.action == "knob" and value is not None and 0.0 <= value <= 1.0:
-                self.kappa = float(value)
-                self.applied.append({"check": len(self.checks), "kappa": self.kappa})
-                self.reporter.acknowledge(command, True, f"knob applied at check {len(self.checks)}")
+            if command.action in ("knob", "raise") and value is not None and 0.0 <= value <= 1.0:
+                self.kappa = float(value) if command.action == "knob" else max(self.kappa, float(value))
+                self.applied.append(
+                    {"check": len(self.checks), "action": command.action, "kappa": self.kappa}
+                )
+                detail = f"{command.action} applied at check {len(self.checks)}: κ {self.kappa:g}"
+                self.reporter.acknowledge(command, True, detail)
             else:
                 detail = f"{command.action} (value {value}) is not a command the overlay takes"
                 self.reporter.acknowledge(command, False, detail)
