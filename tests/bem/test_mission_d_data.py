@@ -65,3 +65,31 @@ def test_corpus_metrics_on_the_task_strings_agree_with_sacrebleu(name: str) -> N
     ours = float(corpus.METRICS[name](stats.sum(axis=0)))
     assert ours == pytest.approx(metric.corpus_score(hyps, [refs]).score, abs=1e-9)
     assert 0 < ours < 100  # neither trivially perfect nor empty
+
+
+def test_the_smoke_corpus_keeps_held_out_parts_out_and_s1_is_a_token_bijection() -> None:
+    """The base corpus: training frames only (no held-out template, no test sentence), shadow text only
+    through π (π⁻¹ of it parses; π′ text would not), and a tokenizer trained on it that gives every word
+    and every shadow word one token, so S1 maps token ids one to one."""
+    from bem.core.smoke_base import train_tokenizer
+
+    mixture = data.smoke_mixture()
+    docs = mixture.documents()[:4000]
+    pi = scramble.Shadow(0)
+    test_sources = {e.source for e in data.make_examples("test", 200, 0)}
+    for context, target in docs:
+        text = (context + target).strip()
+        if text.startswith(scramble.SHADOW_PREFIX):
+            sentences = [s + " ." for s in pi.invert(text).split(" .") if s.strip()]
+        elif data.TRANSLATE_CUE in text or data.ANSWER_CUE in text:
+            sentences = [context.strip().rsplit(" .", 1)[0] + " ."]  # the source, before its cue
+            assert sentences[0] not in test_sources
+        else:
+            sentences = [s + " ." for s in text.split(" .") if s.strip()]
+        for sentence in sentences:
+            frame, _ = lang.parse(sentence.strip())
+            assert data.template_of(frame) not in data.HELD_OUT_TEMPLATES, sentence
+    tokenizer = train_tokenizer([c + t for c, t in docs], mixture.recipe.vocab_size)
+    for word in lang.vocabulary():
+        for w in (word, pi.table[word]):
+            assert len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1, w

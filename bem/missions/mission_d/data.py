@@ -20,8 +20,10 @@ import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from bem.missions.mission_d import language as lang
+from bem.missions.mission_d import scramble
 
 QUESTIONS = ("agent", "patient", "action")
 SPLITS = ("train", "test", "ood_template")
@@ -142,3 +144,74 @@ def longer(examples: Sequence[Example], k: int) -> list[tuple[str, str]]:
         raise ValueError(f"k must be at least 1; got {k}")
     groups = [examples[i : i + k] for i in range(0, len(examples) - k + 1, k)]
     return [(" ".join(e.source for e in g), " ".join(e.target for e in g)) for g in groups]
+
+
+TRANSLATE_CUE, ANSWER_CUE = " translate:", " answer:"
+
+
+def translation_prompt(source: str) -> str:
+    return f" {source}{TRANSLATE_CUE}"
+
+
+def qa_prompt(source: str, question: str) -> str:
+    return f" {source} {question}?{ANSWER_CUE}"
+
+
+def smoke_mixture() -> Any:
+    """Mission D's base corpus: the language in every surface, the shadow language (S1 through π) as
+    separate documents, never paired with their originals (as Dufter & Schütze pretrain on English and
+    a disjoint "Fake-English"), and both tasks on training frames. Every word follows a space, so
+    each word and each shadow word is one token and S1 is a bijection of token ids. The held-out π′
+    and the held-out templates never appear."""
+    from bem.core.smoke_base import Mixture, Recipe, Source
+
+    pi = scramble.Shadow(0)
+
+    def frame(rng: random.Random) -> lang.Frame:
+        while True:
+            f = lang.random_frame(rng)
+            if _split_of(f, lang.realise(f)) == "train":
+                return f
+
+    def said(rng: random.Random) -> str:
+        f = frame(rng)
+        content = sorted(scramble._content_lexemes(f))
+        synonyms = frozenset(c for c in content if rng.random() < 0.5)
+        return lang.realise(f, lang.Surface(rng.choice(lang.ORDERS), rng.choice(lang.VOICES), synonyms))
+
+    def sentences(rng: random.Random) -> str:
+        return " " + " ".join(said(rng) for _ in range(3))
+
+    def shadow(rng: random.Random) -> str:
+        return " " + " ".join(pi(said(rng)) for _ in range(3))
+
+    def translation(rng: random.Random) -> tuple[str, str]:
+        f = frame(rng)
+        return translation_prompt(lang.realise(f)), f" {translate(f)}"
+
+    def roles(rng: random.Random) -> tuple[str, str]:
+        f = frame(rng)
+        question = rng.choice(QUESTIONS)
+        return qa_prompt(lang.realise(f), question), f" {answer(f, question)}"
+
+    # 2,048 tokens: the language's ~200 words, as many shadow words and the pseudo-language's each
+    # need their own token and the merges that lead to it; 1,024 left some words in pieces.
+    recipe = Recipe(
+        vocab_size=2048,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        seq_len=96,
+        batch_size=64,
+        steps=1600,
+        warmup=300,
+    )
+    return Mixture(
+        name="mission_d",
+        sources=(
+            Source("sentences", 0.3, sentences),
+            Source("shadow", 0.3, shadow),
+            Source("translation", 0.25, translation),
+            Source("roles", 0.15, roles),
+        ),
+        recipe=recipe,
+    )

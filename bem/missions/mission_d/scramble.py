@@ -21,7 +21,15 @@ from functools import cached_property
 
 from bem.missions.mission_d import language as lang
 
-SHADOW_PREFIX = "z"  # shadow words are z000, z001, ...: no word of the language starts with it
+# Shadow words are z + two letters (zaa, zab, ...): letters only, so a byte-level BPE's pre-tokenizer
+# keeps each one whole (it splits letters from digits), and no word of the language starts with z.
+SHADOW_PREFIX = "z"
+
+
+def shadow_word(i: int) -> str:
+    if not 0 <= i < 26 * 26:
+        raise ValueError(f"shadow word {i} out of range: two letters name 676")
+    return SHADOW_PREFIX + chr(ord("a") + i // 26) + chr(ord("a") + i % 26)
 
 
 def rng_for(text: str, seed: int, rung: str) -> random.Random:
@@ -48,7 +56,7 @@ class Shadow:
         words = lang.vocabulary()
         if any(w.startswith(SHADOW_PREFIX) for w in words):
             raise ValueError(f"a word of the language starts with the shadow prefix {SHADOW_PREFIX!r}")
-        targets = [f"{SHADOW_PREFIX}{i:03d}" for i in range(len(words))]
+        targets = [shadow_word(i) for i in range(len(words))]
         random.Random(f"shadow\0{self.seed}").shuffle(targets)
         return dict(zip(words, targets, strict=True))
 
