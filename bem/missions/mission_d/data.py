@@ -2,7 +2,7 @@
 role extraction, with the splits the gates read.
 
 - **Translation.** The source is the frame said plainly (SVO, active, canonical words); the target is
-  the frame in a verb-final pseudo-language with case markers: `agent ka patient ro verb .`, each noun
+  the frame in a verb-final pseudo-language with case markers: `agent ka patient ro verb.`, each noun
   phrase as noun (+ `en` when plural) and adjective after it, a prepositional phrase as its noun phrase
   and a postposition after the patient. Every lexeme has one pseudo-word (`PSEUDO`). Because the target
   is a function of the frame, a meaning-preserving view of the source keeps the same target.
@@ -61,7 +61,8 @@ def translate(frame: lang.Frame) -> str:
     if frame.pp is not None:
         prep, np = frame.pp
         patient += [*_target_np(np), PSEUDO[prep]]
-    return " ".join([*_target_np(frame.agent), "ka", *patient, "ro", PSEUDO[frame.verb], "."])
+    # Detokenised, as sacrebleu expects of what it scores: the full stop sits on the verb.
+    return " ".join([*_target_np(frame.agent), "ka", *patient, "ro", PSEUDO[frame.verb]]) + "."
 
 
 def answer(frame: lang.Frame, question: str) -> str:
