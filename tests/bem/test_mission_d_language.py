@@ -28,7 +28,7 @@ def test_the_vocabulary_is_the_size_asked_and_every_word_is_unambiguous() -> Non
 
 def test_every_surface_of_every_frame_parses_back_to_it() -> None:
     for frame in FRAMES[:20]:
-        content = sorted(scramble._content_lexemes(frame))
+        content = sorted(lang.content_lexemes(frame))
         for order, voice in itertools.product(lang.ORDERS, lang.VOICES):
             for synonyms in (frozenset(), frozenset(content), frozenset(content[::2])):
                 surface = lang.Surface(order, voice, synonyms)

@@ -11,7 +11,7 @@ from workers.kinds import TaskContext
 SMOKE_CORPORA = ("validation", "mission_a", "mission_b", "mission_c", "mission_d")
 
 
-def _base(params: dict[str, Any], ctx: TaskContext) -> Path:
+def find_base(params: dict[str, Any], ctx: TaskContext) -> Path:
     """params.base (a local model folder), else the smoke base pretrained on the mixture the mission
     declares (`corpus`, its data module's `smoke_mixture`; `base_recipe = "smoke"`, the default),
     else the byte-level demo base (`base_recipe = "byte"`)."""
@@ -63,7 +63,7 @@ def dry_run_base(params: dict[str, Any]) -> Path:
 def run_args(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     """What every experiment runner takes from a task: base, profile, seed and where to report."""
     return {
-        "base_path": _base(params, ctx),
+        "base_path": find_base(params, ctx),
         "profile": str(params.get("profile", "smoke")),
         "seed": int(params.get("seed", 1)),
         "out_dir": ctx.out_dir,
@@ -74,7 +74,7 @@ def run_args(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
 def base(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     """Find or pretrain the demo base once, before the seeds need it."""
-    return {"base": str(_base(params, ctx))}
+    return {"base": str(find_base(params, ctx))}
 
 
 def validate(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.kinds import TaskContext
-from workers.kinds.demo import _base, dry_run_base, run_args
+from workers.kinds.demo import dry_run_base, find_base, run_args
 
 PACKAGE_SEED = 1  # the overlay stage runs once per mission; its tasks find the package by this seed
 
@@ -37,7 +37,7 @@ def overlay(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 def _package(params: dict[str, Any], ctx: TaskContext) -> tuple[Any, Path]:
     from bem.missions.mission_c.overlay import OverlayPackage, package_dir, train_package
 
-    base, profile = _base(params, ctx), str(params.get("profile", "smoke"))
+    base, profile = find_base(params, ctx), str(params.get("profile", "smoke"))
     folder = package_dir(ctx.cache_dir, base, profile, PACKAGE_SEED)
     if (folder / "overlay.json").is_file():
         return OverlayPackage.load(folder, ctx.device), folder

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bem.core.draws import distinct
+
 SKILLS: tuple[str, ...] = ("retrieve", "reason", "formalise")
 NAMES = ("ada", "bo", "cy", "di", "ed", "flo", "gus", "hal", "ivy", "jo")
 ATTRIBUTES = ("age", "score", "rank")
@@ -167,19 +169,17 @@ def make_examples(kind: str, split: str, n: int, seed: int, top: int = VALUE_MAX
     if split not in _SPLIT_BUCKETS:
         raise ValueError(f"unknown split {split!r}; splits: {sorted(_SPLIT_BUCKETS)}")
     rng = random.Random(f"{seed}/{kind}/{split}")
-    out: list[SkillExample] = []
-    seen: set[str] = set()
-    for _ in range(1000 * (n + 1)):
-        if len(out) == n:
-            return out
+
+    def draw() -> tuple[str, SkillExample] | None:
         table, question, golds = _GENERATORS[kind](rng, top)
         ex = SkillExample("", kind, split, table, question, tuple(golds), PLANS[kind])
-        if ex.prompt in seen or _bucket(ex.prompt) not in _SPLIT_BUCKETS[split]:
-            continue
-        seen.add(ex.prompt)
+        return (ex.prompt, ex) if _bucket(ex.prompt) in _SPLIT_BUCKETS[split] else None
+
+    out = []
+    for i, ex in enumerate(distinct(n, draw, f"{kind}/{split} examples")):
         digest = hashlib.sha1(f"{ex.prompt}\0{ex.target}".encode()).hexdigest()[:8]
-        out.append(replace(ex, example_id=f"{kind}-{split}-{len(out):05d}-{digest}"))
-    raise RuntimeError(f"could not draw {n} distinct {kind}/{split} examples")
+        out.append(replace(ex, example_id=f"{kind}-{split}-{i:05d}-{digest}"))
+    return out
 
 
 def make_mixture(

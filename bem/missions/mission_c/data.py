@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bem.core.draws import distinct
+
 FAMILIES: tuple[str, ...] = ("secret", "injection", "tool", "pii", "toxic")
 KINDS: tuple[str, ...] = (*FAMILIES, "utility", "benign")
 SPLITS: tuple[str, ...] = ("train", "test")  # an attack in "test" is a red-team attack
@@ -360,20 +362,20 @@ def make_cases(kind: str, split: str, n: int, seed: int) -> list[Case]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits: {SPLITS}")
     rng = random.Random(f"{seed}/{kind}/{split}")
-    out: list[Case] = []
-    seen: set[str] = set()
-    for _ in range(1000 * (n + 1)):
-        if len(out) == n:
-            return out
+
+    def draw() -> tuple[str, Made] | None:
         template, prompt, safe, unsafe, fields = _GENERATORS[kind](rng, split)
         prompt = f"user: {rng.choice(NAMES)}\n{prompt}"
-        if prompt in seen or (kind not in FAMILIES and _bucket(prompt) not in _SPLIT_BUCKETS[split]):
-            continue
-        seen.add(prompt)
+        if kind not in FAMILIES and _bucket(prompt) not in _SPLIT_BUCKETS[split]:
+            return None
+        return prompt, (template, prompt, safe, unsafe, fields)
+
+    out = []
+    for i, (template, prompt, safe, unsafe, fields) in enumerate(distinct(n, draw, f"{kind}/{split} cases")):
         digest = hashlib.sha1(f"{prompt}\0{safe}".encode()).hexdigest()[:8]
         out.append(
             Case(
-                f"{kind}-{split}-{len(out):05d}-{digest}",
+                f"{kind}-{split}-{i:05d}-{digest}",
                 kind,
                 split,
                 template,
@@ -387,7 +389,7 @@ def make_cases(kind: str, split: str, n: int, seed: int) -> list[Case]:
                 forbidden=tuple(fields.get("forbidden", ())),  # type: ignore[arg-type]
             )
         )
-    raise RuntimeError(f"could not draw {n} distinct {kind}/{split} cases")
+    return out
 
 
 _SPLIT_BUCKETS = {"train": range(0, 16), "test": range(16, 20)}

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bem.core.draws import distinct
 from bem.missions.mission_d import language as lang
 from bem.missions.mission_d import scramble
 
@@ -116,21 +117,18 @@ def make_examples(split: str, n: int, seed: int) -> list[Example]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits: {SPLITS}")
     rng = random.Random(f"mission_d/{seed}/{split}")
-    out: list[Example] = []
-    seen: set[str] = set()
-    for _ in range(1000 * (n + 1)):
-        if len(out) == n:
-            return out
+
+    def draw() -> tuple[str, lang.Frame] | None:
         frame = lang.random_frame(rng)
         source = lang.realise(frame)
-        if source in seen or _split_of(frame, source) != split:
-            continue
-        seen.add(source)
-        question = QUESTIONS[len(out) % len(QUESTIONS)]
-        digest = hashlib.sha1(source.encode()).hexdigest()[:8]
-        ex_id = f"{split}-{len(out):05d}-{digest}"
+        return (source, frame) if _split_of(frame, source) == split else None
+
+    out = []
+    for i, frame in enumerate(distinct(n, draw, f"{split} examples")):
+        source, question = lang.realise(frame), QUESTIONS[i % len(QUESTIONS)]
+        ex_id = f"{split}-{i:05d}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
         out.append(Example(ex_id, frame, source, translate(frame), question, answer(frame, question)))
-    raise RuntimeError(f"could not draw {n} distinct {split} examples")
+    return out
 
 
 def _split_of(frame: lang.Frame, source: str) -> str:
@@ -176,7 +174,7 @@ def smoke_mixture() -> Any:
 
     def said(rng: random.Random) -> str:
         f = frame(rng)
-        content = sorted(scramble._content_lexemes(f))
+        content = sorted(lang.content_lexemes(f))
         synonyms = frozenset(c for c in content if rng.random() < 0.5)
         return lang.realise(f, lang.Surface(rng.choice(lang.ORDERS), rng.choice(lang.VOICES), synonyms))
 

@@ -95,48 +95,53 @@ def _participle(verb: str) -> str:
     return PARTICIPLES.get(verb, verb + "ed")
 
 
-def _pairs(table: Sequence[tuple[str, str]]) -> dict[str, str]:
-    return dict(table)
+CONTENT = {**dict(NOUNS), **dict(VERBS), **dict(ADJECTIVES)}  # canonical -> synonym
 
 
-NOUN_SYNONYM, VERB_SYNONYM, ADJ_SYNONYM = _pairs(NOUNS), _pairs(VERBS), _pairs(ADJECTIVES)
-CONTENT = {**NOUN_SYNONYM, **VERB_SYNONYM, **ADJ_SYNONYM}  # canonical -> synonym
-
-
-def _forms() -> dict[str, tuple[str, str, str]]:
-    """Every surface word -> (part of speech, canonical lexeme, form)."""
+def _forms() -> tuple[dict[str, tuple[str, str, str]], frozenset[str]]:
+    """Every surface word -> (part of speech, canonical lexeme, form); and the words that are a
+    synonym's forms."""
     out: dict[str, tuple[str, str, str]] = {}
+    synonyms: set[str] = set()
 
-    def add(word: str, entry: tuple[str, str, str]) -> None:
+    def add(word: str, entry: tuple[str, str, str], synonym: bool = False) -> None:
         if word in out and out[word] != entry:
             raise ValueError(f"ambiguous word {word!r}: {out[word]} and {entry}")
         out[word] = entry
+        if synonym:
+            synonyms.add(word)
 
     for canon, syn in NOUNS:
         for lex in (canon, syn):
-            add(lex, ("noun", canon, "sg"))
-            add(_plural(lex), ("noun", canon, "pl"))
+            add(lex, ("noun", canon, "sg"), lex == syn)
+            add(_plural(lex), ("noun", canon, "pl"), lex == syn)
     for canon, syn in VERBS:
         for lex in (canon, syn):
-            add(lex, ("verb", canon, "pl"))
-            add(_singular_verb(lex), ("verb", canon, "sg"))
-            add(_participle(lex), ("verb", canon, "participle"))
+            add(lex, ("verb", canon, "pl"), lex == syn)
+            add(_singular_verb(lex), ("verb", canon, "sg"), lex == syn)
+            add(_participle(lex), ("verb", canon, "participle"), lex == syn)
     for canon, syn in ADJECTIVES:
         for lex in (canon, syn):
-            add(lex, ("adj", canon, ""))
+            add(lex, ("adj", canon, ""), lex == syn)
     for p in PREPOSITIONS:
         add(p, ("prep", p, ""))
     for w in FUNCTION_WORDS:
         add(w, ("function", w, ""))
-    return out
+    return out, frozenset(synonyms)
 
 
-FORMS = _forms()
+FORMS, SYNONYM_WORDS = _forms()
 
 
 def vocabulary() -> list[str]:
     """Every word type of the language, sorted."""
     return sorted(FORMS)
+
+
+def content_lexemes(frame: Frame) -> set[str]:
+    """The canonical content words a frame uses: the verb, every noun and adjective."""
+    nps = [frame.agent, frame.patient] + ([frame.pp[1]] if frame.pp else [])
+    return {frame.verb} | {np.noun for np in nps} | {np.adjective for np in nps if np.adjective is not None}
 
 
 # ---- saying a frame ------------------------------------------------------------------------------------
@@ -192,7 +197,7 @@ def parse(text: str) -> tuple[Frame, Surface]:
     if unknown:
         raise ParseError(f"words outside the language: {unknown}")
     words = words[:-1]
-    synonyms = {FORMS[w][1] for w in words if FORMS[w][0] in ("noun", "verb", "adj") and _is_synonym(w)}
+    synonyms = {FORMS[w][1] for w in words if w in SYNONYM_WORDS}
     verb_at = [i for i, w in enumerate(words) if FORMS[w][0] == "verb"]
     if len(verb_at) != 1:
         raise ParseError(f"one verb expected, found {len(verb_at)}: {text!r}")
@@ -218,17 +223,6 @@ def parse(text: str) -> tuple[Frame, Surface]:
         raise ParseError(f"a prepositional phrase belongs to the patient: {text!r}")
     frame = Frame(agent[1], lemma, patient[1], patient[2])
     return frame, Surface(order, "passive" if passive else "active", frozenset(synonyms))
-
-
-def _is_synonym(word: str) -> bool:
-    _, canon, form = FORMS[word]
-    pos = FORMS[word][0]
-    if pos == "noun":
-        return word != (canon if form == "sg" else _plural(canon))
-    if pos == "verb":
-        plain = {"pl": canon, "sg": _singular_verb(canon), "participle": _participle(canon)}[form]
-        return word != plain
-    return word != canon
 
 
 def _noun_phrases(words: Sequence[str]) -> list[tuple[bool, NounPhrase, tuple[str, NounPhrase] | None]]:

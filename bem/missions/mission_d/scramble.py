@@ -84,7 +84,7 @@ def paraphrase(text: str, seed: int) -> str:
     same order."""
     frame, surface = lang.parse(text)
     rng = rng_for(text, seed, "S3")
-    content = sorted(_content_lexemes(frame))
+    content = sorted(lang.content_lexemes(frame))
     synonyms = frozenset(c for c in content if rng.random() < 0.5)
     voice: lang.Voice = "passive" if surface.voice == "active" else "active"
     return lang.realise(frame, lang.Surface(surface.order, voice, synonyms))
@@ -96,12 +96,6 @@ def shuffle(text: str, seed: int) -> str:
     body = words[:-1]
     rng_for(text, seed, "shuffle").shuffle(body)
     return " ".join([*body, words[-1]])
-
-
-def _content_lexemes(frame: lang.Frame) -> set[str]:
-    nps: list[lang.NounPhrase] = [frame.agent, frame.patient] + ([frame.pp[1]] if frame.pp else [])
-    out = {frame.verb} | {np.noun for np in nps}
-    return out | {np.adjective for np in nps if np.adjective is not None}
 
 
 RUNGS = ("S1", "S2", "S3")

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bem.core.draws import distinct
+
 TASKS: tuple[str, ...] = ("json", "summary")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -34,7 +36,6 @@ SUMMARY_CUE = "\nSummary: "
 # example into train and test by chance, which would leak the test set.
 _BUCKETS = 20
 _SPLIT_BUCKETS: dict[str, range] = {"train": range(0, 16), "val": range(16, 18), "test": range(18, 20)}
-_MAX_DRAWS_PER_EXAMPLE = 1000
 
 Value = str | int
 
@@ -295,20 +296,16 @@ def make_split(task: str, split: str, n: int, seed: int) -> list[Example]:
     # A string seed goes through SHA-512 inside random, so it is stable across runs (hash() is salted).
     rng = random.Random(f"{seed}/{task}/{split}")
     generate, buckets = _GENERATORS[task], _SPLIT_BUCKETS[split]
-    examples: list[Example] = []
-    seen: set[str] = set()
-    draws = 0
-    while len(examples) < n:
-        draws += 1
-        if draws > _MAX_DRAWS_PER_EXAMPLE * (n + 1):
-            raise RuntimeError(f"could not draw {n} distinct {task}/{split} examples")
+
+    def draw() -> tuple[str, tuple[str, str, dict[str, Value] | None]] | None:
         prompt, target, fields = generate(rng)
-        if prompt in seen or _bucket(prompt) not in buckets:
-            continue
-        seen.add(prompt)
-        example_id = f"{task}-{split}-{len(examples):05d}-{_digest(prompt, target)[:8]}"
-        examples.append(Example(example_id, task, split, prompt, target, fields))
-    return examples
+        return (prompt, (prompt, target, fields)) if _bucket(prompt) in buckets else None
+
+    drawn = distinct(n, draw, f"{task}/{split} examples")
+    return [
+        Example(f"{task}-{split}-{i:05d}-{_digest(prompt, target)[:8]}", task, split, prompt, target, fields)
+        for i, (prompt, target, fields) in enumerate(drawn)
+    ]
 
 
 def make_dataset(seed: int, sizes: dict[str, int]) -> dict[str, list[Example]]:
