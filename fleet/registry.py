@@ -23,6 +23,7 @@ KINDS: dict[str, str] = {
     "mission_a.run": "workers.kinds.mission_a:run",
     "mission_c.run": "workers.kinds.mission_c:run",
     "mission_c.overlay": "workers.kinds.mission_c:overlay",
+    "mission_d.run": "workers.kinds.mission_d:run",
     "online.stream": "workers.kinds.mission_b:stream",
 }
 

@@ -1,6 +1,6 @@
 """`make results`: the smoke missions on a fresh temporary fleet, each one's report into docs/results/.
 
-`python -m fleetcli.results [--missions demo,mission_a,mission_b,mission_c] [--profile smoke]
+`python -m fleetcli.results [--missions demo,mission_a,mission_b,mission_c,mission_d] [--profile smoke]
 [--out DIR]` starts `fleetd up --cpu-workers N` on a new home in a temporary folder, submits the
 missions one after the other, and writes `fleetctl report` for each (stamped with this checkout's
 commit, "dirty" when the tree has changes). Exits 1 when a mission did not succeed or did not end in
@@ -31,7 +31,9 @@ from fleetcli import report as reporting
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fleetcli.results", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--missions", default="demo,mission_a,mission_b,mission_c", help="comma-separated mission names"
+        "--missions",
+        default="demo,mission_a,mission_b,mission_c,mission_d",
+        help="comma-separated mission names",
     )
     p.add_argument("--profile", default="smoke")
     p.add_argument("--out", type=Path, default=Path("docs/results"), metavar="DIR")

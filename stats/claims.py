@@ -6,7 +6,8 @@ A claim says "`variant` beats `baseline` on `metric`". What beating means:
   rates, spike ratios): baseline − variant. Either way estimate > 0 means the variant is better,
   and `min_effect` applies to that improvement.
 - `relative = r`: the ratio of means R = Σv/Σb over the paired examples against 1 + r ("higher",
-  H1: R > 1 + r) or 1 − r ("lower", H1: R < 1 − r). BCa on R (the "ratio" statistic), with the
+  H1: R > 1 + r) or 1 − r ("lower", H1: R < 1 − r). A negative r is a non-inferiority margin
+  ("higher", r = −.05: H1: R > .95, at least 95% of the baseline). BCa on R (the "ratio" statistic), with the
   one-sided p against that null from the same draws. For "lower" the bootstrap runs on −R: BCa
   respects monotone transformations, so its interval is exactly the negated one and p inverts the
   upper bound. Estimate, interval and bound are reported on the ratio scale. The relative threshold
@@ -73,10 +74,11 @@ class Claim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 "corpus", f"{self.corpus!r} is not a stats.corpus metric; use one of {sorted(corpus.METRICS)}"
             )
         if self.relative is not None:
-            if self.direction == "lower" and not 0 < self.relative < 1:
-                fail("relative", f"must be in (0, 1) for direction 'lower', got {self.relative}")
-            if self.direction == "higher" and not 0 < self.relative < np.inf:
-                fail("relative", f"must be > 0, got {self.relative}")
+            # A negative `relative` is a non-inferiority margin: "higher" with −.05 tests R > .95.
+            if self.direction == "lower" and not (-np.inf < self.relative < 1 and self.relative != 0):
+                fail("relative", f"must be below 1 and not 0 for direction 'lower', got {self.relative}")
+            if self.direction == "higher" and not (-1 < self.relative < np.inf and self.relative != 0):
+                fail("relative", f"must be above -1 and not 0, got {self.relative}")
             if self.min_effect:
                 fail(
                     "min_effect",

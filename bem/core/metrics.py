@@ -66,3 +66,12 @@ def chrf_stats(pred: str, gold: str) -> list[float]:
     order, 18 numbers): summed over examples they give the corpus chrF (`stats.corpus.chrf`), which
     is not a mean of sentence scores, so the bootstrap resamples these instead."""
     return [float(x) for x in _CHRF._extract_corpus_statistics([pred], [[gold]])[0]]
+
+
+_BLEU = sacrebleu.metrics.BLEU()
+
+
+def bleu_stats(pred: str, gold: str) -> list[float]:
+    """sacrebleu's per-segment BLEU statistics ([sys_len, ref_len, correct_1..4, total_1..4]), which
+    `stats.corpus.bleu` scores from their sums, as `chrf_stats` for chrF."""
+    return [float(x) for x in _BLEU._extract_corpus_statistics([pred], [[gold]])[0]]

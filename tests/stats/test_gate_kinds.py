@@ -130,6 +130,19 @@ def test_relative_claim_reports_the_ratio_of_means_and_its_bound() -> None:
     assert "needs ≥ 1.3" in more.decisions[0].reason
 
 
+def test_a_negative_relative_is_a_non_inferiority_margin() -> None:
+    """r = −.05 ("higher") tests R > .95: a variant near the baseline passes, one at .85× of it fails; the
+    decision's bound is a lower bound on the ratio."""
+    near = evaluate(GateSpec(claims=(relative(-0.05, "higher"),), n_resamples=4000), ratio_data(0.98, n=2000))
+    d = near.decisions[0]
+    assert d.outcome == "pass" and d.low is not None and 0.95 < d.low < d.estimate, d.reason
+    assert "needs ≥ 0.95" in d.reason
+    far = evaluate(GateSpec(claims=(relative(-0.05, "higher"),), n_resamples=4000), ratio_data(0.85, n=2000))
+    assert far.decisions[0].outcome == "fail", far.decisions[0].reason
+    with pytest.raises(ValueError, match="above -1"):
+        relative(-1.0, "higher")
+
+
 def _tested(claim: Claim, df: pd.DataFrame, b: int = 20_000, seed: int = 4):
     data = claims_module._prepare(claim, df, 0.95)
     return claims_module._ratio_test(data, b, 0.95, np.random.SeedSequence(seed))
@@ -598,7 +611,7 @@ PRE = "precondition '{}': "
     ("edit", "message"),
     [
         (("claims", 0, "relative", 1.5),
-         CLAIM_0 + "relative must be in (0, 1) for direction 'lower', got 1.5 - at `$.claims[0]`"),
+         CLAIM_0 + "relative must be below 1 and not 0 for direction 'lower', got 1.5 - at `$.claims[0]`"),
         (("claims", 0, "direction", "sideways"),
          "Invalid enum value 'sideways' - at `$.claims[0].direction`"),
         (("claims", 0, "min_effect", 0.1), CLAIM_0 + "min_effect does not combine with relative"),

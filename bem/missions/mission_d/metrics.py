@@ -2,7 +2,8 @@
 
 - **RRS** (representation robustness): linear CKA between the pooled states of N sentences and of
   their views, chance-corrected by the CKA against the views in a random pairing:
-  RRS = (CKA(Z, Z′) − CKA(Z, Z′_shuf)) / (1 − CKA(Z, Z′_shuf)). CKA alone can be gamed and is
+  RRS = (CKA(Z, Z′) − CKA(Z, Z′_shuf)) / (1 − CKA(Z, Z′_shuf)), the shuffle within sentences of one
+  length where lengths are given (`chance_cka`). CKA alone can be gamed and is
   outlier-sensitive, so `retrieval_at_1` (is a sentence's nearest view its own?) and `alignment`
   (mean squared distance of the normalised pairs) are reported beside it.
 - **EqE** (prediction equivariance error, S1): the R-Drop symmetric KL between the next-token
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 
@@ -34,12 +37,62 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(cross / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
-def rrs(z: np.ndarray, z_view: np.ndarray, seed: int = 0) -> float:
+def chance_cka(
+    z: np.ndarray, z_view: np.ndarray, strata: Sequence[int] | None = None, seed: int = 0, draws: int = 20
+) -> float:
+    """The CKA of sentences against views of other sentences, averaged over `draws` random pairings.
+    With `strata` (each sentence's length), a sentence is paired only with a view of a sentence of the
+    same stratum: mean-pooled states carry the sentence's length, and pairs that share nothing else
+    would otherwise count as chance-level, crediting a model that encodes only length."""
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(len(z))] if strata is None else _groups(strata)
+    total = 0.0
+    for _ in range(draws):
+        perm = np.arange(len(z))
+        for g in groups:
+            perm[g] = rng.permutation(g)
+        total += linear_cka(z, z_view[perm])
+    return total / draws
+
+
+def _groups(strata: Sequence[int]) -> list[np.ndarray]:
+    s = np.asarray(strata)
+    return [np.flatnonzero(s == v) for v in np.unique(s)]
+
+
+def rrs(z: np.ndarray, z_view: np.ndarray, seed: int = 0, strata: Sequence[int] | None = None) -> float:
     """Chance-corrected CKA of sentences and their views (module docstring); 1 when the views' states
-    are the sentences' own (up to rotation and scale), about 0 when they carry no pairing."""
-    shuffled = z_view[np.random.default_rng(seed).permutation(len(z_view))]
-    chance = linear_cka(z, shuffled)
+    are the sentences' own (up to rotation and scale), about 0 when they carry no pairing (beyond the
+    strata, when given)."""
+    chance = chance_cka(z, z_view, strata, seed)
     return (linear_cka(z, z_view) - chance) / (1.0 - chance)
+
+
+def rrs_pseudo_values(
+    z: np.ndarray, z_view: np.ndarray, seed: int = 0, strata: Sequence[int] | None = None
+) -> np.ndarray:
+    """Per sentence, RRS's jackknife pseudo-value ψ_i = n·RRS − (n−1)·RRS_(−i), whose mean is the
+    jackknife's bias-corrected RRS. RRS is not a mean over sentences, so a paired bootstrap over
+    sentences resamples these instead (the pseudo-value bootstrap): their spread is the jackknife's
+    variance of RRS, and two arms' pseudo-values pair by sentence. The chance term is computed once on
+    all sentences and held fixed: a fresh random pairing per left-out sentence would put its draw
+    noise, times n − 1, into every pseudo-value."""
+    n = len(z)
+    if n < 4:
+        raise ValueError(f"pseudo-values need at least 4 sentences; got {n}")
+    chance = chance_cka(z, z_view, strata, seed)
+
+    def corrected(cka: float) -> float:
+        return (cka - chance) / (1.0 - chance)
+
+    whole = corrected(linear_cka(z, z_view))
+    keep = np.ones(n, dtype=bool)
+    out = np.empty(n)
+    for i in range(n):
+        keep[i] = False
+        out[i] = n * whole - (n - 1) * corrected(linear_cka(z[keep], z_view[keep]))
+        keep[i] = True
+    return out
 
 
 def retrieval_at_1(z: np.ndarray, z_view: np.ndarray) -> np.ndarray:
@@ -122,8 +175,10 @@ def decodability(
     c_train = np.array([control[t] for t in train_types])
     c_test = np.array([control[t] for t in test_types])
 
-    def fit(y: np.ndarray) -> LogisticRegression:
-        return LogisticRegression(C=c_reg, max_iter=2000).fit(train, y)
+    def fit(y: np.ndarray) -> Pipeline:
+        # Standardised first: an embedding layer's states are orders of magnitude smaller than a top
+        # layer's, and one C must regularise both alike.
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c_reg, max_iter=2000)).fit(train, y)
 
     cue = fit(y_train).predict(test) == y_test
     ctrl = fit(c_train).predict(test) == c_test if len(set(c_train)) > 1 else c_test == c_train[0]
