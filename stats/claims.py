@@ -4,7 +4,9 @@ A claim says "`variant` beats `baseline` on `metric`". What beating means:
 
 - `direction = "higher"` (default): the improvement is variant − baseline; `"lower"` (violation
   rates, spike ratios): baseline − variant. Either way estimate > 0 means the variant is better,
-  and `min_effect` applies to that improvement.
+  and `min_effect` applies to that improvement. A negative `min_effect` is a non-inferiority margin:
+  the test's null moves to it (H0: improvement ≤ min_effect), so "at most 1 point worse" passes when
+  the interval's bound clears −1, not only when the variant is better.
 - `relative = r`: the ratio of means R = Σv/Σb over the paired examples against 1 + r ("higher",
   H1: R > 1 + r) or 1 − r ("lower", H1: R < 1 − r). A negative r is a non-inferiority margin
   ("higher", r = −.05: H1: R > .95, at least 95% of the baseline). BCa on R (the "ratio" statistic), with the
@@ -35,6 +37,7 @@ from typing import Literal
 import msgspec
 import numpy as np
 import pandas as pd
+from scipy.special import ndtr
 
 from stats import corpus, rare
 from stats.bootstrap import BootstrapResult, NoData, bca, bca_family, lower_bound
@@ -58,7 +61,8 @@ class Claim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_effect: float = 0.0
     min_positive_seeds: int | None = None  # e.g. 4 for "at least 4 of 5 seeds improve"
     direction: Direction = "higher"
-    relative: float | None = None  # .3: at least 30% more ("higher") or fewer ("lower") than baseline
+    # .3: at least 30% more ("higher") or fewer ("lower") than baseline; −.05: at least 95% of it
+    relative: float | None = None
     corpus: str = ""  # a stats.corpus metric over the statistics metric#0 … metric#{k-1}
 
     def __post_init__(self) -> None:
@@ -97,6 +101,11 @@ class Claim(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.relative is None:
             return None
         return 1 - self.relative if self.lower else 1 + self.relative
+
+    @property
+    def margin(self) -> float:
+        """The null of an absolute claim: a negative `min_effect` (non-inferiority), else 0."""
+        return min(self.min_effect, 0.0)
 
     @property
     def comparison(self) -> str:
@@ -158,8 +167,8 @@ def _statistic(claim: Claim, f: corpus.Metric, k: int) -> tuple[corpus.Metric, f
 
     if claim.threshold is None:
         if claim.lower:
-            return (lambda t: baseline(t) - variant(t)), 0.0, False
-        return (lambda t: variant(t) - baseline(t)), 0.0, False
+            return (lambda t: baseline(t) - variant(t)), claim.margin, False
+        return (lambda t: variant(t) - baseline(t)), claim.margin, False
 
     def ratio(t: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -247,19 +256,28 @@ def _mcnemar(claim: Claim, pairs: rare.Pairs, level: float) -> Tested:
         fav, unf = unf, fav
     detail = f"exact McNemar, {fav} discordant pairs favour the variant, {unf} the baseline"
     low, high = rare.tango_interval(fav, unf, n, level)
-    if fav + unf == 0:
+    margin = claim.margin
+    if fav + unf == 0 and margin == 0:
         return replace(_no_evidence("no discordant pairs: no evidence", n, 0.0, detail), low=low, high=high)
+    if margin < 0:  # non-inferiority: Tango's score test against the margin, by inverting its bound
+        detail = f"exact Tango score test against {margin:+g}, {fav} discordant pairs favour the variant, "
+        detail += f"{unf} the baseline"
     return Tested(
         (fav - unf) / n,
         low,
         high,
         "Tango score",
-        rare.mcnemar_p(fav, unf),
+        rare.mcnemar_p(fav, unf) if margin == 0 else _tango_p(fav, unf, n, margin),
         0.0,
         n,
         lambda lev: rare.tango_lower(fav, unf, n, lev),
         detail=detail,
     )
+
+
+def _tango_p(fav: int, unf: int, n: int, margin: float) -> float:
+    """Tango's (1998) one-sided score test of H0: (fav − unf)/n ≤ margin: 1 − Φ(Z(margin))."""
+    return float(ndtr(-rare.tango_z(fav, unf, n, margin)))
 
 
 def _fewer_events(claim: Claim, pairs: rare.Pairs, level: float) -> Tested:
@@ -302,17 +320,20 @@ def _test_all(
     examples share one count matrix, drawn from the child of the first of them."""
     children = seed.spawn(m)
     out: dict[int, Tested] = {}
-    groups: dict[bytes, list[int]] = {}
+    groups: dict[tuple[bytes, float], list[int]] = {}
     for i, d in data.items():
         if d.exact is not None:
             out[i] = d.exact
         elif d.improvement is not None:
-            groups.setdefault(d.ids.tobytes() + str(d.ids.dtype).encode(), []).append(i)
+            key = (d.ids.tobytes() + str(d.ids.dtype).encode(), d.claim.margin)
+            groups.setdefault(key, []).append(i)
         else:
             out[i] = _ratio_test(d, n_resamples, level, children[i])
-    for members in groups.values():
+    for (_, margin), members in groups.items():
         deltas = np.column_stack([_improvement(data[i]) for i in members])
-        family = bca_family(deltas, n_resamples=n_resamples, level=level, seed=children[members[0]])
+        family = bca_family(
+            deltas, n_resamples=n_resamples, level=level, seed=children[members[0]], null=margin
+        )
         for i, res in zip(members, family, strict=True):
             out[i] = _from_bootstrap(res)
     return out
@@ -433,6 +454,8 @@ def _measured(claim: Claim, t: Tested) -> str:
         text = f"{first} − {second} = {t.estimate:+.4g}"
     if claim.lower and claim.threshold is None:
         text += " (lower is better)"
+    if claim.margin < 0:
+        text += f", needs > {claim.margin:+g} (non-inferiority)"
     return f"{t.detail}: {text}" if t.detail else text
 
 
@@ -472,6 +495,7 @@ def _data_notes(d: _Data, t: Tested, seed: np.random.SeedSequence, n_resamples: 
         grid = -p.seed_deltas if d.claim.lower else p.seed_deltas
         multi = multi_bootstrap(grid, n_resamples=n_resamples, level=level, seed=seed)
         notes.append(f"seeds × examples {multi.low:+.4g}..{multi.high:+.4g}")
-        if (t.low > 0 or t.high < 0) and multi.low <= 0 <= multi.high:
+        null = d.claim.margin
+        if (t.low > null or t.high < null) and multi.low <= null <= multi.high:
             notes.append("seed-sensitive")
     return "; " + "; ".join(notes) if notes else ""

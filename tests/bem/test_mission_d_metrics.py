@@ -88,3 +88,20 @@ def test_control_labels_keep_one_label_per_type_and_the_cues_marginal() -> None:
     assert 0.1 < np.mean(list(control.values())) < 0.45
     with pytest.raises(ValueError, match="one value"):
         metrics.ldc_from(np.ones(3), np.ones(3), 1.0)
+
+
+def test_eqe_reads_unmapped_positions_as_they_are() -> None:
+    """A view whose source positions predict shadow ids and whose target positions predict the same
+    words: EqE is 0 once the target positions are marked unmapped, and not before."""
+    torch.manual_seed(0)
+    v = 12
+    perm = torch.randperm(v)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(v)  # view id of each original id: perm maps view ids to original ids
+    logits = torch.randn(2, 6, v)
+    view = logits.clone()
+    view[:, :4] = logits[:, :4][..., perm]  # source positions: the view's ids
+    target = torch.zeros(2, 6, dtype=torch.long)
+    target[:, 4:] = 1
+    assert metrics.eqe(logits, view, inverse).min() > 1e-3
+    assert metrics.eqe(logits, view, inverse, unmapped=target).abs().max() < 1e-6

@@ -238,3 +238,21 @@ def test_mission_c_counts_are_the_recipes(capsys: pytest.CaptureFixture[str], co
     assert got["adapters"] == {"skill_lora": lora, "overlays": count(overlays), "safety_lora": lora}
     assert got["layers"] == len(overlays) and got["overlay_rank"] == rank
     assert [p["trainable"] for p in got["phases"]] == [lora, 0, count(overlays), lora, 0]
+
+
+def test_mission_d_counts_are_the_recipes(capsys: pytest.CaptureFixture[str], config_dir: Path) -> None:
+    from bem.missions.mission_d.recipe import PROFILES as MD
+    from bem.missions.mission_d.train import ArmModel
+
+    out = full(capsys, "mission_d", config_dir)
+    check_base_stage(out, config_dir)
+    got = built(out, "mission_d.run")[0]["result"]
+    # The real thing: the arm model the recipe trains, on the same shapes.
+    arm = ArmModel(build_tiny_llama(tiny_llama_config()), MD["full"].train)
+    adapters = count(arm.adapter_parameters())
+    assert got["adapters"] == {
+        "bem_sites": arm.attachment.num_parameters(),
+        "controller": count([arm.controller]),
+    }
+    assert [p["trainable"] for p in got["phases"]] == [adapters, adapters + count(arm.base_parameters()), 0]
+    assert got["rank"] == MD["full"].train.rank

@@ -647,3 +647,44 @@ def test_a_precondition_needs_a_bound_and_unique_names_span_every_kind() -> None
     raw["preconditions"][0]["name"] = "params"
     with pytest.raises(msgspec.ValidationError, match="gate names must be unique"):
         msgspec.convert(raw, GateSpec, strict=True)
+
+
+# -- non-inferiority margins -------------------------------------------------------------------
+
+
+def test_a_negative_min_effect_moves_the_null_to_the_margin() -> None:
+    """A variant as good as the baseline (no shift) is not significantly better, but it is significantly
+    better than 1 point worse: the margin claim passes where the superiority claim fails. One 3 points
+    worse fails the margin claim. The p of the margin claim is BCa's against the margin."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(50, 5, 800)
+
+    def data(shift: float) -> pd.DataFrame:
+        return frame(rows("score", "base", base), rows("score", "bem", base + shift + rng.normal(0, 2, 800)))
+
+    tied = data(0.0)
+    margin = Claim("ni", "score", "bem", "base", min_effect=-1.0)
+    superior = Claim("sup", "score", "bem", "base")
+    d = evaluate(GateSpec(claims=(margin,), n_resamples=4000), tied).decisions[0]
+    assert d.outcome == "pass" and "needs > -1 (non-inferiority)" in d.reason, d.reason
+    assert evaluate(GateSpec(claims=(superior,), n_resamples=4000), tied).decisions[0].outcome == "fail"
+    direct = bca((tied[tied.arm == "bem"].value.to_numpy() - base,), n_resamples=4000, null=-1.0,
+                 seed=np.random.SeedSequence(0))  # fmt: skip
+    assert direct.p_value is not None and direct.p_value < 0.01
+    assert evaluate(GateSpec(claims=(margin,), n_resamples=4000), data(-3.0)).decisions[0].outcome == "fail"
+
+
+def test_a_margin_on_rare_events_is_tangos_score_test() -> None:
+    """Few events: no discordant pairs in 3,000 examples is evidence that the variant is no more than
+    .01 worse (Tango's bound near −.0013), though none that it is better."""
+    n = 3000
+    same = flags(n, [0, 1])
+    df = frame(rows("err", "base", same), rows("err", "bem", same))
+    claim = Claim("ni", "err", "bem", "base", direction="lower", min_effect=-0.01)
+    d = evaluate(GateSpec(claims=(claim,)), df).decisions[0]
+    assert d.outcome == "pass" and "Tango score test against -0.01" in d.reason, d.reason
+    assert d.p_value is not None and d.p_value < 1e-6
+    # p inverts Tango's bound: at level 1 − p, the lower bound sits on the margin.
+    assert rare.tango_lower(0, 0, n, 1 - d.p_value) == pytest.approx(-0.01, abs=1e-6)
+    plain = evaluate(GateSpec(claims=(restruct(claim, min_effect=0.0),)), df).decisions[0]
+    assert plain.outcome == "no_evidence"

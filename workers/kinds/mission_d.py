@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from workers.kinds import TaskContext
-from workers.kinds.demo import run_args
+from workers.kinds.demo import dry_run_base, run_args
 
 
 def run(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
@@ -22,3 +22,10 @@ def run(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         "timings_s": summary["timings_s"],
         "values": summary["values"],
     }
+
+
+def dry_run(params: dict[str, Any], fn: str) -> dict[str, Any]:
+    """One seed's arm model and its phases' memory (`bem.missions.mission_d.recipe.dry_run`)."""
+    from bem.missions.mission_d.recipe import dry_run as mission_d
+
+    return mission_d(dry_run_base(params), profile=str(params.get("profile", "smoke")))

@@ -12,7 +12,8 @@ Representation rows, per test sentence and rung, at the headline layers (the top
 `rrs_<rung>` (RRS's jackknife pseudo-value, `metrics.rrs_pseudo_values`, its chance term pairing
 sentences of one length), `ret1_<rung>`,
 `align_<rung>`, `ldc_<rung>` (view id: the probe's and the control's correctness on the sentence and
-its view, as selectivity over 1 − the majority rate, so their mean is the unfloored LDC), and `eqe`
+its view, as selectivity over 1 − the majority rate, so their mean is the unfloored LDC; the control
+labels each sentence template at random), and `eqe`
 (S1). Every layer's corpus values go to the summary. States are the mean over the sentence's own tokens
 in its translation prompt; the probes fit on views of other training-split sentences (`EvalSet.probe`).
 """
@@ -31,7 +32,15 @@ from bem.core.metrics import bleu_stats, chrf_stats
 from bem.core.reporter import ScoreRow
 from bem.core.train import encode
 from bem.missions.mission_d import data, metrics, scramble
-from bem.missions.mission_d.train import ArmModel, _Pair, hardest_views, items_of, view_of
+from bem.missions.mission_d.train import (
+    ArmModel,
+    _Pair,
+    hardest_views,
+    items_of,
+    predicting,
+    target_positions,
+    view_of,
+)
 
 EVAL_SEED = 1  # the views the evaluation reads; training draws its own per epoch
 RUNGS = ("S1", "S2", "S3", "S4")
@@ -67,7 +76,11 @@ def first_sentences(text: str, k: int) -> str:
 
 class Scorer:
     def __init__(
-        self, model: ArmModel, tokenizer: PreTrainedTokenizerBase, inverse: torch.Tensor, max_new_tokens: int
+        self,
+        model: ArmModel,
+        tokenizer: PreTrainedTokenizerBase,
+        inverse: torch.Tensor | None,
+        max_new_tokens: int,
     ) -> None:
         self.model, self.tok, self.inverse, self.max_new = model, tokenizer, inverse, max_new_tokens
 
@@ -121,7 +134,10 @@ class Scorer:
 
     @torch.no_grad()
     def eqe(self, examples: Sequence[data.Example]) -> np.ndarray:
-        """Per example, EqE between the translation (prompt and target) and its S1 view."""
+        """Per example, EqE between the translation (prompt and target) and its S1 view; NaN (dropped by
+        the stats engine, counted) when S1 is not a token bijection under this tokenizer."""
+        if self.inverse is None:
+            return np.full(len(examples), np.nan)
         self.model.eval()
         out = []
         for lo in range(0, len(examples), 64):
@@ -135,7 +151,8 @@ class Scorer:
             logits, _, _ = self.model(x)
             v_logits, _, _ = self.model(v)
             inverse = self.inverse.to(logits.device)
-            out.append(metrics.eqe(logits, v_logits, inverse, x.attention_mask).cpu().numpy())
+            per = metrics.eqe(logits, v_logits, inverse, predicting(x), target_positions(x))
+            out.append(per.cpu().numpy())
         return np.concatenate(out)
 
 
@@ -188,6 +205,10 @@ def representation(
     test_x = scorer.states([e.source for e in ev.test])
     probe_x = scorer.states([e.source for e in ev.probe])
     lengths = [len(e.source.split()) for e in ev.test]
+    # The control task's types: each sentence's template (its shape), which recurs across the two
+    # splits, so the control probe can memorise a label per type as Hewitt and Liang's does per word.
+    probe_types = [str(data.template_of(e.frame)) for e in ev.probe]
+    test_types = [str(data.template_of(e.frame)) for e in ev.test]
     probe_views = views(scorer, ev.probe)
     n, m = len(ev.test), len(ev.probe)
     top = headline_layers(scorer.model.n_layers)
@@ -201,8 +222,8 @@ def representation(
         for i in range(len(test_x)):
             z, zv = test_x[i], test_v[i]
             dec = metrics.decodability(
-                np.vstack([probe_x[i], probe_v[i]]), [0] * m + [1] * m, [e.example_id for e in ev.probe] * 2,
-                np.vstack([z, zv]), [0] * n + [1] * n, [e.example_id for e in ev.test] * 2, seed=seed,
+                np.vstack([probe_x[i], probe_v[i]]), [0] * m + [1] * m, probe_types * 2,
+                np.vstack([z, zv]), [0] * n + [1] * n, test_types * 2, seed=seed,
             )  # fmt: skip
             selectivity = (dec.cue_correct - dec.control_correct) / (1.0 - dec.majority)
             values = {

@@ -30,9 +30,16 @@ def symmetric_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return 0.5 * ((p * (log_p - log_q)).sum(-1) + (q * (log_q - log_p)).sum(-1))
 
 
-def shadow_kl(logits: Tensor, view_logits: Tensor, inverse: Tensor, mask: Tensor | None = None) -> Tensor:
-    """S1's consistency loss: the batch mean of `eqe` (differentiable)."""
-    return eqe(logits, view_logits, inverse, mask).mean()
+def shadow_kl(
+    logits: Tensor,
+    view_logits: Tensor,
+    inverse: Tensor,
+    mask: Tensor | None = None,
+    unmapped: Tensor | None = None,
+) -> Tensor:
+    """S1's consistency loss: the batch mean of `eqe` (differentiable; `unmapped` marks the target's
+    positions, whose words S1 leaves as they are)."""
+    return eqe(logits, view_logits, inverse, mask, unmapped).mean()
 
 
 def target_kl(logits: Tensor, target_mask: Tensor, view_logits: Tensor, view_target_mask: Tensor) -> Tensor:

@@ -41,23 +41,42 @@ def chance_cka(
     z: np.ndarray, z_view: np.ndarray, strata: Sequence[int] | None = None, seed: int = 0, draws: int = 20
 ) -> float:
     """The CKA of sentences against views of other sentences, averaged over `draws` random pairings.
-    With `strata` (each sentence's length), a sentence is paired only with a view of a sentence of the
-    same stratum: mean-pooled states carry the sentence's length, and pairs that share nothing else
-    would otherwise count as chance-level, crediting a model that encodes only length."""
+    Each pairing is a derangement (no sentence meets its own view, which would leak the true pairing
+    into chance). With `strata` (each sentence's length), a sentence is paired only with a view of a
+    sentence of the same stratum: mean-pooled states carry the sentence's length, and pairs that share
+    nothing else would otherwise count as chance-level, crediting a model that encodes only length. A
+    stratum of one sentence joins its neighbour."""
     rng = np.random.default_rng(seed)
     groups = [np.arange(len(z))] if strata is None else _groups(strata)
     total = 0.0
     for _ in range(draws):
         perm = np.arange(len(z))
         for g in groups:
-            perm[g] = rng.permutation(g)
+            order = rng.permutation(g)
+            perm[order] = np.roll(order, 1)  # a cycle through the shuffled group: no fixed point
         total += linear_cka(z, z_view[perm])
     return total / draws
 
 
 def _groups(strata: Sequence[int]) -> list[np.ndarray]:
+    """Indices per stratum value, in order of value; a group of one is merged into the next (or, last,
+    the previous), so every group can be deranged."""
     s = np.asarray(strata)
-    return [np.flatnonzero(s == v) for v in np.unique(s)]
+    groups = [np.flatnonzero(s == v) for v in np.unique(s)]
+    if len(s) < 2:
+        raise ValueError("a chance pairing needs at least 2 sentences")
+    merged: list[np.ndarray] = []
+    carry = np.array([], dtype=int)
+    for g in groups:
+        g = np.concatenate([carry, g])
+        if len(g) < 2:
+            carry = g
+            continue
+        merged.append(g)
+        carry = np.array([], dtype=int)
+    if len(carry):
+        merged[-1] = np.concatenate([merged[-1], carry])
+    return merged
 
 
 def rrs(z: np.ndarray, z_view: np.ndarray, seed: int = 0, strata: Sequence[int] | None = None) -> float:
@@ -109,14 +128,25 @@ def alignment(z: np.ndarray, z_view: np.ndarray) -> np.ndarray:
     return np.sum((a - b) ** 2, axis=1)
 
 
-def eqe(logits: Tensor, view_logits: Tensor, inverse: Tensor, mask: Tensor | None = None) -> Tensor:
+def eqe(
+    logits: Tensor,
+    view_logits: Tensor,
+    inverse: Tensor,
+    mask: Tensor | None = None,
+    unmapped: Tensor | None = None,
+) -> Tensor:
     """Per sequence, the symmetric KL between p(x) and π⁻¹p(π x), averaged over its (unmasked) positions.
 
     `logits` [B, T, V] on x; `view_logits` [B, T, V′] on π(x), position-aligned (S1 keeps length);
     `inverse` [V] the view-vocabulary id of each original id, so `view_logits[..., inverse]` is the
-    view's distribution over the original vocabulary."""
+    view's distribution over the original vocabulary. `unmapped` [B, T] marks positions whose next
+    token the view did not scramble (a task's target, which stays in the original words): there the
+    two distributions are compared as they are."""
     log_p = torch.log_softmax(logits.float(), dim=-1)
     log_q = torch.log_softmax(view_logits.float()[..., inverse], dim=-1)
+    if unmapped is not None:
+        plain = torch.log_softmax(view_logits.float(), dim=-1)
+        log_q = torch.where(unmapped.bool().unsqueeze(-1), plain, log_q)
     kl_pq = (log_p.exp() * (log_p - log_q)).sum(-1)
     kl_qp = (log_q.exp() * (log_q - log_p)).sum(-1)
     per_position = 0.5 * (kl_pq + kl_qp)

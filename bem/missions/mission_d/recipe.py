@@ -49,10 +49,12 @@ class Profile:
 PROFILES = {
     "tiny": Profile(
         48, 12, 8, 12,
-        TrainConfig(controller_hidden=16, batch_size=8, eval_every=2, min_steps=2, max_steps=4, n_dev=8),
+        TrainConfig(controller_hidden=16, batch_size=8, eval_every=2, min_steps=2, max_steps=4, n_dev=8,
+                    min_epochs=0),
         max_new_tokens=6,
     ),
-    "smoke": Profile(1500, 120, 60, 120, TrainConfig()),
+    # 600 frames: 1,200 items, 38 steps an epoch, so a stage's 5 epochs (190 steps) fit its 400.
+    "smoke": Profile(600, 120, 60, 120, TrainConfig()),
     # A real model: section 9's lr 1e-4 for the thawed weights and batch 64, longer stages.
     "full": Profile(
         20_000, 500, 300, 500,
@@ -164,3 +166,42 @@ def profile_with(profile: str, **changes: Any) -> Profile:
 
 
 __all__ = ["PROFILES", "EvalSet", "Profile", "arm_means", "run_mission_d", "run_values"]
+
+
+DRY_RUN_SAMPLE = 256  # training frames a dry run draws to find the longest row
+
+
+def dry_run(base_path: str | Path, profile: str | Profile = "full") -> dict[str, Any]:
+    """One seed's arm model on the meta device, from the base's config.json alone (`bem.core.dryrun`):
+    the BEM sites and the controller, and each phase's estimated peak memory. A training step holds a
+    batch and its views (two passes' activations); the thaw's last stage trains the whole decoder,
+    which is also what the unclamped and soft-clamped Phase 0 train (the soft clamp adds one copy of
+    the decoder's weights as its anchor)."""
+    from bem.core import dryrun
+    from bem.missions.mission_d.train import ArmModel, _Pair, view_of
+
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    base = dryrun.meta_base(base_path)
+    arm = ArmModel(base.model, prof.train)
+    examples = data.make_examples("train", min(prof.n_train, DRY_RUN_SAMPLE), DATA_SEED)
+    items = items_of(examples)
+    rows = [_Pair(i.prompt(view_of(i.source, r, 0)), i.target) for i in items for r in scramble.RUNGS]
+    rows += [_Pair(i.prompt(), i.target) for i in items]
+    step = dryrun.Pass(2 * prof.train.batch_size, base.longest(rows))
+    adapters = arm.adapter_parameters()
+    decoder = arm.base_parameters()
+    anchor = dryrun.count(decoder) * base.dtype.itemsize
+    longest_source = max(base.tokens(data.translation_prompt(s)) for s, _ in data.longer(examples, 4))
+    decode = dryrun.Pass(64, longest_source + 4 * prof.max_new_tokens, backward=False)
+    phases = [
+        dryrun.phase("phase 0, hard clamp (BEM and controller)", base, [arm], adapters, step),
+        dryrun.phase("thaw, last stage (and phase 0 unclamped)", base, [arm], [*adapters, *decoder], step),
+        dryrun.phase("decode (4x inputs)", base, [arm], [], decode),
+    ]
+    return dryrun.summary(
+        base,
+        {"bem_sites": arm.attachment.num_parameters(), "controller": dryrun.count([arm.controller])},
+        phases,
+        soft_clamp_anchor_bytes=anchor,
+        rank=prof.train.rank,
+    )

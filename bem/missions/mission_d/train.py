@@ -17,10 +17,12 @@ arm also sees each example's view under the step's rung, with the same target:
 Phase 0 runs under a clamp: `hard` trains only the BEM sites and the controller, `soft` the whole
 decoder with an L2 anchor to its initial weights, `none` the whole decoder. A hard-clamped arm then
 thaws the decoder from the top, `thaw_layers` per stage, each stage ending on a plateau of its own
-development loss (less than `plateau` relative improvement over `window` evaluations) or at
-`max_steps`. The embeddings (tied to the output layer) never train: S1's shadow words must be learnt
-as the words they stand for, not re-embedded. `sep_phase0`, `sep_soft` and `sep_unclamped` are SEP's
-Phase 0 alone under each clamp, which the Phase-0 gate compares.
+loss on a fixed sample of training items with fixed views (less than `plateau` relative improvement
+over `window` evaluations) or at
+`max_steps`, and lasting at least `min_epochs` passes over the items. The embeddings and the output
+layer (tied in the smoke base) never train: S1's shadow words must be learnt as the words they stand
+for, not re-embedded. `sep_phase0`, `sep_soft` and `sep_unclamped` are SEP's Phase 0 alone under each
+clamp, which the Phase-0 gate compares.
 
 Rungs rotate per step (one rung per batch): S1, S2, S3 in Phase 0, and S4 joins after the first thaw.
 S4 is each example's highest-loss view of S1-S3 under the current model (a no-gradient pass per
@@ -84,7 +86,8 @@ class TrainConfig:
     base_lr: float = 3e-4  # decoder weights, once thawed (or from the start without the hard clamp)
     anchor: float = 1e-2  # the soft clamp's λ·Σ‖θ − θ₀‖²
     eval_every: int = 25  # steps between development evaluations
-    min_steps: int = 100  # per stage
+    min_steps: int = 100  # per stage, and at least ...
+    min_epochs: int = 5  # ... this many passes over the items (section 9: ≥ 5 epochs per stage)
     max_steps: int = 400  # per stage
     plateau: float = 0.005  # less than this relative improvement ...
     window: int = 3  # ... over this many evaluations ends a stage
@@ -128,16 +131,18 @@ def view_of(source: str, rung: str, seed: int) -> str:
     return scramble.view(source, rung, seed)
 
 
-def shadow_inverse(tokenizer: PreTrainedTokenizerBase, shadow: scramble.Shadow) -> Tensor:
+def shadow_inverse(tokenizer: PreTrainedTokenizerBase, shadow: scramble.Shadow) -> Tensor | None:
     """[V]: for each token id, the id of its S1 image (a word's shadow word and back; every other token
-    itself), so `logits_view[..., inverse]` reads the view's distribution in the original's ids."""
+    itself), so `logits_view[..., inverse]` reads the view's distribution in the original's ids. None
+    when some word or shadow word is not one token (a byte-level or a real model's tokenizer): S1 then
+    changes lengths, its KL compares the target's positions like S2's and S3's, and EqE is undefined."""
     n = len(tokenizer)
     inverse = torch.arange(n)
     for word, image in shadow.table.items():
         a = tokenizer(f" {word}", add_special_tokens=False)["input_ids"]
         b = tokenizer(f" {image}", add_special_tokens=False)["input_ids"]
         if len(a) != 1 or len(b) != 1:
-            raise ValueError(f"S1 needs one token per word: {word!r} → {a}, {image!r} → {b}")
+            return None
         inverse[a[0]], inverse[b[0]] = b[0], a[0]
     return inverse
 
@@ -213,7 +218,9 @@ def matmul_params(model: ArmModel) -> int:
 class FlopCount:
     """Training FLOPs of an arm: 2·N per token forward; backward 2·N per token for the activations'
     gradients (a BEM site in every layer sends them all the way down) plus 2·N_trainable for the
-    weights'. The controller's per-example MLP is counted the same way; evaluation is not training."""
+    weights'. The controller's adapter-off read is a full forward pass (it runs the model to the top),
+    counted as one; the controller's own MLP, once per example, is left out (under 0.1% here).
+    Evaluation is not training."""
 
     total: float = 0.0
 
@@ -243,11 +250,18 @@ def target_positions(batch: LMBatch) -> Tensor:
     return mask
 
 
+def predicting(batch: LMBatch) -> Tensor:
+    """[B, T]: 1 where there is a next token to predict (not the last token, not padding)."""
+    mask = torch.zeros_like(batch.attention_mask)
+    mask[:, :-1] = batch.attention_mask[:, 1:]
+    return mask
+
+
 def arm_loss(
     model: ArmModel,
     cfg: ArmConfig,
     b: Batches,
-    inverse: Tensor,
+    inverse: Tensor | None,
     flops: FlopCount | None = None,
     n_trainable: int = 0,
 ) -> tuple[Tensor, dict[str, float]]:
@@ -265,9 +279,14 @@ def arm_loss(
             # The clean side is the teacher (no gradient), as in UDA: a view is the harder input, and a
             # gradient through both sides pulls the clean predictions toward the view's mistakes.
             teacher = logits.detach()
-            if b.rung == "S1":
+            if b.rung == "S1" and inverse is not None:
+                # Through π⁻¹ where the next token is a source word; the target is the same words in both.
                 terms["kl"] = losses.shadow_kl(
-                    teacher, v_logits, inverse.to(logits.device), b.clean.attention_mask
+                    teacher,
+                    v_logits,
+                    inverse.to(logits.device),
+                    predicting(b.clean),
+                    target_positions(b.clean),
                 )
             else:
                 terms["kl"] = losses.target_kl(
@@ -276,7 +295,8 @@ def arm_loss(
         if "info_nce" in cfg.terms:
             terms["info_nce"] = losses.info_nce(z, z_view)
         if "variance" in cfg.terms:
-            terms["variance"] = losses.variance_guard(torch.cat([z, z_view]))
+            # Per branch, as VICReg: two collapsed clusters would satisfy it on the pair together.
+            terms["variance"] = 0.5 * (losses.variance_guard(z) + losses.variance_guard(z_view))
     if flops is not None:
         flops.forward(2 * tokens, n)  # the controller's adapter-off read, then the adapted pass
         flops.backward(tokens, n, n_trainable)
@@ -326,7 +346,7 @@ class Trainer:
         arm: ArmConfig,
         cfg: TrainConfig,
         items: Sequence[Item],
-        inverse: Tensor,
+        inverse: Tensor | None,
         seed: int,
         reporter: Reporter,
         name: str,
@@ -334,8 +354,9 @@ class Trainer:
         self.model, self.tok, self.arm, self.cfg = model, tokenizer, arm, cfg
         self.items, self.inverse, self.seed = list(items), inverse, seed
         self.reporter, self.name = reporter, name
-        # Keyed by what the arm trains, so sep_phase0 draws the batches of sep's Phase 0.
-        self.rng = random.Random(f"mission_d/train/{'+'.join(arm.terms)}/{arm.clamp}/{seed}")
+        # Keyed by the arm's loss terms alone: sep_phase0 draws the batches of sep's Phase 0, and SEP's
+        # three clamps see the same batches (common random numbers for the Phase-0 comparison).
+        self.rng = random.Random(f"mission_d/train/{'+'.join(arm.terms)}/{seed}")
         self.flops = FlopCount()
         self.step = 0
         dev_rng = random.Random(f"mission_d/dev/{seed}")
@@ -363,6 +384,10 @@ class Trainer:
     def hardest_views(self, chosen: Sequence[Item], seed: int) -> list[str]:
         """S4: per item, the view of S1-S3 with the highest target loss under the current model."""
         return hardest_views(self.model, self.tok, chosen, seed, self.flops)
+
+    def min_steps(self) -> int:
+        per_epoch = math.ceil(len(self.items) / self.cfg.batch_size)
+        return max(self.cfg.min_steps, self.cfg.min_epochs * per_epoch)
 
     def rungs(self, stage: int) -> tuple[str, ...]:
         return (*scramble.RUNGS, "S4") if stage > 0 else scramble.RUNGS
@@ -443,7 +468,7 @@ class Trainer:
                 values |= {f"{self.name}/dev_loss": history[-1], f"{self.name}/loss": float(loss.detach())}
                 self.reporter.metrics(values, self.step)
                 check_cancelled(self.reporter)
-                flat = steps >= cfg.min_steps and plateaued(history, cfg.window, cfg.plateau)
+                flat = steps >= self.min_steps() and plateaued(history, cfg.window, cfg.plateau)
                 done = flat or steps >= cfg.max_steps
                 if done:
                     return Stage(name, steps, history, n_trainable, flat)
