@@ -87,7 +87,11 @@ def test_each_policy_keeps_the_tokens_its_definition_names() -> None:
     # SnapKV: the window, then the pooled votes: a vote spreads to its neighbours (kernel 3).
     votes = [0, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]
     snap = layer_with(12, votes=votes)
-    assert kept(kv.SnapKV(window=2, kernel=3), snap, 5) == [3, 4, 5, 10, 11]
+    assert kept(kv.SnapKV(window=2, kernel=3, pool="avg"), snap, 5) == [3, 4, 5, 10, 11]
+    # Max-pooling: the neighbours take the vote whole, so a weaker lone vote loses to them.
+    two = layer_with(12, votes=[0, 0, 0, 0, 6, 0, 0, 0, 3, 0, 0, 0])
+    assert kept(kv.SnapKV(window=2, kernel=3, pool="max"), two, 5) == [3, 4, 5, 10, 11]
+    assert {4, 8, 10, 11} <= set(kept(kv.SnapKV(window=2, kernel=1, pool="max"), two, 5))  # no pooling
     # A bias moves a token in: λ·signal puts token 1 (no attention) above token 0's accumulated 5.
     layer.signal = torch.tensor([[0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.float)
     assert kept(kv.Biased(kv.H2O(recent=0.5), lam=1.0), layer, 6) == [1, 3, 6, 9, 10, 11]

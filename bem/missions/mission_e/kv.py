@@ -15,8 +15,8 @@ Policies (`Policy.keep` gives each KV head's kept indices, ascending):
 - `Window`: the most recent `budget` tokens;
 - `StreamingLLM`: `sinks` first tokens and the most recent rest;
 - `H2O`: the `recent` most recent and the heaviest hitters by accumulated attention among the others;
-- `SnapKV`: the last `window` queries of the latest chunk vote (their attention summed, average-pooled
-  over `kernel` neighbours); the window plus the top voted others;
+- `SnapKV`: the last `window` queries of the latest chunk vote (their attention summed, pooled over
+  `kernel` neighbours); the window plus the top voted others;
 - `Biased`: any scoring policy's scores plus λ times a per-token signal (BEM's write-worthiness).
 """
 
@@ -171,14 +171,22 @@ class H2O(Policy):
 
 @dataclass(frozen=True)
 class SnapKV(Policy):
+    """BEM_SPEC's defaults: max-pooled votes, kernel 7 (kvpress and SnapKV's code also average-pool)."""
+
     window: int = 16
-    kernel: int = 5
+    kernel: int = 7
+    pool: str = "max"
 
     def scores(self, layer: EvictingLayer) -> Tensor | None:
         assert layer.votes is not None
         b, h, t = layer.votes.shape
-        pooled = F.avg_pool1d(layer.votes.reshape(b * h, 1, t), self.kernel, 1, self.kernel // 2,
-                              count_include_pad=False)  # fmt: skip
+        flat = layer.votes.reshape(b * h, 1, t)
+        if self.pool == "max":
+            pooled = F.max_pool1d(flat, self.kernel, 1, self.kernel // 2)
+        elif self.pool == "avg":
+            pooled = F.avg_pool1d(flat, self.kernel, 1, self.kernel // 2, count_include_pad=False)
+        else:
+            raise ValueError(f"SnapKV pool {self.pool!r}: 'max' or 'avg'")
         return pooled.reshape(b, h, t)
 
     def protected(self, length: int, budget: int) -> tuple[int, int]:

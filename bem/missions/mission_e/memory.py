@@ -49,7 +49,7 @@ class MemoryState:
 def straight_through(soft: Tensor, threshold: float = 0.5) -> Tensor:
     """1 where `soft` > threshold, else 0, in the forward pass; the gradient of `soft` backward."""
     hard = (soft > threshold).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # the bracket is exactly 0: forward values are exactly 0 or 1
 
 
 class CompressiveMemory(nn.Module):
