@@ -3,8 +3,6 @@ small budget really holds the cache to it while decoding."""
 
 from __future__ import annotations
 
-import torch
-
 from bem.core.generate import greedy_generate
 from bem.core.models import build_tiny_llama, byte_tokenizer, tiny_llama_config
 from bem.missions.mission_e import driver, kv

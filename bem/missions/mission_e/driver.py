@@ -57,4 +57,4 @@ def answer(
             break
         new.append(token)
         logits = step(torch.tensor([[token]], device=device))
-    return tokenizer.decode(new, skip_special_tokens=True)
+    return str(tokenizer.decode(new, skip_special_tokens=True))
