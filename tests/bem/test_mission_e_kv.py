@@ -93,7 +93,7 @@ def test_each_policy_keeps_the_tokens_its_definition_names() -> None:
     assert kept(kv.SnapKV(window=2, kernel=3, pool="max"), two, 5) == [3, 4, 5, 10, 11]
     assert {4, 8, 10, 11} <= set(kept(kv.SnapKV(window=2, kernel=1, pool="max"), two, 5))  # no pooling
     # A bias moves a token in: λ·signal puts token 1 (no attention) above token 0's accumulated 5.
-    layer.signal = torch.tensor([[0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.float)
+    layer.signal = torch.tensor([[[0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]], dtype=torch.float)
     assert kept(kv.Biased(kv.H2O(recent=0.5), lam=1.0), layer, 6) == [1, 3, 6, 9, 10, 11]
     assert kept(kv.Biased(kv.H2O(recent=0.5), lam=0.0), layer, 6) == [0, 3, 6, 9, 10, 11]
 
@@ -111,7 +111,31 @@ def test_a_signal_follows_its_tokens_through_updates_and_evictions() -> None:
     layer = layer_with(4, acc=[0.0] * 4)
     layer.mark(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
     layer.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))
-    assert layer.signal is not None and layer.signal.tolist() == [[1.0, 2.0, 3.0, 4.0, 0.0, 0.0]]
+    assert layer.signal is not None and layer.signal.tolist() == [[[1.0, 2.0, 3.0, 4.0, 0.0, 0.0]]]
     layer.mark(torch.tensor([[5.0, 6.0]]))
     layer.keep(torch.tensor([[[1, 3, 5]]]))
-    assert layer.signal.tolist() == [[2.0, 4.0, 6.0]]
+    assert layer.signal.tolist() == [[[2.0, 4.0, 6.0]]]
+
+
+def test_each_kv_head_keeps_its_own_tokens_signals() -> None:
+    layer = kv.EvictingLayer(torch.ones(2))
+    layer.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4))
+    layer.mark(torch.tensor([[10.0, 11.0, 12.0, 13.0, 14.0]]))
+    layer.keep(torch.tensor([[[0, 2, 4], [1, 3, 4]]]))  # the two heads keep different tokens
+    assert layer.signal is not None and layer.signal.tolist() == [[[10.0, 12.0, 14.0], [11.0, 13.0, 14.0]]]
+
+
+def test_snapkv_votes_come_from_a_full_window_and_stand_through_decoding() -> None:
+    layer = kv.EvictingLayer(torch.ones(2), window=4)
+    layer.update(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4))
+    prefill = torch.zeros(1, 1, 8, 8)
+    prefill[..., 2] = 1.0  # every query looks at token 2
+    layer.observe(prefill)
+    assert layer.votes is not None and layer.votes[0, 0, 2] == 4.0  # the last 4 queries voted
+    layer.update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
+    decode = torch.zeros(1, 1, 1, 9)
+    decode[..., 5] = 1.0  # one decoded query: not a window, the prefill's votes stand
+    layer.observe(decode)
+    assert layer.votes[0, 0].tolist() == [0, 0, 4.0, 0, 0, 0, 0, 0, 0]
+    cache = kv.EvictingCache(1, torch.ones(2), kv.SnapKV(window=32), budget=64)
+    assert cache.evicting_layers[0].window == 32  # the policy's window is the one that votes

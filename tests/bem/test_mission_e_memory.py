@@ -79,3 +79,13 @@ def test_the_mix_starts_halfway_and_follows_beta() -> None:
 
 def test_state_bytes_count_m_and_z() -> None:
     assert MemoryState.zeros(2, 3, 8, 5).bytes() == 4 * (2 * 3 * 8 * 5 + 2 * 3 * 8)
+
+
+def test_the_memory_stays_float32_under_a_bf16_model_and_a_row_gate_closes_a_segment() -> None:
+    mem = CompressiveMemory(2)
+    state = MemoryState.zeros(1, 2, 4, 4)
+    k, v = torch.randn(1, 2, 3, 4, dtype=torch.bfloat16), torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)
+    written = mem.write(k, v, state)
+    assert written.M.dtype == torch.float32 and mem.retrieve(k, written).dtype == torch.bfloat16
+    closed = mem.write(k, v, written, gate=torch.zeros(1))  # one gate for the row's whole segment
+    assert torch.equal(closed.M, written.M) and torch.equal(closed.z, written.z)

@@ -90,3 +90,9 @@ def test_babi_answers_follow_from_the_facts(task: str) -> None:
 def test_a_budget_too_small_for_the_question_is_refused() -> None:
     with pytest.raises(ValueError, match="over 10 tokens"):
         tasks.passkey(random.Random(0), 10, 0.5, words)
+
+
+def test_an_essay_haystack_grows_as_far_as_the_budget_asks() -> None:
+    """No fixed pool of units: 40,000 words of essay (past any cap) fit, within one unit."""
+    s = tasks.niah("niah_multikey", random.Random(4), 40_000, 0.5, words)
+    assert 40_000 - 20 < words(s.prompt) <= 40_000

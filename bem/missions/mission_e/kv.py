@@ -46,8 +46,9 @@ def rerotate(keys: Tensor, shift: Tensor, inv_freq: Tensor) -> Tensor:
 
 class EvictingLayer(DynamicLayer):
     """A `DynamicLayer` that knows each kept token's in-cache position and the scores policies read:
-    `acc` (H2O's attention accumulated over every query so far) and `votes` (SnapKV's, from the latest
-    chunk's last queries), both [B, H_kv, T]; `signal` [B, T] a per-token bias (BEM's), if set."""
+    `acc` (H2O's attention accumulated over every query so far) and `votes` (SnapKV's, from the last
+    chunk with a full window of queries), both [B, H_kv, T]; `signal` [B, H_kv, T] a per-token bias
+    (BEM's), if set."""
 
     def __init__(self, inv_freq: Tensor, window: int = 16) -> None:
         super().__init__()
@@ -66,18 +67,18 @@ class EvictingLayer(DynamicLayer):
         zeros = torch.zeros(b, h, q, device=key_states.device)
         self.pos = new if self.pos is None else torch.cat([self.pos, new], dim=-1)
         self.acc = zeros if self.acc is None else torch.cat([self.acc, zeros], dim=-1)
-        self.votes = torch.zeros_like(self.acc)
+        self.votes = zeros if self.votes is None else torch.cat([self.votes, zeros], dim=-1)
         if self.signal is not None:  # new tokens have no signal until `mark` gives them one
-            self.signal = torch.cat([self.signal, zeros[:, 0]], dim=-1)
+            self.signal = torch.cat([self.signal, zeros], dim=-1)
         return keys, values
 
     def mark(self, signal: Tensor) -> None:
-        """The per-token signal [B, q] of the tokens the last update added (BEM's bias)."""
+        """The per-token signal [B, q] of the tokens the last update added (BEM's bias), kept per KV
+        head because each head keeps its own tokens."""
         assert self.acc is not None
-        b, t = self.acc.shape[0], self.acc.shape[-1]
         if self.signal is None:
-            self.signal = torch.zeros(b, t, device=signal.device)
-        self.signal[:, t - signal.shape[-1] :] = signal
+            self.signal = torch.zeros_like(self.acc)
+        self.signal[..., self.acc.shape[-1] - signal.shape[-1] :] = signal[:, None, :]
 
     def observe(self, attention: Tensor) -> None:
         """The chunk's attention weights [B, H_q, q, T] (T = this layer's length): each KV head's share
@@ -87,7 +88,10 @@ class EvictingLayer(DynamicLayer):
         hk = self.acc.shape[1]
         grouped = attention.float().reshape(b, hk, hq // hk, -1, t).mean(2)  # [B, H_kv, q, T]
         self.acc = self.acc + grouped.sum(2)
-        self.votes = grouped[:, :, -self.window :].sum(2)
+        # SnapKV votes with a full observation window: the end of the prefill's chunks, not a decoded
+        # token's single query (until the next full window, the last votes stand, new tokens at 0).
+        if grouped.shape[2] >= self.window:
+            self.votes = grouped[:, :, -self.window :].sum(2)
 
     def keep(self, index: Tensor) -> None:
         """Keep the tokens at `index` [B, H, K] (ascending), moved to in-cache positions 0..K−1."""
@@ -103,7 +107,7 @@ class EvictingLayer(DynamicLayer):
             t = getattr(self, name)
             setattr(self, name, t.gather(2, index))
         if self.signal is not None:
-            self.signal = self.signal.gather(1, index[:, 0])  # one signal per token, shared by heads
+            self.signal = self.signal.gather(2, index)
 
     def state_bytes(self) -> int:
         """Bytes this layer holds: kept keys and values, and the policy's per-token scores."""
@@ -204,7 +208,7 @@ class Biased(Policy):
         scores = self.base.scores(layer)
         if scores is None or layer.signal is None:
             return scores
-        return scores + self.lam * layer.signal[:, None, :]
+        return scores + self.lam * layer.signal
 
     def protected(self, length: int, budget: int) -> tuple[int, int]:
         return self.base.protected(length, budget)
@@ -216,6 +220,7 @@ class EvictingCache(Cache):
     def __init__(
         self, n_layers: int, inv_freq: Tensor, policy: Policy, budget: int, window: int = 16
     ) -> None:
+        window = getattr(policy, "window", window)  # SnapKV's observation window is its own
         super().__init__(layers=[EvictingLayer(inv_freq, window) for _ in range(n_layers)])
         self.policy, self.budget = policy, budget
 

@@ -61,19 +61,23 @@ class CompressiveMemory(nn.Module):
         self.beta = nn.Parameter(torch.zeros(heads))  # sigmoid(0) = ½: memory and local attention alike
 
     def retrieve(self, q: Tensor, state: MemoryState) -> Tensor:
-        """[B, H, T, d_v] from queries [B, H, T, d_k]; zero where the memory is empty."""
-        s = self.feature(q)
+        """[B, H, T, d_v] from queries [B, H, T, d_k]; zero where the memory is empty. The memory is
+        float32 whatever the model's dtype (a bf16 sum of thousands of writes would lose them), and
+        the read comes back in the queries' dtype."""
+        s = self.feature(q.float())
         num = s @ state.M
         den = (s @ state.z.unsqueeze(-1)).clamp_min(EPS)
-        return num / den
+        return (num / den).to(q.dtype)
 
     def write(self, k: Tensor, v: Tensor, state: MemoryState, gate: Tensor | None = None) -> MemoryState:
-        """The state after writing keys [B, H, T, d_k] and values [B, H, T, d_v]; `gate` [B, T] or
-        [B, H, T] weighs each token's write (None: every token fully)."""
+        """The state after writing keys [B, H, T, d_k] and values [B, H, T, d_v]; `gate` weighs each
+        write: [B] per row (a segment's gate), [B, T] per token or [B, H, T] (None: every token fully)."""
+        k, v = k.float(), v.float()
         s = self.feature(k)
         if gate is not None:
-            g = gate if gate.dim() == 3 else gate[:, None, :].expand(s.shape[:3])
-            s = s * g.unsqueeze(-1)
+            g = gate.float()
+            g = g[:, None, None] if g.dim() == 1 else g[:, None, :] if g.dim() == 2 else g
+            s = s * g.expand(s.shape[:3]).unsqueeze(-1)
         target = v
         if self.delta:
             # What the memory returns for each key now; a token whose gate is 0 adds 0·(v − that).

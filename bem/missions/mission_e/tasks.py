@@ -151,7 +151,7 @@ def niah(task: str, rng: random.Random, length: int, depth: float, count: Count,
     asked = [f"One of the special magic numbers for {k} is: {v}." for k in queried for v in values[k]]
     distractors = [f"One of the special magic numbers for {k} is: {values[k][0]}." for k in keys[n_queries:]]
     spots = [rng.random() for _ in distractors]
-    pool = _essay_units(rng, 4096) if haystack == "essay" else [NOISE] * 4096
+    pool_seed = rng.random()  # the essay's units: the same first n for every n, drawn as needed
     query = ", ".join(queried)
     header = (
         "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -163,14 +163,12 @@ def niah(task: str, rng: random.Random, length: int, depth: float, count: Count,
     )
 
     def build(n: int) -> str:
-        units = list(pool[:n])
+        units = _essay_units(random.Random(pool_seed), n) if haystack == "essay" else [NOISE] * n
         for needle, spot in sorted(zip(distractors, spots, strict=True), key=lambda p: -p[1]):
             units.insert(round(spot * len(units)), needle)
         return " ".join([header, *_insert(units, asked, depth), question])
 
-    prompt, n = _fit(build, count, length, task)
-    if n > len(pool):
-        raise ValueError(f"{task}: {length} tokens need more than {len(pool)} haystack units")
+    prompt, _ = _fit(build, count, length, task)
     answers = tuple(v for k in queried for v in values[k])
     return Sample(_id(task, length, depth, index), task, prompt, answers, depth, length)
 
