@@ -19,8 +19,6 @@ from rich.console import Console
 from rich.table import Table
 
 from bem.core.generate import greedy_generate
-from bem.core.models import load_model
-from bem.core.smoke_base import smoke_base
 from bem.missions.mission_e import data, tasks
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -37,11 +35,7 @@ def main() -> None:
     def log(message: str) -> None:
         console.print(f"  {message}", highlight=False)
 
-    path = smoke_base(args.cache, data.smoke_mixture(), log=log, budget_s=1200)
-    model, tok = load_model(path)
-
-    def count(text: str) -> int:
-        return len(tok(text, add_special_tokens=False)["input_ids"])
+    path, model, tok, count = data.smoke_model(args.cache, log)
 
     makers = {
         "passkey": lambda r, n, d: tasks.passkey(r, n, d, count),

@@ -18,8 +18,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bem.core.models import load_model
-from bem.core.smoke_base import smoke_base
 from bem.missions.mission_e import data, driver, kv, tasks
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -37,12 +35,8 @@ def main() -> None:
     def log(message: str) -> None:
         console.print(f"  {message}", highlight=False)
 
-    path = smoke_base(args.cache, data.smoke_mixture(), log=log, budget_s=1200)
-    model, tok = load_model(path)
+    path, model, tok, count = data.smoke_model(args.cache, log)
     driver.eager(model)
-
-    def count(text: str) -> int:
-        return len(tok(text, add_special_tokens=False)["input_ids"])
 
     arms: dict[str, tuple[kv.Policy, int]] = {
         "full KV": (kv.Window(), 10**9),

@@ -32,6 +32,14 @@ class TextPair(Protocol):
     def target(self) -> str: ...
 
 
+@dataclass(frozen=True)
+class Pair:
+    """A prompt and its target: the plainest TextPair."""
+
+    prompt: str
+    target: str
+
+
 IGNORE = -100
 
 

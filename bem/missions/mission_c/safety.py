@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from bem.core.reporter import Reporter, check_cancelled
-from bem.core.train import encode, lm_loss, lora_factors, row_losses
+from bem.core.train import Pair, encode, lm_loss, lora_factors, row_losses
 from bem.missions.mission_c import basis
 from bem.missions.mission_c.data import Case
 from bem.missions.mission_c.probe import ConstitutionProbe, prompt_features
@@ -77,16 +77,10 @@ def completion_logprob(
     """[B]: the mean log p of the completion's tokens and EOS given the prompt, teacher-forced; the safe or
     the unsafe one. A mean, not a sum: summed over a completion the two differ by tens of nats, where
     σ(margin) is flat and the surrogate would give no gradient on the attacks that matter most."""
-    rows = [_Pair(c.prompt, c.unsafe if unsafe else c.safe) for c in pairs]
+    rows = [Pair(c.prompt, c.unsafe if unsafe else c.safe) for c in pairs]
     batch = encode(tokenizer, rows).to(next(model.parameters()).device)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return -row_losses(logits, batch.labels)  # a row's mean cross-entropy is minus its mean log p
-
-
-@dataclass(frozen=True)
-class _Pair:
-    prompt: str
-    target: str
 
 
 def violation_surrogate(

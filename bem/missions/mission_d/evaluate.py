@@ -30,16 +30,15 @@ from transformers import PreTrainedTokenizerBase
 from bem.core.generate import greedy_generate
 from bem.core.metrics import bleu_stats, chrf_stats
 from bem.core.reporter import ScoreRow
-from bem.core.train import encode
+from bem.core.train import Pair, encode
 from bem.missions.mission_d import data, metrics, scramble
 from bem.missions.mission_d.train import (
     ArmModel,
-    _Pair,
+    encode_prompts,
     hardest_views,
     items_of,
     predicting,
     target_positions,
-    view_of,
 )
 
 EVAL_SEED = 1  # the views the evaluation reads; training draws its own per epoch
@@ -88,7 +87,7 @@ class Scorer:
     def codes(self, prompts: Sequence[str]) -> torch.Tensor:
         out = []
         for lo in range(0, len(prompts), 64):
-            batch = encode(self.tok, [_Pair(p, "") for p in prompts[lo : lo + 64]]).to(self.model.device)
+            batch = encode_prompts(self.tok, prompts[lo : lo + 64]).to(self.model.device)
             out.append(self.model.codes(batch))
         return torch.cat(out)
 
@@ -119,7 +118,7 @@ class Scorer:
         chunks: list[list[np.ndarray]] = []
         for lo in range(0, len(sources), 64):
             chunk = sources[lo : lo + 64]
-            batch = encode(self.tok, [_Pair(data.translation_prompt(s), "") for s in chunk]).to(
+            batch = encode_prompts(self.tok, [data.translation_prompt(s) for s in chunk]).to(
                 self.model.device
             )
             mask = torch.zeros_like(batch.prompt_mask)
@@ -142,8 +141,8 @@ class Scorer:
         out = []
         for lo in range(0, len(examples), 64):
             chunk = examples[lo : lo + 64]
-            x = encode(self.tok, [_Pair(data.translation_prompt(e.source), f" {e.target}") for e in chunk])
-            v = encode(self.tok, [_Pair(data.translation_prompt(view_of(e.source, "S1", EVAL_SEED)),
+            x = encode(self.tok, [Pair(data.translation_prompt(e.source), f" {e.target}") for e in chunk])
+            v = encode(self.tok, [Pair(data.translation_prompt(scramble.view(e.source, "S1", EVAL_SEED)),
                                         f" {e.target}") for e in chunk])  # fmt: skip
             if x.input_ids.shape != v.input_ids.shape:
                 raise ValueError("S1 changed a sequence's length: a word or shadow word is not one token")
@@ -158,7 +157,7 @@ class Scorer:
 
 def views(scorer: Scorer, examples: Sequence[data.Example]) -> dict[str, list[str]]:
     """Each rung's view of each example's source (S4 under this model: its hardest of S1-S3)."""
-    out = {r: [view_of(e.source, r, EVAL_SEED) for e in examples] for r in scramble.RUNGS}
+    out = {r: [scramble.view(e.source, r, EVAL_SEED) for e in examples] for r in scramble.RUNGS}
     translations = [i for i in items_of(examples) if i.task == "translate"]
     out["S4"] = hardest_views(scorer.model, scorer.tok, translations, EVAL_SEED)
     return out

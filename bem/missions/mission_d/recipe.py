@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 from bem.core.models import load_model
 from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
 from bem.missions.mission_d import data, scramble
-from bem.missions.mission_d.evaluate import EvalSet, Scorer, make_eval, score_arm
+from bem.missions.mission_d.evaluate import Scorer, make_eval, score_arm
 from bem.missions.mission_d.train import ARMS, Stage, TrainConfig, Trainer, build, items_of, shadow_inverse
 from stats import corpus
 
@@ -160,14 +160,6 @@ def arm_means(rows: Sequence[ScoreRow]) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
-def profile_with(profile: str, **changes: Any) -> Profile:
-    """A named profile with some fields changed (tests and benches shrink one)."""
-    return replace(PROFILES[profile], **changes)
-
-
-__all__ = ["PROFILES", "EvalSet", "Profile", "arm_means", "run_mission_d", "run_values"]
-
-
 DRY_RUN_SAMPLE = 256  # training frames a dry run draws to find the longest row
 
 
@@ -178,15 +170,16 @@ def dry_run(base_path: str | Path, profile: str | Profile = "full") -> dict[str,
     which is also what the unclamped and soft-clamped Phase 0 train (the soft clamp adds one copy of
     the decoder's weights as its anchor)."""
     from bem.core import dryrun
-    from bem.missions.mission_d.train import ArmModel, _Pair, view_of
+    from bem.core.train import Pair
+    from bem.missions.mission_d.train import ArmModel
 
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     base = dryrun.meta_base(base_path)
     arm = ArmModel(base.model, prof.train)
     examples = data.make_examples("train", min(prof.n_train, DRY_RUN_SAMPLE), DATA_SEED)
     items = items_of(examples)
-    rows = [_Pair(i.prompt(view_of(i.source, r, 0)), i.target) for i in items for r in scramble.RUNGS]
-    rows += [_Pair(i.prompt(), i.target) for i in items]
+    rows = [Pair(i.prompt(scramble.view(i.source, r, 0)), i.target) for i in items for r in scramble.RUNGS]
+    rows += [Pair(i.prompt(), i.target) for i in items]
     step = dryrun.Pass(2 * prof.train.batch_size, base.longest(rows))
     adapters = arm.adapter_parameters()
     decoder = arm.base_parameters()

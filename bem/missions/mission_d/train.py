@@ -45,7 +45,7 @@ from bem.core.attach import Attachment, attach_bems
 from bem.core.chunked import read_hidden
 from bem.core.controllers import SimpleController, masked_mean
 from bem.core.reporter import Reporter, check_cancelled
-from bem.core.train import IGNORE, LMBatch, encode, lm_loss, row_losses
+from bem.core.train import IGNORE, LMBatch, Pair, encode, lm_loss, row_losses
 from bem.missions.mission_d import data, losses, scramble
 
 Clamp = Literal["hard", "soft", "none"]
@@ -121,14 +121,9 @@ def items_of(examples: Sequence[data.Example]) -> list[Item]:
     return out
 
 
-@dataclass(frozen=True)
-class _Pair:
-    prompt: str
-    target: str
-
-
-def view_of(source: str, rung: str, seed: int) -> str:
-    return scramble.view(source, rung, seed)
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> LMBatch:
+    """Prompts alone (each row's target is just EOS): what the controller and the probes read."""
+    return encode(tokenizer, [Pair(p, "") for p in prompts])
 
 
 def shadow_inverse(tokenizer: PreTrainedTokenizerBase, shadow: scramble.Shadow) -> Tensor | None:
@@ -166,6 +161,7 @@ class ArmModel(nn.Module):
         self.controller = SimpleController(
             d_model, self.attachment.total_rank, hidden=cfg.controller_hidden, dropout=0.0
         )
+        self.n_matmul = matmul_params(self)  # fixed once the sites are attached; FLOPs read it per step
 
     @property
     def device(self) -> torch.device:
@@ -266,7 +262,7 @@ def arm_loss(
     n_trainable: int = 0,
 ) -> tuple[Tensor, dict[str, float]]:
     """The arm's weighted loss on one batch, and each term's value."""
-    n = matmul_params(model)
+    n = model.n_matmul
     logits, z, _ = model(b.clean)
     terms: dict[str, Tensor] = {"ce": lm_loss(logits, b.clean.labels)}
     tokens = int(b.clean.attention_mask.sum())
@@ -322,10 +318,6 @@ class Trained:
     stages: list[Stage] = field(default_factory=list)
     flops: float = 0.0
 
-    @property
-    def steps(self) -> int:
-        return sum(s.steps for s in self.stages)
-
 
 def plateaued(history: Sequence[float], window: int, threshold: float) -> bool:
     """True when the best of the last `window` evaluations improves on the best before them by less than
@@ -370,20 +362,15 @@ class Trainer:
         return scramble.epoch_seed(self.seed, self.step // per_epoch)
 
     def batches(self, chosen: Sequence[Item], rung: str, seed: int) -> Batches:
-        clean = encode(self.tok, [_Pair(i.prompt(), i.target) for i in chosen]).to(self.model.device)
+        clean = encode(self.tok, [Pair(i.prompt(), i.target) for i in chosen]).to(self.model.device)
         if not self.arm.paired:
             return Batches(clean, None, rung)
         if rung == "S4":
-            sources = self.hardest_views(chosen, seed)
+            sources = hardest_views(self.model, self.tok, chosen, seed, self.flops)
         else:
-            sources = [view_of(i.source, rung, seed) for i in chosen]
-        view = encode(self.tok, [_Pair(i.prompt(s), i.target) for i, s in zip(chosen, sources, strict=True)])
+            sources = [scramble.view(i.source, rung, seed) for i in chosen]
+        view = encode(self.tok, [Pair(i.prompt(s), i.target) for i, s in zip(chosen, sources, strict=True)])
         return Batches(clean, view.to(self.model.device), rung)
-
-    @torch.no_grad()
-    def hardest_views(self, chosen: Sequence[Item], seed: int) -> list[str]:
-        """S4: per item, the view of S1-S3 with the highest target loss under the current model."""
-        return hardest_views(self.model, self.tok, chosen, seed, self.flops)
 
     def min_steps(self) -> int:
         per_epoch = math.ceil(len(self.items) / self.cfg.batch_size)
@@ -498,12 +485,12 @@ def hardest_views(
     """S4 (the adversarial rung): per item, its view of S1-S3 whose target loss is highest."""
     was = model.training
     model.eval()
-    candidates = [[view_of(i.source, r, seed) for r in scramble.RUNGS] for i in chosen]
+    candidates = [[scramble.view(i.source, r, seed) for r in scramble.RUNGS] for i in chosen]
     per_rung = []
-    n = matmul_params(model)
+    n = model.n_matmul
     for k in range(len(scramble.RUNGS)):
         batch = encode(
-            tokenizer, [_Pair(i.prompt(c[k]), i.target) for i, c in zip(chosen, candidates, strict=True)]
+            tokenizer, [Pair(i.prompt(c[k]), i.target) for i, c in zip(chosen, candidates, strict=True)]
         )
         batch = batch.to(model.device)
         logits, _, _ = model(batch)
@@ -525,7 +512,7 @@ def build(
     torch.manual_seed(seed)
     model = ArmModel(copy.deepcopy(base), cfg).to(next(base.parameters()).device)
     sample = random.Random(f"mission_d/fit/{seed}").sample(list(items), min(128, len(items)))
-    prompts = [i.prompt() for i in sample] + [i.prompt(view_of(i.source, "S1", 0)) for i in sample]
-    batch = encode(tokenizer, [_Pair(p, "") for p in prompts]).to(model.device)
+    prompts = [i.prompt() for i in sample] + [i.prompt(scramble.view(i.source, "S1", 0)) for i in sample]
+    batch = encode_prompts(tokenizer, prompts).to(model.device)
     model.controller.fit_features(model.features(batch))
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from bem.missions.mission_e import tasks
@@ -59,3 +60,18 @@ def smoke_mixture() -> Any:
         ),
         recipe=recipe,
     )  # fmt: skip
+
+
+def smoke_model(cache_dir: Path, log: Callable[[str], None]) -> tuple[Path, Any, Any, Callable[[str], int]]:
+    """The smoke base's folder (found or pretrained, 20 minutes at most), the model, its tokenizer,
+    and the token counter the task generators fit samples with."""
+    from bem.core.models import load_model
+    from bem.core.smoke_base import smoke_base
+
+    path = smoke_base(cache_dir, smoke_mixture(), log=log, budget_s=1200)
+    model, tok = load_model(path)
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    return path, model, tok, count

@@ -54,23 +54,27 @@ class EvictingLayer(DynamicLayer):
         super().__init__()
         self.inv_freq = inv_freq
         self.window = window
-        self.pos: Tensor | None = None  # [B, H, T] long
         self.acc: Tensor | None = None
         self.votes: Tensor | None = None
         self.signal: Tensor | None = None
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:  # type: ignore[no-untyped-def]
-        start = self.get_seq_length()
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         b, h, q, _ = key_states.shape
-        new = torch.arange(start, start + q, device=key_states.device).expand(b, h, q)
         zeros = torch.zeros(b, h, q, device=key_states.device)
-        self.pos = new if self.pos is None else torch.cat([self.pos, new], dim=-1)
         self.acc = zeros if self.acc is None else torch.cat([self.acc, zeros], dim=-1)
         self.votes = zeros if self.votes is None else torch.cat([self.votes, zeros], dim=-1)
         if self.signal is not None:  # new tokens have no signal until `mark` gives them one
             self.signal = torch.cat([self.signal, zeros], dim=-1)
         return keys, values
+
+    @property
+    def pos(self) -> Tensor | None:
+        """[B, H, T]: each kept token's in-cache position, which is its index."""
+        if self.keys is None or not self.is_initialized:
+            return None
+        b, h, t, _ = self.keys.shape
+        return torch.arange(t, device=self.keys.device).expand(b, h, t)
 
     def mark(self, signal: Tensor) -> None:
         """The per-token signal [B, q] of the tokens the last update added (BEM's bias), kept per KV
@@ -95,14 +99,14 @@ class EvictingLayer(DynamicLayer):
 
     def keep(self, index: Tensor) -> None:
         """Keep the tokens at `index` [B, H, K] (ascending), moved to in-cache positions 0..K−1."""
-        assert self.keys is not None and self.values is not None and self.pos is not None
+        assert self.keys is not None and self.values is not None
         gather = index[..., None].expand(*index.shape, self.keys.shape[-1])
         keys = self.keys.gather(2, gather)
-        old = self.pos.gather(2, index)
+        # A token's in-cache position is its index (positions are always 0..T−1), so it moves by
+        # (new index − old index).
         new = torch.arange(index.shape[-1], device=index.device).expand_as(index)
-        self.keys = rerotate(keys, new - old, self.inv_freq)
+        self.keys = rerotate(keys, new - index, self.inv_freq)
         self.values = self.values.gather(2, gather)
-        self.pos = new
         for name in ("acc", "votes"):
             t = getattr(self, name)
             setattr(self, name, t.gather(2, index))

@@ -110,6 +110,24 @@ def _insert(units: list[str], needles: Sequence[str], depth: float) -> list[str]
     return [*units[:at], *needles, *units[at:]]
 
 
+def _in_order(lines: Sequence[str], n: int, depth: float, later: Sequence[float]) -> list[str]:
+    """`n` noise units with `lines` among them in order: the first at `depth`, each later one at its
+    share (`later`, sorted, in [0, 1)) of the units between the first and the end."""
+    first = round(depth * n)
+    spots = [first + round(f * (n - first)) for f in later]
+    body: list[str] = []
+    j = 0
+    for i in range(n + 1):
+        if i == first:
+            body.append(lines[0])
+        while j < len(later) and spots[j] == i:
+            body.append(lines[j + 1])
+            j += 1
+        if i < n:
+            body.append(NOISE)
+    return body
+
+
 def _essay_units(rng: random.Random, n: int) -> list[str]:
     return [" ".join(rng.choice(slot) for slot in _ESSAY) for _ in range(n)]
 
@@ -194,21 +212,7 @@ def variable_tracking(
     header = "Memorize and track the chain(s) of variable assignment hidden in the following text."
 
     def build(n: int) -> str:
-        units = [NOISE] * n
-        first = round(depth * n)
-        # Later lines at sorted spots between the first line and the end, in chain order.
-        spots = [first + round(f * (n - first)) for f in later]
-        body: list[str] = []
-        j = 0
-        for i in range(n + 1):
-            if i == first:
-                body.append(lines[0] + ".")
-            while j < hops and spots[j] == i:
-                body.append(lines[j + 1] + ".")
-                j += 1
-            if i < n:
-                body.append(units[i])
-        return " ".join([header, *body, question])
+        return " ".join([header, *_in_order([line + "." for line in lines], n, depth, later), question])
 
     prompt, _ = _fit(build, count, length, "variable_tracking")
     return Sample(_id("vt", length, depth, index), "variable_tracking", prompt, tuple(names), depth, length)
@@ -236,19 +240,7 @@ def babi(task: str, rng: random.Random, length: int, depth: float, count: Count,
     later = sorted(rng.random() for _ in facts[1:])
 
     def build(n: int) -> str:
-        first = round(depth * n)
-        spots = [first + round(f * (n - first)) for f in later]
-        body: list[str] = []
-        j = 0
-        for i in range(n + 1):
-            if i == first:
-                body.append(facts[0])
-            while j < len(later) and spots[j] == i:
-                body.append(facts[j + 1])
-                j += 1
-            if i < n:
-                body.append(NOISE)
-        return " ".join([*body, question])
+        return " ".join([*_in_order(facts, n, depth, later), question])
 
     prompt, _ = _fit(build, count, length, task)
     return Sample(_id(task, length, depth, index), task, prompt, (answer,), depth, length)
