@@ -59,8 +59,8 @@ def main() -> None:
         for n in LENGTHS:
             scores = []
             for s in samples[n]:
-                cache = driver.evicting_cache(model, policy, budget)
-                out = driver.answer(model, tok, s.prompt, cache, chunk=64, max_new_tokens=12)
+                arm = driver.Arm(model, policy, budget)
+                out = driver.answer(arm, tok, s.prompt, chunk=64, max_new_tokens=12).text
                 scores.append(tasks.string_match_all(out.split(".")[0], s.answers))
                 runs += 1
             row[str(n)] = sum(scores) / len(scores)

@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {
     "mission_c.run": "workers.kinds.mission_c:run",
     "mission_c.overlay": "workers.kinds.mission_c:overlay",
     "mission_d.run": "workers.kinds.mission_d:run",
+    "mission_e.run": "workers.kinds.mission_e:run",
     "online.stream": "workers.kinds.mission_b:stream",
 }
 

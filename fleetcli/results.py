@@ -1,7 +1,7 @@
 """`make results`: the smoke missions on a fresh temporary fleet, each one's report into docs/results/.
 
-`python -m fleetcli.results [--missions demo,mission_a,mission_b,mission_c,mission_d] [--profile smoke]
-[--out DIR]` starts `fleetd up --cpu-workers N` on a new home in a temporary folder, submits the
+`python -m fleetcli.results [--missions demo,mission_a,mission_b,mission_c,mission_d,mission_e]
+[--profile smoke] [--out DIR]` starts `fleetd up --cpu-workers N` on a new home in a temporary folder, submits the
 missions one after the other, and writes `fleetctl report` for each (stamped with this checkout's
 commit, "dirty" when the tree has changes). Exits 1 when a mission did not succeed or did not end in
 time (its report is still written when it ended); the temporary home is kept then, for its logs.
@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fleetcli.results", description=__doc__.splitlines()[0])
     p.add_argument(
         "--missions",
-        default="demo,mission_a,mission_b,mission_c,mission_d",
+        default="demo,mission_a,mission_b,mission_c,mission_d,mission_e",
         help="comma-separated mission names",
     )
     p.add_argument("--profile", default="smoke")

@@ -60,6 +60,7 @@ class Site:
                 web.post("/api/missions", self.submit),
                 web.get("/api/missions/{mission_id}", self.mission),
                 web.get("/api/missions/{mission_id}/curves", self.mission_curves),
+                web.get("/api/missions/{mission_id}/lengths", self.mission_lengths),
                 web.post("/api/missions/{mission_id}/cancel", self.cancel),
                 web.get("/api/tasks/{mission_id}/{name}", self.task),
                 web.get("/api/tasks/{mission_id}/{name}/curves", self.task_curves),
@@ -136,6 +137,11 @@ class Site:
                 "left_out": len(ran) - len(shown),
             }
         )
+
+    async def mission_lengths(self, request: web.Request) -> web.Response:
+        """Scores by context length per arm (metrics named `<family>_<length>`, Mission E's)."""
+        mission_id = request.match_info["mission_id"]
+        return _json(await self.fleet.read_sql(queries.by_length, mission_id))
 
     async def task(self, request: web.Request) -> web.Response:
         task_id = _task_id(request)

@@ -15,8 +15,8 @@ def test_a_budget_at_least_the_length_decodes_as_full_kv_and_a_small_one_holds()
     prompt = "The pass key is 4242. Remember it. " * 3 + "What is the pass key? The pass key is"
     (reference,) = greedy_generate(model, tok, [prompt], max_new_tokens=12)
     for policy in (kv.Window(), kv.StreamingLLM(), kv.H2O(), kv.SnapKV()):
-        cache = driver.evicting_cache(model, policy, budget=10_000)
-        assert driver.answer(model, tok, prompt, cache, chunk=16, max_new_tokens=12) == reference
-        small = driver.evicting_cache(model, policy, budget=24)
-        driver.answer(model, tok, prompt, small, chunk=16, max_new_tokens=12)
-        assert small.get_seq_length() == 24
+        full = driver.Arm(model, policy, budget=10_000)
+        assert driver.answer(full, tok, prompt, chunk=16, max_new_tokens=12).text == reference
+        small = driver.Arm(model, policy, budget=24)
+        driver.answer(small, tok, prompt, chunk=16, max_new_tokens=12)
+        assert small.cache is not None and small.cache.get_seq_length() == 24

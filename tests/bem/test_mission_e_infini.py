@@ -36,13 +36,14 @@ def test_a_segment_reads_only_what_earlier_segments_wrote() -> None:
         for w in wrappers:
             w.reset(1)
         a = infini(input_ids=first).logits
+        for w in wrappers:
+            w.commit()
         written = [w.state for w in wrappers]
         assert all(s is not None and s.z.abs().sum() > 0 for s in written)
         b = infini(input_ids=second).logits
-        # The first segment's output did not depend on its own write: the same with writing off.
+        # The first segment's output did not depend on its own write: the same with nothing written.
         for w in wrappers:
             w.reset(1)
-            w.writing = False
         assert torch.allclose(infini(input_ids=first).logits, a, atol=1e-6)
         # With an empty memory the second segment reads nothing, so its output changes.
         assert not torch.allclose(infini(input_ids=second).logits, b, atol=1e-4)
@@ -55,10 +56,12 @@ def test_a_closed_gate_writes_nothing_through_the_model() -> None:
         for w in wrappers:
             w.reset(1)
         infini(input_ids=ids)
-        before = [(w.state.M.clone(), w.state.z.clone()) for w in wrappers if w.state is not None]
         for w in wrappers:
-            w.gate = torch.zeros(1, 10)
+            w.commit()
+        before = [(w.state.M.clone(), w.state.z.clone()) for w in wrappers if w.state is not None]
         infini(input_ids=ids)
+        for w in wrappers:
+            w.commit(torch.zeros(1, 10))
         after = [(w.state.M, w.state.z) for w in wrappers if w.state is not None]
     assert all(
         torch.equal(m0, m1) and torch.equal(z0, z1) for (m0, z0), (m1, z1) in zip(before, after, strict=True)

@@ -66,3 +66,27 @@ def test_short_lines_come_back_whole_and_a_metric_can_be_picked(store: Store) ->
     assert queries.metric_names(store.query, ["m/u"]) == ["acc", "adapter_overhead"]
     assert queries.metric_names(store.query, []) == []
     assert queries.curves(store.query, [], points=100) == {}
+
+
+def test_scores_by_length_are_means_per_arm_from_each_tasks_latest_attempt(store: Store) -> None:
+    rows = [
+        # (task, attempt, arm, seed, example, metric, value)
+        ("m/s1", 1, "bem", 1, "e1", "acc_512", 0.0),  # a failed attempt's row: not counted
+        ("m/s1", 2, "bem", 1, "e1", "acc_512", 1.0),
+        ("m/s1", 2, "bem", 1, "e2", "acc_512", 0.0),
+        ("m/s1", 2, "bem", 1, "e1", "acc_2048", 1.0),
+        ("m/s2", 1, "bem", 2, "e1", "acc_2048", 0.0),
+        ("m/s1", 2, "h2o", 1, "e1", "acc_512", 1.0),
+        ("m/s1", 2, "bem", 1, "e1", "passkey_512", 1.0),  # one length only: no curve
+        ("m/s1", 2, "bem", 1, "e1", "chrf#0", 3.0),  # not a length
+        ("other/s1", 1, "bem", 1, "e1", "acc_512", 0.5),  # another mission
+    ]
+    for task, attempt, arm, seed, example, metric, value in rows:
+        store.con.execute(
+            "INSERT INTO example_scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [task.split("/")[0], task, attempt, arm, seed, example, metric, value],
+        )
+    got = queries.by_length(store.query, "m")
+    assert set(got) == {"acc"}
+    assert got["acc"]["bem"] == {"length": [512, 2048], "value": [0.5, 0.5], "n": [2, 2]}
+    assert got["acc"]["h2o"] == {"length": [512], "value": [1.0], "n": [1]}

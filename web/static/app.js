@@ -83,7 +83,7 @@ const fleet = (() => {
   const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
 
   // lines: [{label, step: [...], value: [...]}] on one x axis (steps); redrawn in place.
-  function plot(container, title, lines) {
+  function plot(container, title, lines, { xLabel = "step", logX = false } = {}) {
     container.replaceChildren();
     if (!lines.length) { container.append(el("p", { class: "muted" }, "no points yet")); return; }
     const xs = [...new Set(lines.flatMap((l) => l.step))].sort((a, b) => a - b);
@@ -97,8 +97,8 @@ const fleet = (() => {
     const width = Math.max(320, container.clientWidth || 640);
     new uPlot({
       title, width, height: 240,
-      scales: { x: { time: false } },
-      series: [{ label: "step" }, ...lines.map((l, i) => ({ label: l.label, stroke: PALETTE[i % PALETTE.length], spanGaps: true }))],
+      scales: { x: logX ? { time: false, distr: 3 } : { time: false } },
+      series: [{ label: xLabel }, ...lines.map((l, i) => ({ label: l.label, stroke: PALETTE[i % PALETTE.length], spanGaps: true }))],
       legend: { show: lines.length <= 12 },
     }, data, container);
   }

@@ -8,7 +8,7 @@ from typing import Any
 from workers.kinds import TaskContext
 
 # Missions that declare a smoke_mixture().
-SMOKE_CORPORA = ("validation", "mission_a", "mission_b", "mission_c", "mission_d")
+SMOKE_CORPORA = ("validation", "mission_a", "mission_b", "mission_c", "mission_d", "mission_e")
 
 
 def find_base(params: dict[str, Any], ctx: TaskContext) -> Path:
@@ -39,9 +39,9 @@ def find_base(params: dict[str, Any], ctx: TaskContext) -> Path:
             raise ValueError(f"params.corpus {corpus!r}: {name!r} is not one of {', '.join(SMOKE_CORPORA)}")
     mixtures = [importlib.import_module(f"bem.missions.{name}.data").smoke_mixture() for name in names]
     mixture = mixtures[0] if len(mixtures) == 1 else union(mixtures)
-    # The guard scales with the steps: a union pretrains each member's steps, about 3 a second on one
-    # core at smoke size (a 2-core box runs two workers), so half a second a step only stops a runaway.
-    budget_s = 300.0 if len(mixtures) == 1 else 0.5 * mixture.recipe.steps
+    # The guard scales with the steps (a union pretrains each member's): about 3 a second on one core at
+    # smoke size (a 2-core box runs two workers), so half a second a step only stops a runaway.
+    budget_s = max(300.0, 0.5 * mixture.recipe.steps)
     return smoke_base(ctx.cache_dir, mixture, log=lambda msg: print(msg, flush=True), budget_s=budget_s)
 
 

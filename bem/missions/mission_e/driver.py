@@ -1,19 +1,26 @@
-"""Feeding a long prompt through a cache at chunk granularity, then decoding greedily (Mission E's arms).
+"""Feeding a long sequence through an arm's state at chunk granularity (Mission E's arms).
 
-After each chunk's forward pass (eager attention, so the weights exist) the evicting cache observes the
-attention and evicts to its budget; decoding goes on one token at a time under the same rule. With a
-budget at least the length this is plain greedy decoding with full KV (tested).
+An `Arm` is a model, an evicting cache at the arm's budget, and optionally the compressive memory
+(`infini` wrappers) and BEM's controller. `step(ids)` runs one chunk (or one decoded token): the
+forward pass (eager attention, so the weights exist), then the cache observes the attention, the
+controller marks the chunk's tokens, the memory commits the chunk's write (through BEM's gate when
+there is one), and the cache evicts to its budget. With a budget at least the length and no memory
+this is plain greedy decoding with full KV (tested).
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from bem.missions.mission_e import kv
+from bem.missions.mission_e.controller import MARK, MemoryController, surprise
+from bem.missions.mission_e.infini import InfiniAttention
 
 
 def eager(model: nn.Module) -> None:
@@ -27,34 +34,131 @@ def evicting_cache(model: nn.Module, policy: kv.Policy, budget: int, window: int
     return kv.EvictingCache(int(config.num_hidden_layers), rotary.inv_freq, policy, budget, window)
 
 
+@dataclass
+class Step:
+    logits: Tensor  # [B, T, V]
+    signal: Tensor | None = None  # [B, T] BEM's soft eviction signal
+    gates: list[Tensor] = field(default_factory=list)  # per layer, ĝ [B] (soft)
+
+
+@dataclass
+class Arm:
+    model: nn.Module
+    policy: kv.Policy
+    budget: int  # tokens kept per layer and KV head
+    wrappers: list[InfiniAttention] = field(default_factory=list)
+    controller: MemoryController | None = None
+    cache: kv.EvictingCache | None = None
+    peak_bytes: int = 0  # the most state held after any step since reset
+
+    def reset(self, batch: int = 1) -> None:
+        device = next(self.model.parameters()).device
+        self.cache = evicting_cache(self.model, self.policy, self.budget)
+        for w in self.wrappers:
+            w.reset(batch, device)
+        self.peak_bytes = 0
+
+    def state_bytes(self) -> int:
+        assert self.cache is not None
+        held = self.cache.state_bytes()
+        return held + sum(w.state.bytes() for w in self.wrappers if w.state is not None)
+
+    def step(self, ids: Tensor, write: bool = True) -> Step:
+        """One chunk through the arm; `write` commits it to the memory (decoded tokens are not)."""
+        if self.cache is None:
+            self.reset(ids.shape[0])
+        cache = self.cache
+        assert cache is not None
+        out = self.model(
+            input_ids=ids,
+            cache=cache,
+            use_cache=True,
+            output_attentions=not self.wrappers,
+            output_hidden_states=self.controller is not None,
+        )
+        if self.wrappers:
+            weights = [w.weights for w in self.wrappers]
+            assert all(a is not None for a in weights)
+            cache.observe(tuple(a for a in weights if a is not None))
+        else:
+            cache.observe(out.attentions)
+        result = Step(out.logits)
+        code = None
+        if self.controller is not None:
+            hidden = out.hidden_states[-1]
+            code = self.controller.code(hidden)
+            result.signal = self.controller.keep_signal(hidden, code)
+            for layer in cache.evicting_layers:
+                layer.mark((result.signal.detach() > MARK).float())
+        if self.wrappers and write:
+            if self.controller is not None:
+                assert code is not None
+                hard, result.gates = self.controller.write_gates(
+                    self.wrappers, code, surprise(out.logits, ids)
+                )
+                for w, g in zip(self.wrappers, hard, strict=True):
+                    w.commit(g)
+            else:
+                for w in self.wrappers:
+                    w.commit()
+        cache.evict()
+        self.peak_bytes = max(self.peak_bytes, self.state_bytes())
+        return result
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    prefill_s: float  # seconds to read the prompt
+    tokens: int  # the prompt's length
+    peak_bytes: int
+
+
 @torch.no_grad()
 def answer(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    cache: kv.EvictingCache,
-    *,
-    chunk: int = 64,
-    max_new_tokens: int = 16,
-) -> str:
-    """The greedy continuation of `prompt` (one row) with `cache` evicting after every chunk and token."""
-    device = next(model.parameters()).device
+    arm: Arm, tokenizer: PreTrainedTokenizerBase, prompt: str, *, chunk: int = 64, max_new_tokens: int = 16
+) -> Answer:
+    """The greedy continuation of `prompt` (one row) through the arm, from a fresh state."""
+    device = next(arm.model.parameters()).device
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-
-    def step(piece: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=piece, cache=cache, use_cache=True, output_attentions=True)
-        cache.observe(out.attentions)
-        cache.evict()
-        return out.logits[:, -1]
-
+    arm.reset(1)
+    began = time.perf_counter()
     logits = torch.empty(0)
     for lo in range(0, ids.shape[1], chunk):
-        logits = step(ids[:, lo : lo + chunk])
+        logits = arm.step(ids[:, lo : lo + chunk]).logits[:, -1]
+    prefill = time.perf_counter() - began
     new: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits.argmax(-1))
         if token == tokenizer.eos_token_id:
             break
         new.append(token)
-        logits = step(torch.tensor([[token]], device=device))
-    return str(tokenizer.decode(new, skip_special_tokens=True))
+        logits = arm.step(torch.tensor([[token]], device=device), write=False).logits[:, -1]
+    text = str(tokenizer.decode(new, skip_special_tokens=True))
+    return Answer(text, prefill, int(ids.shape[1]), arm.peak_bytes)
+
+
+@torch.no_grad()
+def stream_nll(arm: Arm, ids: Tensor, chunk: int = 64) -> Tensor:
+    """[T − 1]: −log p(ids[t + 1] | the arm's state after ids[: t + 1]) over one row, chunk by chunk."""
+    arm.reset(1)
+    parts = []
+    for lo in range(0, ids.shape[1], chunk):
+        logits = arm.step(ids[:, lo : lo + chunk]).logits[0].float()
+        parts.append(torch.log_softmax(logits, dim=-1))
+    logp = torch.cat(parts)[:-1]
+    return -logp.gather(1, ids[0, 1:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def recompute_nll(model: nn.Module, ids: Tensor, window: int, chunk: int = 64) -> Tensor:
+    """[T − 1]: the sliding-window-with-recompute reference (StreamingLLM's oracle): each chunk of
+    targets scored by a fresh pass over it and the `window` tokens before it."""
+    out = []
+    for lo in range(0, ids.shape[1], chunk):
+        start = max(0, lo - window)
+        logits = model(input_ids=ids[:, start : lo + chunk], use_cache=False).logits[0].float()
+        logp = torch.log_softmax(logits[lo - start :], dim=-1)
+        out.append(logp)
+    logp = torch.cat(out)[:-1]
+    return -logp.gather(1, ids[0, 1:, None]).squeeze(1)

@@ -45,9 +45,9 @@ class WriteGate(nn.Module):
         super().__init__()
         self.features = nn.Linear(3, 1)
         self.code = nn.Linear(code_dim, 1, bias=False) if code_dim else None
-        with torch.no_grad():  # start open for the new and surprising, closed for the known
+        with torch.no_grad():  # start open for the new and surprising, closed for what the memory holds
             self.features.weight.copy_(torch.tensor([[2.0, 1.0, -2.0]]))
-            self.features.bias.fill_(0.0)
+            self.features.bias.fill_(1.5)  # open for a segment the memory does not hold yet
 
     def forward(
         self, novelty: Tensor, surprise: Tensor, coverage: Tensor, code: Tensor | None = None

@@ -1,13 +1,19 @@
 """Infini-attention inside a Llama (Munkhdalai et al. 2024): each attention layer mixes its local
 attention over the current segment (and whatever KV its cache keeps) with a read of its compressive
-memory, then writes the segment into the memory (`memory.CompressiveMemory`).
+memory (`memory.CompressiveMemory`).
 
 `attach_memory(model)` wraps every decoder layer's `self_attn` in place; the wrapped module keeps the
-original projections (so BEM sites on W_O still apply) and adds one β per query head. A driver calls
-`reset(batch)` before a sequence and feeds it segment by segment; each forward pass reads the memory
-as the previous segments left it, then writes its own keys and values. Memory reads and writes use the
-keys and queries before RoPE: the memory has no positions, which is why it reaches past the lengths
-the model was trained on. `gate` (per token, [B, T]) weighs the next write; BEM sets it.
+original projections (so BEM sites on W_O still apply) and adds one β per query head and a low-rank
+correction of the memory's queries and keys (`MemoryAdapter`, zero at the start: the frozen model's
+own queries and keys). A driver calls `reset(batch)` before a sequence and feeds it segment by
+segment. Each forward pass reads the memory as the previous segments left it and keeps its own keys
+and values as `pending`; `commit(gate)` then writes them, so the write can wait for what is only known
+after the pass (BEM's gate reads the segment's LM loss). Memory reads and writes use queries and keys
+before RoPE: the memory has no positions, which is why it reaches past the lengths the model was
+trained on.
+
+The wrapper is not a `LlamaAttention`, so transformers' `output_attentions` does not record it: the
+local attention weights of the last pass are `weights`, for the eviction policies.
 """
 
 from __future__ import annotations
@@ -21,21 +27,48 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 from bem.missions.mission_e.memory import CompressiveMemory, MemoryState
 
 
+class MemoryAdapter(nn.Module):
+    """x ↦ B·A·x, rank r, B zero at the start: a learnt correction of the memory's queries or keys."""
+
+    def __init__(self, hidden: int, out: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, out, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cast(Tensor, self.up(self.down(x)))
+
+
 class InfiniAttention(nn.Module):
-    def __init__(self, attn: nn.Module, delta: bool = True) -> None:
+    def __init__(self, attn: nn.Module, delta: bool = True, rank: int = 8) -> None:
         super().__init__()
         self.attn = attn
         config = cast(Any, attn).config
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(cast(Any, attn).head_dim)
+        hidden = int(config.hidden_size)
         self.memory = CompressiveMemory(self.heads, delta=delta)
+        self.query = MemoryAdapter(hidden, self.heads * self.head_dim, rank)
+        self.key = MemoryAdapter(hidden, self.kv_heads * self.head_dim, rank)
         self.state: MemoryState | None = None
-        self.gate: Tensor | None = None  # [B, T] weights of the next write; None: write every token
-        self.writing = True
+        self.pending: tuple[Tensor, Tensor] | None = None  # the last pass's keys and values, unwritten
+        self.written: tuple[Tensor, Tensor] | None = None  # the last keys and values committed
+        self.weights: Tensor | None = None  # the last pass's local attention [B, H, q, T]
 
     def reset(self, batch: int, device: torch.device | str | None = None) -> None:
         self.state = MemoryState.zeros(batch, self.kv_heads, self.head_dim, self.head_dim, device=device)
+        self.pending = self.written = None
+
+    def commit(self, gate: Tensor | None = None) -> None:
+        """Write the last pass's keys and values; `gate` ([B] a segment's, [B, T] per token; None: all)
+        weighs the write, and 0 leaves the memory as it was."""
+        if self.pending is None or self.state is None:
+            raise RuntimeError("nothing to commit: run a forward pass after reset() first")
+        k, v = self.pending
+        self.state = self.memory.write(k, v, self.state, gate)
+        self.written, self.pending = self.pending, None
 
     def forward(
         self,
@@ -58,27 +91,33 @@ class InfiniAttention(nn.Module):
         local, weights = eager_attention_forward(
             attn, q_rot, keys, values, attention_mask, scaling=attn.scaling
         )
+        self.weights = weights
         if self.state is None:
             self.reset(b, hidden_states.device)
         assert self.state is not None
+        q_mem = q + self.query(hidden_states).view(shape).transpose(1, 2)
+        k_mem = k + self.key(hidden_states).view(shape).transpose(1, 2)
         groups = self.heads // self.kv_heads  # a KV head's memory serves its group of query heads
         read = MemoryState(
             repeat_kv(self.state.M, groups), repeat_kv(self.state.z[..., None], groups)[..., 0]
         )
-        from_memory = self.memory.retrieve(q, read)  # [B, H, T, d]
-        mixed = self.memory.mix(from_memory, local.transpose(1, 2)).transpose(1, 2)  # [B, T, H, d]
-        if self.writing:  # after the read: a segment reads what the segments before it left
-            self.state = self.memory.write(k, v, self.state, self.gate)
+        from_memory = self.memory.retrieve(q_mem, read)  # [B, H, T, d]
+        local = local.transpose(1, 2)  # [B, H, T, d]
+        # A head whose memory holds nothing yet reads only its local attention (rather than half of it
+        # mixed with zeros): the first segment, or every segment a closed gate kept out.
+        empty = (read.z.abs().sum(-1) == 0)[:, :, None, None]
+        mixed = torch.where(empty, local, self.memory.mix(from_memory, local)).transpose(1, 2)  # [B, T, H, d]
+        self.pending = (k_mem, v)  # written by commit(), after the read: a segment reads its past only
         out = attn.o_proj(mixed.reshape(b, t, -1).contiguous())
         return out, weights
 
 
-def attach_memory(model: nn.Module, delta: bool = True) -> list[InfiniAttention]:
+def attach_memory(model: nn.Module, delta: bool = True, rank: int = 8) -> list[InfiniAttention]:
     """Wrap every decoder layer's attention (Llama's layout); returns the wrappers, in layer order."""
     layers = cast(nn.ModuleList, model.get_submodule("model.layers"))
     wrapped = []
     for layer in layers:
-        infini = InfiniAttention(cast(Any, layer).self_attn, delta=delta)
+        infini = InfiniAttention(cast(Any, layer).self_attn, delta=delta, rank=rank)
         cast(Any, layer).self_attn = infini
         wrapped.append(infini)
     return wrapped
