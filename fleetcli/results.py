@@ -1,10 +1,11 @@
 """`make results`: the smoke missions on a fresh temporary fleet, each one's report into docs/results/.
 
 `python -m fleetcli.results [--missions demo,mission_a,mission_b,mission_c,mission_d,mission_e]
-[--profile smoke] [--out DIR]` starts `fleetd up --cpu-workers N` on a new home in a temporary folder, submits the
-missions one after the other, and writes `fleetctl report` for each (stamped with this checkout's
-commit, "dirty" when the tree has changes). Exits 1 when a mission did not succeed or did not end in
-time (its report is still written when it ended); the temporary home is kept then, for its logs.
+[--profile smoke] [--out DIR]` starts `fleetd up --cpu-workers N` on a new home in a temporary
+folder, submits the missions one after the other, and writes `fleetctl report` for each (stamped with
+this checkout's commit, "dirty" when the tree has changes). Exits 1 when a mission did not succeed or
+did not end in time (its report is still written when it ended); the temporary home is kept then, for
+its logs.
 """
 
 from __future__ import annotations

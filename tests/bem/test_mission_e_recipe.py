@@ -5,6 +5,7 @@ the run writes every row and value the mission's gates read."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from bem.core.reporter import MemoryReporter
 from bem.core.smoke_base import Recipe, train_tokenizer
 from bem.core.token_shift import TokenShiftLlamaForCausalLM
 from bem.missions.mission_e import arms as A
-from bem.missions.mission_e import data, driver
+from bem.missions.mission_e import data, driver, tables
 from bem.missions.mission_e import evaluate as E
 from bem.missions.mission_e.budget import Shapes, budget_bytes
 from bem.missions.mission_e.recipe import PROFILES, run_mission_e
@@ -115,13 +116,17 @@ def test_a_seed_writes_every_row_and_value_the_gates_read(base: Path, tmp_path: 
             if arm:
                 assert not rows[(rows.arm == arm) & (rows.metric == metric)].empty, (g["name"], arm)
     assert summary["values"]["state_over_budget"] <= 1.0
-    # The memory arms learnt; the base did not move.
-    assert set(summary["arms"]["bem"]["final_losses"]) == {
-        "compression",
-        "reconstruction",
-        "alignment",
-        "loss",
-    }
-    assert set(summary["arms"]["infini"]["final_losses"]) == {"compression", "loss"}
+    # The memory arms learnt: Infini's memory, then BEM's controller on that same memory; the base did
+    # not move.
+    arms = summary["arms"]
+    assert set(arms["infini"]["memory_losses"]) == {"compression", "loss"}
+    assert set(arms["bem"]["controller_losses"]) == {"compression", "reconstruction", "alignment", "loss"}
+    assert arms["bem"]["beta"] == arms["infini"]["beta"]
+    assert arms["infini"]["beta"] != [[0.5] * 2] * 2  # β moved from sigmoid(0)
     after = load_model(base)[0].state_dict()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    # The tables read the summary back: one seed's means are its own.
+    tables.main([str(tmp_path), "--json", str(tmp_path / "tables.json")])
+    got = json.loads((tmp_path / "tables.json").read_text())
+    assert got["accuracy"]["acc"]["bem"]["8192"] == arms["bem"]["means"]["acc_8192"]
+    assert got["best_kv"] == [best]

@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from bem.missions.mission_e import budget, kv
@@ -71,12 +72,13 @@ def build(base: nn.Module, spec: ArmSpec, tokens: int, *, rank: int = 8, code_di
     return Arm(model, spec.policy, tokens, wrappers, controller)
 
 
-def trainable(arm: Arm) -> list[nn.Parameter]:
-    params = [
-        p for w in arm.wrappers for p in (*w.memory.parameters(), *w.query.parameters(), *w.key.parameters())
-    ]
-    if arm.controller is not None:
-        params += list(arm.controller.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    return params
+def memory_parameters(arm: Arm) -> list[nn.Parameter]:
+    """Infini-attention's own: β per head and the memory's query and key adapters, every layer."""
+    return [p for w in arm.wrappers for m in (w.memory, w.query, w.key) for p in m.parameters()]
+
+
+def copy_memory(source: Arm, target: Arm) -> None:
+    """Give `target` the memory parameters `source` learnt (the BEM arm starts from the seed's Infini)."""
+    with torch.no_grad():
+        for a, b in zip(memory_parameters(source), memory_parameters(target), strict=True):
+            b.copy_(a)

@@ -6,8 +6,8 @@ Per segment (chunk) of hidden states h [B, T, D] (the model's last layer, from t
 - the eviction signal s_t = sigmoid(a · [h_t, c]) per token: how likely the token is to be asked for
   later. The cache holds it hard (s_t > ½), so `kv.Biased` keeps the marked tokens first and H2O's
   accumulated attention orders the rest;
-- one write gate per layer (`gate.WriteGate`, reading c), from the segment's novelty, surprise and
-  coverage against that layer's memory.
+- one write gate per layer (`gate.WriteGate`, reading c), per token, from each token's novelty,
+  surprise and coverage against that layer's memory.
 
 The controller carries no state from one segment to the next: its bytes in the budget are the signal
 the cache keeps per token (counted by the cache).
@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bem.missions.mission_e.gate import WriteGate, coverage, novelty
@@ -48,8 +47,8 @@ class MemoryController(nn.Module):
     def write_gates(
         self, wrappers: list[InfiniAttention], code: Tensor, surprise: Tensor
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """Per layer (g [B] exactly 0 or 1 forward, ĝ [B]), from the layer's pending keys and values and
-        its memory before the write."""
+        """Per layer (g [B, T] exactly 0 or 1 forward, ĝ [B, T]), from the layer's pending keys and
+        values and its memory before the write."""
         hard, soft = [], []
         for w, gate in zip(wrappers, self.gates, strict=True):
             assert w.pending is not None and w.state is not None
@@ -60,10 +59,13 @@ class MemoryController(nn.Module):
         return hard, soft
 
 
-def surprise(logits: Tensor, ids: Tensor) -> Tensor:
-    """[B]: the segment's mean next-token NLL within itself, over ln(vocab) (about 1 for a uniform guess);
-    0 for a one-token segment."""
-    if ids.shape[1] < 2:
-        return torch.zeros(ids.shape[0], device=ids.device)
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-    return (nll.view(ids.shape[0], -1).mean(1) / math.log(logits.shape[-1])).detach()
+def surprise(logits: Tensor, ids: Tensor, before: Tensor | None = None) -> Tensor:
+    """[B, T]: each token's NLL over ln(vocab) (about 1 for a uniform guess), the first predicted by
+    `before` ([B, V], the previous step's last logits; 0 surprise without them)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = torch.zeros(ids.shape, device=ids.device)
+    if ids.shape[1] > 1:
+        nll[:, 1:] = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    if before is not None:
+        nll[:, 0] = -torch.log_softmax(before.float(), dim=-1).gather(-1, ids[:, :1]).squeeze(-1)
+    return (nll / math.log(logits.shape[-1])).detach()

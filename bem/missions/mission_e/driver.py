@@ -38,7 +38,7 @@ def evicting_cache(model: nn.Module, policy: kv.Policy, budget: int, window: int
 class Step:
     logits: Tensor  # [B, T, V]
     signal: Tensor | None = None  # [B, T] BEM's soft eviction signal
-    gates: list[Tensor] = field(default_factory=list)  # per layer, ĝ [B] (soft)
+    gates: list[Tensor] = field(default_factory=list)  # per layer, ĝ [B, T] (soft)
 
 
 @dataclass
@@ -50,13 +50,17 @@ class Arm:
     controller: MemoryController | None = None
     cache: kv.EvictingCache | None = None
     peak_bytes: int = 0  # the most state held after any step since reset
+    offered: int = 0  # tokens offered to the memory since reset (per layer, summed)
+    written: int = 0  # of those, the ones BEM's gate wrote
+    last: Tensor | None = None  # the previous step's last logits (the next token's surprise)
 
     def reset(self, batch: int = 1) -> None:
         device = next(self.model.parameters()).device
         self.cache = evicting_cache(self.model, self.policy, self.budget)
         for w in self.wrappers:
             w.reset(batch, device)
-        self.peak_bytes = 0
+        self.peak_bytes = self.offered = self.written = 0
+        self.last = None
 
     def state_bytes(self) -> int:
         assert self.cache is not None
@@ -93,14 +97,16 @@ class Arm:
         if self.wrappers and write:
             if self.controller is not None:
                 assert code is not None
-                hard, result.gates = self.controller.write_gates(
-                    self.wrappers, code, surprise(out.logits, ids)
-                )
+                seen = surprise(out.logits, ids, self.last)
+                hard, result.gates = self.controller.write_gates(self.wrappers, code, seen)
                 for w, g in zip(self.wrappers, hard, strict=True):
                     w.commit(g)
+                    self.offered += g.numel()
+                    self.written += int(g.detach().sum())
             else:
                 for w in self.wrappers:
                     w.commit()
+        self.last = out.logits[:, -1].detach()
         cache.evict()
         self.peak_bytes = max(self.peak_bytes, self.state_bytes())
         return result
@@ -112,6 +118,8 @@ class Answer:
     prefill_s: float  # seconds to read the prompt
     tokens: int  # the prompt's length
     peak_bytes: int
+    offered: int = 0  # tokens offered to the memory (per layer, summed); 0 without BEM's gate
+    written: int = 0  # of those, the ones the gate wrote
 
 
 @torch.no_grad()
@@ -135,7 +143,7 @@ def answer(
         new.append(token)
         logits = arm.step(torch.tensor([[token]], device=device), write=False).logits[:, -1]
     text = str(tokenizer.decode(new, skip_special_tokens=True))
-    return Answer(text, prefill, int(ids.shape[1]), arm.peak_bytes)
+    return Answer(text, prefill, int(ids.shape[1]), arm.peak_bytes, arm.offered, arm.written)
 
 
 @torch.no_grad()

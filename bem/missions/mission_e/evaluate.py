@@ -78,6 +78,7 @@ class Scored:
     rows: list[ScoreRow]
     accuracy: dict[str, float]  # metric -> mean
     peak_bytes: dict[int, int]  # length -> the most state held
+    written_share: float | None  # the share of tokens BEM's gate wrote (None without the gate)
 
 
 def score_arm(
@@ -91,6 +92,7 @@ def score_arm(
 ) -> Scored:
     rows: list[ScoreRow] = []
     peak: dict[int, int] = {}
+    offered = written = 0
     largest = max(cfg.lengths)
     for s in test:
         if not fits(s.length):
@@ -98,11 +100,12 @@ def score_arm(
         got = answer(arm, tokenizer, s.prompt, chunk=cfg.chunk, max_new_tokens=MAX_NEW[s.task])
         value = score(got.text, s)
         peak[s.length] = max(peak.get(s.length, 0), got.peak_bytes)
+        offered, written = offered + got.offered, written + got.written
         metrics = [f"{s.task}_{s.length}", f"acc_{s.length}"]
         if s.task == "passkey" and s.length == largest and s.depth == 1.0:
             metrics.append("passkey_in_window")
         rows += [ScoreRow(s.example_id, name, seed, m, value) for m in metrics]
-    return Scored(rows, means(rows), peak)
+    return Scored(rows, means(rows), peak, written / offered if offered else None)
 
 
 def means(rows: Sequence[ScoreRow]) -> dict[str, float]:

@@ -8,8 +8,8 @@ Recipe, one seed, every arm from the same frozen base:
 2. KV-only arms (window, StreamingLLM, H2O, SnapKV) and full KV (where the length fits the base's
    positions) are scored as they are; the KV-only arms also on the development split, which picks
    the best of them (`best_kv`).
-3. The memory arms (ungated Infini-attention; BEM-gated with BEM eviction) are trained (`train`) and
-   scored on the same samples.
+3. The memory arms are trained (`train`) and scored on the same samples: ungated Infini-attention's
+   memory first; the BEM arm starts from that memory and learns its controller (gate and eviction).
 4. Values for the guards: the BEM arm's spike ratio, its p50 prefill latency per token over the best
    KV-only arm's (interleaved), and its peak state from the second-largest length to the largest.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import resource
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,17 +104,25 @@ def run_mission_e(
         if name in A.TRAINED:
             samples = training_samples(prof.n_train, prof.train.lengths, count, seed)
 
-            def log(step: int, values: dict[str, float], name: str = name) -> None:
-                reporter.metrics({f"{name}/{k}": v for k, v in values.items()}, step)
-
-            history = train_arm(arm, base, tok, samples, prof.train, seed, log)
-            info["final_losses"] = history[-1]
+            if name == "bem" and "infini" in built:
+                A.copy_memory(built["infini"], arm)  # the same memory: only BEM's gate and eviction differ
+            else:
+                log = logger(reporter, f"{name}/memory")
+                info["memory_losses"] = train_arm(arm, base, tok, samples, prof.train, seed, log)[-1]
+            if A.ARMS[name].bem:
+                log = logger(reporter, f"{name}/controller")
+                history = train_arm(arm, base, tok, samples, prof.train, seed, log, part="controller")
+                info["controller_losses"] = history[-1]
             info["beta"] = [torch.sigmoid(w.memory.beta).tolist() for w in arm.wrappers]
         fits = (lambda n: n + max(E.MAX_NEW.values()) <= positions) if spec.full else (lambda _n: True)
         scored = E.score_arm(arm, name, seed, tok, test, cfg, fits)
         rows += scored.rows
         reporter.scores(scored.rows)
-        info |= {"means": scored.accuracy, "peak_bytes": scored.peak_bytes}
+        info |= {
+            "means": scored.accuracy,
+            "peak_bytes": scored.peak_bytes,
+            "written_share": scored.written_share,
+        }
         if name in A.KV_ONLY:
             info["dev_accuracy"] = E.dev_accuracy(arm, tok, dev, cfg)
         runs[name] = info
@@ -153,6 +161,13 @@ def run_mission_e(
     return summary
 
 
+def logger(reporter: Reporter, prefix: str) -> Callable[[int, dict[str, float]], None]:
+    def log(step: int, values: dict[str, float]) -> None:
+        reporter.metrics({f"{prefix}/{k}": v for k, v in values.items()}, step)
+
+    return log
+
+
 def run_values(
     runs: dict[str, dict[str, Any]],
     spikes: dict[str, float],
@@ -185,8 +200,9 @@ def dry_run(base_path: str | Path, profile: str | Profile = "full") -> dict[str,
 
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     config = AutoConfig.from_pretrained(base_path, local_files_only=True)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    shapes = Shapes.of(config, dtype_bytes=torch.empty(0, dtype=getattr(torch, str(dtype))).element_size())
+    dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    shapes = Shapes.of(config, dtype_bytes=torch.empty(0, dtype=dtype).element_size())
     budget = budget_bytes(shapes, prof.budget_tokens)
     kept = {n: A.budget_tokens(s, shapes, budget) for n, s in A.ARMS.items() if not s.full}
     return {

@@ -1,11 +1,13 @@
-"""Training a memory arm (BEM_SPEC.md section 10): the base stays frozen; Infini-attention's β and
-memory adapters learn, and for the BEM arm the controller (code, eviction signal, write gates).
+"""Training a memory arm (BEM_SPEC.md section 10): the base stays frozen. First Infini-attention's β
+and memory adapters learn with every segment written; the BEM arm then learns its controller (code,
+eviction signal, write gates) on that memory, which stays fixed, so BEM's gate and eviction are what
+differ between it and ungated Infini-attention.
 
 One step is one training sample (256-512 tokens at smoke: passkey, multikey NIAH, variable tracking)
 read chunk by chunk through the arm's state with a KV window of one chunk, so everything older than
 the last chunk reaches the answer only through the memory (Infini-attention's segment-local attention).
 The answer is then teacher-forced after the prompt, without a write. Losses:
-- compression (1.0): the answer's cross-entropy;
+- compression (1.0): the answer's cross-entropy (the memory's only loss);
 - reconstruction (.5, BEM): what the final memory returns for the keys of the tokens the question
   attends to, against their values (relative squared error, per layer): "keep what will be asked";
 - alignment (.3, BEM): the eviction signal against those same tokens (BCE).
@@ -18,14 +20,15 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from bem.missions.mission_e import tasks
-from bem.missions.mission_e.arms import trainable
+from bem.missions.mission_e import kv, tasks
+from bem.missions.mission_e.arms import memory_parameters
 from bem.missions.mission_e.driver import Arm
 from bem.missions.mission_e.memory import MemoryState
 
@@ -128,13 +131,28 @@ def train_arm(
     cfg: TrainConfig,
     seed: int,
     log: Callable[[int, dict[str, float]], None],
+    part: Literal["memory", "controller"] = "memory",
 ) -> list[dict[str, float]]:
-    """Train the arm's memory (and controller) in place on `samples`; returns the logged losses."""
-    params = trainable(arm)
+    """Train one part of the arm in place on `samples`; returns the logged losses. "memory": β and the
+    memory adapters, every segment written, no controller (the compression loss alone); "controller":
+    BEM's controller on a trained memory, which stays as it is (all three losses)."""
+    controller = arm.controller
+    if part == "memory":
+        params = memory_parameters(arm)
+        arm.controller = None
+    elif controller is None:
+        raise ValueError("this arm has no controller to train")
+    else:
+        params = list(controller.parameters())
+    for p in params:
+        p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     order = random.Random(f"mission_e/order/{seed}")
-    kept = arm.budget
-    arm.budget = cfg.window
+    # A window of one chunk, whatever the arm evicts with at test: a policy that keeps old tokens (H2O
+    # keeps the needle, which draws attention) would let the answer come from the KV and teach the
+    # memory nothing.
+    kept = arm.budget, arm.policy
+    arm.budget, arm.policy = cfg.window, kv.Window()
     history: list[dict[str, float]] = []
     device = next(arm.model.parameters()).device
     try:
@@ -152,7 +170,7 @@ def train_arm(
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log(step, sums)
     finally:
-        arm.budget = kept
+        (arm.budget, arm.policy), arm.controller = kept, controller
         for p in params:
             p.requires_grad_(False)
     return history
