@@ -129,15 +129,13 @@ def dead_letters(query: Query, limit: int = 50) -> list[dict[str, Any]]:
 
 
 # Scores named `<family>_<length>` (Mission E's `acc_2048`, `passkey_8192`): the mean per arm at each
-# length, over examples and seeds, from each task's latest attempt.
+# length, over examples and seeds, from each task's current attempt (the rows the gates judge).
 _BY_LENGTH = r"""
-WITH latest AS (
-    SELECT task_id, max(attempt) AS attempt FROM example_scores WHERE mission_id = ? GROUP BY task_id
-), s AS (
-    SELECT arm, regexp_extract(metric, '^(.+)_([0-9]+)$', 1) AS family,
-           CAST(regexp_extract(metric, '^(.+)_([0-9]+)$', 2) AS BIGINT) AS length, value
-    FROM example_scores JOIN latest USING (task_id, attempt)
-    WHERE mission_id = ? AND regexp_matches(metric, '^.+_[0-9]+$')
+WITH s AS (
+    SELECT s.arm, regexp_extract(s.metric, '^(.+)_([0-9]+)$', 1) AS family,
+           CAST(regexp_extract(s.metric, '^(.+)_([0-9]+)$', 2) AS BIGINT) AS length, s.value
+    FROM example_scores s JOIN tasks t ON t.task_id = s.task_id AND s.attempt = t.attempt
+    WHERE s.mission_id = ? AND regexp_matches(s.metric, '^.+_[0-9]+$')
 )
 SELECT family, arm, length, avg(value) AS value, count(*) AS n FROM s GROUP BY ALL
 ORDER BY family, arm, length
@@ -147,7 +145,7 @@ ORDER BY family, arm, length
 def by_length(query: Query, mission_id: str) -> dict[str, dict[str, dict[str, list[float]]]]:
     """{family: {arm: {length, value, n}}}, for the families scored at two lengths or more."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for r in query(_BY_LENGTH, [mission_id, mission_id]):
+    for r in query(_BY_LENGTH, [mission_id]):
         line = out.setdefault(r["family"], {}).setdefault(r["arm"], {"length": [], "value": [], "n": []})
         for key in ("length", "value", "n"):
             line[key].append(r[key])

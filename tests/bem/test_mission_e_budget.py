@@ -31,12 +31,15 @@ def test_an_evicting_cache_holds_what_the_count_says() -> None:
     assert cache.state_bytes() == 16 * shapes.kv_per_token(scores=2)
 
 
-def test_a_memory_holds_what_the_count_says() -> None:
-    m = model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_memory_holds_what_the_count_says(dtype: torch.dtype) -> None:
+    m = model().to(dtype)
     wrappers = attach_memory(m)
     with torch.no_grad():
         m(input_ids=torch.zeros(1, 8, dtype=torch.long))
-    assert sum(w.state.bytes() for w in wrappers if w.state is not None) == Shapes.of(m.config).memory()
+    held = sum(w.state.bytes() for w in wrappers if w.state is not None)
+    # The memory is float32 under any model dtype, and counted so.
+    assert held == Shapes.of(m.config, dtype_bytes=dtype.itemsize).memory() == Shapes.of(m.config).memory()
 
 
 def test_kept_tokens_spend_the_budget_after_the_memory() -> None:

@@ -116,6 +116,13 @@ def test_a_seed_writes_every_row_and_value_the_gates_read(base: Path, tmp_path: 
             if arm:
                 assert not rows[(rows.arm == arm) & (rows.metric == metric)].empty, (g["name"], arm)
     assert summary["values"]["state_over_budget"] <= 1.0
+    # The gates' names are the lengths' own rows, under the profile's first and largest lengths.
+    for arm in ("bem", "full_kv"):
+        mine = rows[rows.arm == arm].pivot_table(index="example_id", columns="metric", values="value")
+        first = f"acc_{lengths[0]}"
+        assert mine["acc_training"].dropna().equals(mine[first].dropna())
+    bem = rows[rows.arm == "bem"].pivot_table(index="example_id", columns="metric", values="value")
+    assert bem["acc_largest"].dropna().equals(bem[f"acc_{max(lengths)}"].dropna())
     # The memory arms learnt: Infini's memory, then BEM's controller on that same memory; the base did
     # not move.
     arms = summary["arms"]

@@ -119,6 +119,9 @@ def test_api_token_metrics_and_health(fleet: Fleet) -> None:
     most = max(losses.values())
     assert status == 200 and mc["metric"] == mc["metrics"][0] == min(n for n in losses if losses[n] == most)
     assert sorted(mc["metrics"]) == sorted(counts)
+    # Scores by length: behind the token like every read; none for a mission that scores no lengths.
+    assert http(f"{web}/api/missions/{mission}/lengths")[0] == 401
+    assert http(f"{web}/api/missions/{mission}/lengths", token=TOKEN) == (200, {})
     assert http(f"{web}/api/tasks/{mission}/nope", token=TOKEN)[0] == 404
     assert http(f"{web}/api/missions/nope", token=TOKEN)[0] == 404
     workers = http(f"{web}/api/workers", token=TOKEN)[1]

@@ -68,10 +68,12 @@ def test_short_lines_come_back_whole_and_a_metric_can_be_picked(store: Store) ->
     assert queries.curves(store.query, [], points=100) == {}
 
 
-def test_scores_by_length_are_means_per_arm_from_each_tasks_latest_attempt(store: Store) -> None:
+def test_scores_by_length_are_means_per_arm_from_each_tasks_current_attempt(store: Store) -> None:
+    for task, attempt in (("m/s1", 2), ("m/s2", 1), ("other/s1", 1)):
+        store.con.execute("INSERT INTO tasks (task_id, attempt) VALUES (?, ?)", [task, attempt])
     rows = [
         # (task, attempt, arm, seed, example, metric, value)
-        ("m/s1", 1, "bem", 1, "e1", "acc_512", 0.0),  # a failed attempt's row: not counted
+        ("m/s1", 1, "bem", 1, "e1", "acc_512", 0.0),  # a superseded attempt's row: not counted
         ("m/s1", 2, "bem", 1, "e1", "acc_512", 1.0),
         ("m/s1", 2, "bem", 1, "e2", "acc_512", 0.0),
         ("m/s1", 2, "bem", 1, "e1", "acc_2048", 1.0),

@@ -64,11 +64,12 @@ def build(base: nn.Module, spec: ArmSpec, tokens: int, *, rank: int = 8, code_di
     model = copy.deepcopy(base)
     model.requires_grad_(False)
     wrappers = attach_memory(model, delta=True, rank=rank)
+    model.requires_grad_(False)  # the memory's parameters too, until a training stage asks for them
     controller = None
     if spec.bem:
         config: Any = model.config
         controller = MemoryController(int(config.hidden_size), int(config.num_hidden_layers), code_dim)
-        controller.to(next(model.parameters()).device)
+        controller.to(next(model.parameters()).device).requires_grad_(False)
     return Arm(model, spec.policy, tokens, wrappers, controller)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SCORE_BYTES = 4  # float32: each policy score kept per token and KV head (H2O's sum, SnapKV's votes)
+MEMORY_BYTES = 4  # float32: the memory's M and z, whatever the model's dtype (memory.py)
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,8 @@ class Shapes:
         return self.layers * self.kv_heads * (2 * self.head_dim * self.dtype_bytes + scores * SCORE_BYTES)
 
     def memory(self) -> int:
-        """One sequence's compressive memory: M (d_k × d_v) and z (d_k) per KV head and layer."""
-        return (
-            self.layers * self.kv_heads * (self.head_dim * self.head_dim + self.head_dim) * self.dtype_bytes
-        )
+        """One sequence's compressive memory: M (d_k × d_v) and z (d_k) per KV head and layer, float32."""
+        return self.layers * self.kv_heads * (self.head_dim * self.head_dim + self.head_dim) * MEMORY_BYTES
 
 
 def budget_bytes(shapes: Shapes, tokens: int) -> int:

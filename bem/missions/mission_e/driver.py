@@ -134,6 +134,8 @@ def answer(
     logits = torch.empty(0)
     for lo in range(0, ids.shape[1], chunk):
         logits = arm.step(ids[:, lo : lo + chunk]).logits[:, -1]
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize()  # the clock must see the queued kernels, whichever arm synced last
     prefill = time.perf_counter() - began
     new: list[int] = []
     for _ in range(max_new_tokens):
@@ -146,16 +148,24 @@ def answer(
     return Answer(text, prefill, int(ids.shape[1]), arm.peak_bytes, arm.offered, arm.written)
 
 
+def _target_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """−log p of each target under its row of logits [T, V] (float32)."""
+    return -torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
 @torch.no_grad()
 def stream_nll(arm: Arm, ids: Tensor, chunk: int = 64) -> Tensor:
-    """[T − 1]: −log p(ids[t + 1] | the arm's state after ids[: t + 1]) over one row, chunk by chunk."""
+    """[T − 1]: −log p(ids[t + 1] | the arm's state after ids[: t + 1]) over one row, chunk by chunk
+    (each chunk's target log-probabilities gathered at once: a long stream's [T, V] is never held)."""
     arm.reset(1)
-    parts = []
-    for lo in range(0, ids.shape[1], chunk):
-        logits = arm.step(ids[:, lo : lo + chunk]).logits[0].float()
-        parts.append(torch.log_softmax(logits, dim=-1))
-    logp = torch.cat(parts)[:-1]
-    return -logp.gather(1, ids[0, 1:, None]).squeeze(1)
+    out = []
+    n = ids.shape[1]
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n - 1)  # the last position predicts nothing
+        logits = arm.step(ids[:, lo : lo + chunk]).logits[0]
+        if hi > lo:
+            out.append(_target_nll(logits[: hi - lo], ids[0, lo + 1 : hi + 1]))
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -163,10 +173,10 @@ def recompute_nll(model: nn.Module, ids: Tensor, window: int, chunk: int = 64) -
     """[T − 1]: the sliding-window-with-recompute reference (StreamingLLM's oracle): each chunk of
     targets scored by a fresh pass over it and the `window` tokens before it."""
     out = []
-    for lo in range(0, ids.shape[1], chunk):
+    n = ids.shape[1]
+    for lo in range(0, n - 1, chunk):
+        hi = min(lo + chunk, n - 1)
         start = max(0, lo - window)
-        logits = model(input_ids=ids[:, start : lo + chunk], use_cache=False).logits[0].float()
-        logp = torch.log_softmax(logits[lo - start :], dim=-1)
-        out.append(logp)
-    logp = torch.cat(out)[:-1]
-    return -logp.gather(1, ids[0, 1:, None]).squeeze(1)
+        logits = model(input_ids=ids[:, start:hi], use_cache=False).logits[0]
+        out.append(_target_nll(logits[lo - start :], ids[0, lo + 1 : hi + 1]))
+    return torch.cat(out)

@@ -2,8 +2,10 @@
 
 - Test samples: every task at every length and depth, `repeats` each, the same for every arm and
   seed (their ids pair the arms). Scored with `string_match_all` on the answer's first sentence, as
-  rows `{task}_{length}` and `acc_{length}` (all tasks); the passkey samples with the needle at the
-  very end at the largest length also as `passkey_in_window` (a KV-only arm's kept window holds it).
+  rows `{task}_{length}` and `acc_{length}` (all tasks), and under the names the gates read whatever
+  the profile's lengths: `acc_largest`; `acc_training` and `{task}_training` at the first length (the
+  training length); `passkey_in_window` for passkey needles at the very end at the largest length (a
+  KV-only arm's kept window holds them).
 - Development samples (other draws, largest length only) choose the best KV-only arm; its test rows
   are copied under the arm `best_kv`, which the claims compare against.
 - The perplexity spike ratio: over one long stream of documents, the maximum over 256-token windows
@@ -102,8 +104,12 @@ def score_arm(
         peak[s.length] = max(peak.get(s.length, 0), got.peak_bytes)
         offered, written = offered + got.offered, written + got.written
         metrics = [f"{s.task}_{s.length}", f"acc_{s.length}"]
-        if s.task == "passkey" and s.length == largest and s.depth == 1.0:
-            metrics.append("passkey_in_window")
+        if s.length == largest:
+            metrics.append("acc_largest")
+            if s.task == "passkey" and s.depth == 1.0:
+                metrics.append("passkey_in_window")
+        if s.length == cfg.lengths[0]:
+            metrics += ["acc_training", f"{s.task}_training"]
         rows += [ScoreRow(s.example_id, name, seed, m, value) for m in metrics]
     return Scored(rows, means(rows), peak, written / offered if offered else None)
 
@@ -147,12 +153,8 @@ def spike_ratio(arm_nll: torch.Tensor, ref_nll: torch.Tensor, window: int) -> fl
 
 
 def reference_nll(base: torch.nn.Module, ids: torch.Tensor, window: int, max_positions: int) -> torch.Tensor:
-    if ids.shape[1] <= max_positions:
-        with torch.no_grad():
-            logits = base(input_ids=ids, use_cache=False).logits[0].float()
-        logp = torch.log_softmax(logits, dim=-1)[:-1]
-        return -logp.gather(1, ids[0, 1:, None]).squeeze(1)
-    return recompute_nll(base, ids, window)
+    """Full KV where the stream fits the positions (a window as long as the stream), else a window."""
+    return recompute_nll(base, ids, ids.shape[1] if ids.shape[1] <= max_positions else window)
 
 
 def arm_spike(arm: Arm, ids: torch.Tensor, ref: torch.Tensor, cfg: EvalConfig) -> float:
@@ -164,7 +166,8 @@ def latency(
 ) -> dict[str, float]:
     """p50 prefill seconds per token at the largest length, the arms interleaved per sample."""
     largest = max(cfg.lengths)
-    chosen = [s for s in test if s.length == largest][: cfg.latency_samples]
+    longest = [s for s in test if s.length == largest]  # task by task: spread the picks over them
+    chosen = longest[:: max(1, len(longest) // cfg.latency_samples)][: cfg.latency_samples]
     times: dict[str, list[float]] = {name: [] for name in arms}
     for s in chosen:
         for name, arm in arms.items():

@@ -50,8 +50,9 @@ class InfiniAttention(nn.Module):
         self.head_dim = int(cast(Any, attn).head_dim)
         hidden = int(config.hidden_size)
         self.memory = CompressiveMemory(self.heads, delta=delta)
-        self.query = MemoryAdapter(hidden, self.heads * self.head_dim, rank)
-        self.key = MemoryAdapter(hidden, self.kv_heads * self.head_dim, rank)
+        weight = cast(Any, attn).q_proj.weight  # the adapters take the model's hidden states as they are
+        self.query = MemoryAdapter(hidden, self.heads * self.head_dim, rank).to(weight.device, weight.dtype)
+        self.key = MemoryAdapter(hidden, self.kv_heads * self.head_dim, rank).to(weight.device, weight.dtype)
         self.state: MemoryState | None = None
         self.pending: tuple[Tensor, Tensor] | None = None  # the last pass's keys and values, unwritten
         self.written: tuple[Tensor, Tensor] | None = None  # the last keys and values committed
@@ -106,7 +107,8 @@ class InfiniAttention(nn.Module):
         # A head whose memory holds nothing yet reads only its local attention (rather than half of it
         # mixed with zeros): the first segment, or every segment a closed gate kept out.
         empty = (read.z.abs().sum(-1) == 0)[:, :, None, None]
-        mixed = torch.where(empty, local, self.memory.mix(from_memory, local)).transpose(1, 2)  # [B, T, H, d]
+        mixed = torch.where(empty, local, self.memory.mix(from_memory, local).to(local.dtype))
+        mixed = mixed.transpose(1, 2)  # [B, T, H, d]
         self.pending = (k_mem, v)  # written by commit(), after the read: a segment reads its past only
         out = attn.o_proj(mixed.reshape(b, t, -1).contiguous())
         return out, weights

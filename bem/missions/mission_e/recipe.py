@@ -136,7 +136,7 @@ def run_mission_e(
         rows += copied
         reporter.scores(copied)
 
-    ids = E.stream(count, tok, max(cfg.lengths))
+    ids = E.stream(count, tok, max(cfg.lengths)).to(base.device)
     ref = E.reference_nll(base, ids, prof.budget_tokens, positions)
     spikes = {n: E.arm_spike(arm, ids, ref, cfg) for n, arm in built.items() if not A.ARMS[n].full}
     timed = {n: built[n] for n in ("bem", "infini", best) if n in built}
