@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(
             arm,
             "all" if f["kept_tokens"] is None else str(f["kept_tokens"]),
-            f"{f['peak_bytes']:,.0f}",
+            f"{f['peak_bytes']:,.0f}" if f["peak_bytes"] == f["peak_bytes"] else "",
             f"{f['spike_ratio']:.3f}" if f["spike_ratio"] == f["spike_ratio"] else "",
             f"{f['p50_us_per_token']:.0f}" if f["p50_us_per_token"] == f["p50_us_per_token"] else "",
             f"{f['written_share']:.2f}" if f["written_share"] == f["written_share"] else "",
