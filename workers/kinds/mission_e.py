@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from workers.kinds import TaskContext
-from workers.kinds.demo import run_args
+from workers.kinds.demo import dry_run_base, run_args
 
 
 def run(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
@@ -21,6 +21,5 @@ def run(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 def dry_run(params: dict[str, Any], fn: str) -> dict[str, Any]:
     """Each arm's state at the profile's budget (`bem.missions.mission_e.recipe.dry_run`)."""
     from bem.missions.mission_e.recipe import dry_run as mission_e
-    from workers.kinds.demo import dry_run_base
 
     return mission_e(dry_run_base(params), profile=str(params.get("profile", "smoke")))

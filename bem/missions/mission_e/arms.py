@@ -46,7 +46,6 @@ ARMS: dict[str, ArmSpec] = {
     "bem": ArmSpec(kv.Biased(kv.H2O(), lam=BEM_LAMBDA), memory=True, bem=True),
 }
 KV_ONLY = ("window", "streaming_llm", "h2o", "snapkv")
-TRAINED = ("infini", "bem")
 
 
 def budget_tokens(spec: ArmSpec, shapes: budget.Shapes, bytes_: int) -> int:

@@ -55,12 +55,12 @@ class InfiniAttention(nn.Module):
         self.key = MemoryAdapter(hidden, self.kv_heads * self.head_dim, rank).to(weight.device, weight.dtype)
         self.state: MemoryState | None = None
         self.pending: tuple[Tensor, Tensor] | None = None  # the last pass's keys and values, unwritten
-        self.written: tuple[Tensor, Tensor] | None = None  # the last keys and values committed
+        self.committed: tuple[Tensor, Tensor] | None = None  # the last keys and values committed
         self.weights: Tensor | None = None  # the last pass's local attention [B, H, q, T]
 
     def reset(self, batch: int, device: torch.device | str | None = None) -> None:
         self.state = MemoryState.zeros(batch, self.kv_heads, self.head_dim, self.head_dim, device=device)
-        self.pending = self.written = None
+        self.pending = self.committed = None
 
     def commit(self, gate: Tensor | None = None) -> None:
         """Write the last pass's keys and values; `gate` ([B] a segment's, [B, T] per token; None: all)
@@ -69,7 +69,7 @@ class InfiniAttention(nn.Module):
             raise RuntimeError("nothing to commit: run a forward pass after reset() first")
         k, v = self.pending
         self.state = self.memory.write(k, v, self.state, gate)
-        self.written, self.pending = self.pending, None
+        self.committed, self.pending = self.pending, None
 
     def forward(
         self,

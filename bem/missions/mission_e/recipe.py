@@ -92,6 +92,9 @@ def run_mission_e(
     dev = E.samples("dev", cfg, count, lengths=[max(cfg.lengths)])
     laps.lap("data")
 
+    # Drawn once: both memory arms train on the same samples.
+    memory_arms = any(A.ARMS[n].memory for n in wanted)
+    samples = training_samples(prof.n_train, prof.train.lengths, count, seed) if memory_arms else []
     rows: list[ScoreRow] = []
     runs: dict[str, dict[str, Any]] = {}
     built: dict[str, Any] = {}
@@ -101,15 +104,13 @@ def run_mission_e(
         torch.manual_seed(seed)
         arm = A.build(base, spec, tokens)
         info: dict[str, Any] = {"kept_tokens": None if spec.full else tokens}
-        if name in A.TRAINED:
-            samples = training_samples(prof.n_train, prof.train.lengths, count, seed)
-
-            if name == "bem" and "infini" in built:
+        if spec.memory:
+            if spec.bem and "infini" in built:
                 A.copy_memory(built["infini"], arm)  # the same memory: only BEM's gate and eviction differ
             else:
                 log = logger(reporter, f"{name}/memory")
                 info["memory_losses"] = train_arm(arm, base, tok, samples, prof.train, seed, log)[-1]
-            if A.ARMS[name].bem:
+            if spec.bem:
                 log = logger(reporter, f"{name}/controller")
                 history = train_arm(arm, base, tok, samples, prof.train, seed, log, part="controller")
                 info["controller_losses"] = history[-1]

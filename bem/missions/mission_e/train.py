@@ -109,8 +109,8 @@ def sample_terms(
         if st.signal is not None:
             signals.append(st.signal[0])
         for parts, w in zip(written, arm.wrappers, strict=True):
-            assert w.written is not None
-            parts.append(w.written)
+            assert w.committed is not None
+            parts.append(w.committed)
     assert last is not None
     logits = torch.cat([last, arm.step(answer, write=False).logits[:, :-1]], dim=1)
     terms = {"compression": F.cross_entropy(logits[0].float(), answer[0])}
@@ -147,7 +147,7 @@ def train_arm(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    order = random.Random(f"mission_e/order/{seed}")
+    order, pool = random.Random(f"mission_e/order/{seed}"), list(samples)
     # A window of one chunk, whatever the arm evicts with at test: a policy that keeps old tokens (H2O
     # keeps the needle, which draws attention) would let the answer come from the KV and teach the
     # memory nothing.
@@ -160,7 +160,7 @@ def train_arm(
             opt.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             for _ in range(cfg.accumulate):
-                terms = sample_terms(arm, base, tokenizer, order.choice(list(samples)), cfg, device)
+                terms = sample_terms(arm, base, tokenizer, order.choice(pool), cfg, device)
                 loss = sum((WEIGHTS[name] * t for name, t in terms.items()), torch.zeros(()))
                 (loss / cfg.accumulate).backward()
                 for name, t in (*terms.items(), ("loss", loss)):
