@@ -26,6 +26,13 @@ KINDS: dict[str, str] = {
     "mission_d.run": "workers.kinds.mission_d:run",
     "mission_e.run": "workers.kinds.mission_e:run",
     "online.stream": "workers.kinds.mission_b:stream",
+    "v13.run": "workers.kinds.v13:run",
+}
+
+# A kind may name a check of its tasks' params that fleetd runs at submit: `check(params)`, pure
+# Python (no torch), raising ValueError naming what is wrong; the spec is then refused with it.
+CHECKS: dict[str, str] = {
+    "v13.run": "bem.missions.v13.arms:check",  # each arm at parity with its baseline
 }
 
 # A service is a class with `from_config(table) -> watch`, the watch's `observe(points) -> actions`

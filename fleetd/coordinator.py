@@ -476,6 +476,7 @@ class Coordinator:
         check_runnable(spec, str(path))
         mission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         tasks = specs.expand(spec, profile, mission_id)
+        check_params(tasks, str(path))
         now = time.time()
         for i, t in enumerate(tasks):
             t.created_at = now + i * 1e-6  # increasing in expansion order: a restart loads them in it
@@ -785,6 +786,22 @@ def check_runnable(spec: specs.MissionSpec, file: str) -> None:
             raise specs.spec_error(e, file, f"services.{name}") from None
         except ValueError as e:
             raise specs.SpecError(file, f"services.{name}", str(e)) from None
+
+
+def check_params(tasks: list[specs.Task], file: str) -> None:
+    """Each task's params through its kind's submit check (`registry.CHECKS`), once per distinct
+    params; SpecError naming the task and the check's reason."""
+    seen: set[str] = set()
+    for t in tasks:
+        ref = registry.CHECKS.get(t.kind)
+        key = json.dumps([t.kind, t.params], sort_keys=True, default=str)
+        if ref is None or key in seen:
+            continue
+        seen.add(key)
+        try:
+            registry.resolve(ref)(t.params)
+        except ValueError as e:
+            raise specs.SpecError(file, f"stages.{t.stage} ({t.name})", str(e)) from None
 
 
 class _Refused(Exception):

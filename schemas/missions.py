@@ -172,14 +172,37 @@ def load(path: Path, overrides: dict[str, Any] | None = None) -> MissionSpec:
         raise SpecError(file, "file", str(e)) from None
     except tomllib.TOMLDecodeError as e:
         raise SpecError(file, "toml", str(e)) from None
+    declared = list(raw.get("arms", []))
     for key, value in (overrides or {}).items():
         apply_override(raw, key, value, file)
+    if overrides and "arms" in overrides:
+        run_subset(raw, declared)
     try:
         spec = msgspec.convert(raw, MissionSpec, strict=True)
     except msgspec.ValidationError as e:
         raise spec_error(e, file) from None
     _check(spec, file, path.stem)
     return spec
+
+
+def run_subset(raw: dict[str, Any], declared: list[str]) -> None:
+    """`--set 'arms=[...]'` runs other arms than the file declares: a gate naming a declared arm that is
+    no longer run is dropped (nothing could judge it). A gate naming an arm the file never declared
+    stays, and is refused as before."""
+    arms = raw.get("arms")
+    gates = raw.get("gates")
+    if not isinstance(arms, list) or not isinstance(gates, dict):
+        return
+    dropped = set(declared) - set(arms)
+
+    def judged(gate: Any) -> bool:
+        return (
+            not isinstance(gate, dict) or not {gate.get(r) for r in ("variant", "baseline", "arm")} & dropped
+        )
+
+    for kind in ("preconditions", "claims", "guards"):
+        if isinstance(gates.get(kind), list):
+            gates[kind] = [g for g in gates[kind] if judged(g)]
 
 
 def apply_override(raw: dict[str, Any], dotted: str, value: Any, file: str = "<overrides>") -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch only where modules are counted: fleetd checks parity at submit without it
+    from torch import nn
 
 
 def adapter_parameters(modules: Iterable[nn.Module]) -> int:
@@ -33,6 +35,8 @@ def linear_flops(module: nn.Module) -> int:
     three d×d maps; the attention scores themselves grow with the sequence and are left out, which
     suits chunk routers over a handful of chunks.
     """
+    from torch import nn
+
     total = 0
     for m in module.modules():
         if isinstance(m, nn.Linear):

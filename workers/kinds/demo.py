@@ -8,7 +8,7 @@ from typing import Any
 from workers.kinds import TaskContext
 
 # Missions that declare a smoke_mixture().
-SMOKE_CORPORA = ("validation", "mission_a", "mission_b", "mission_c", "mission_d", "mission_e")
+SMOKE_CORPORA = ("validation", "mission_a", "mission_b", "mission_c", "mission_d", "mission_e", "v13")
 
 
 def find_base(params: dict[str, Any], ctx: TaskContext) -> Path:

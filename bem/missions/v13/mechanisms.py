@@ -55,9 +55,13 @@ class HeadGate(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(heads * stats, hidden), nn.GELU(), nn.Linear(hidden, groups))
         self.log_temperature = nn.Parameter(torch.zeros(()), requires_grad=learn_temperature)
 
-    def forward(self, stats: Tensor) -> Tensor:
-        """stats [..., heads, stats] → γ [..., groups]."""
-        return torch.softmax(self.mlp(stats.flatten(-2)) / self.log_temperature.exp(), dim=-1)
+    def forward(self, stats: Tensor, prior: Tensor | None = None) -> Tensor:
+        """stats [..., heads, stats] → γ [..., groups]; `prior` (logits [..., groups], the controller's
+        in V2) is what the statistics refine."""
+        logits = self.mlp(stats.flatten(-2))
+        if prior is not None:
+            logits = logits + prior
+        return torch.softmax(logits / self.log_temperature.exp(), dim=-1)
 
 
 def attention_stats(weights: Tensor) -> Tensor:
@@ -127,10 +131,11 @@ class KroneckerDown(nn.Module):
         self.V = nn.Parameter(torch.randn(ranks[1], self.v) / math.sqrt(self.v))
         self.P = nn.Parameter(torch.zeros(d_out, ranks[0] * ranks[1]))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, code: Tensor | None = None) -> Tensor:
+        """`code` [..., r_u·r_v] scales z (the BEM code of V3's site), broadcast like x's rows."""
         X = x.unflatten(-1, (self.u, self.v))
         z = (self.U @ X @ self.V.T).flatten(-2)
-        return F.linear(z, self.P)
+        return F.linear(z if code is None else z * code, self.P)
 
     def delta_weight(self) -> Tensor:
         """ΔW = P·(U ⊗ V), d_out × d_in."""
@@ -168,7 +173,10 @@ class ResidualFiLM(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         """h [..., T, d] → h' (each row whose γ, β or output is not finite keeps its h: identity rather
         than a poisoned residual stream)."""
-        gamma, beta = self.film(h)
+        return self.apply_film(h, *self.film(h))
+
+    def apply_film(self, h: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        """h [..., T, d] modulated by γ, β [..., d] (computed once per sequence: `film`)."""
         out = h + 0.1 * (gamma[..., None, :] * h + beta[..., None, :] - h)
         finite = (
             torch.isfinite(gamma).all(-1) & torch.isfinite(beta).all(-1) & torch.isfinite(out).all(-1).all(-1)
