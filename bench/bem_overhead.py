@@ -1,4 +1,6 @@
-"""Forward-time overhead of BEM against peft LoRA and peft X-LoRA, at equal rank on equal sites.
+"""Forward-time overhead of BEM against peft LoRA and peft X-LoRA, at equal rank on equal sites, and of
+the v1.3 variants (BEM_SPEC section 11: V1-V4 and their rank-8 anchor, each at its fitted parity)
+against the same LoRA.
 
 The claim under test: BEM adds at most 1.1x the time an unmerged LoRA adds, because its per-chunk
 code is one extra elementwise product on the rank-r activations inside the same single pass, while
@@ -170,6 +172,42 @@ def build_xlora(base: nn.Module, targets: list[str], hidden_size: int, seed: int
     return xlora.to(device).eval()  # type: ignore[no-any-return]
 
 
+V13_ARMS = ("anchor", "V1", "V2", "V3", "V4")
+V13_LABELS = {
+    "anchor": "v1.3 anchor (BEM r8 + controller)",
+    "V1": "V1 PT1 groups + PT2 dynamic rank",
+    "V2": "V2 PT1 + attention-statistics gate",
+    "V3": "V3 PT3 Kronecker at W_down",
+    "V4": "V4 PT4 residual FiLM",
+}
+
+
+def build_v13(
+    base: nn.Module, arm: str, batch: int, device: torch.device, dtype: torch.dtype, seed: int
+) -> nn.Module:
+    """A v1.3 arm on a copy of the base at its fitted parity, its added weights random (nothing
+    short-circuited), its per-example state (code, FiLM's features) fixed from random draws: the timed
+    pass is the adapted forward alone, as for the BEM arms with given codes. V2 reads attention
+    weights, so it runs eager attention where the other arms may use a fused kernel: part of its cost."""
+    from bem.missions.v13 import arms as v13_arms
+    from bem.missions.v13.variants import ArmModel
+
+    shape = v13_arms.Shape.of_config(base.config.to_dict())  # type: ignore[operator]
+    model = ArmModel(copy.deepcopy(base), arm, shape, v13_arms.fit(arm, shape))
+    model = model.to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            _seeded_normal_(p, gen, ADAPTER_STD)
+        code = torch.randn(batch, model.code_dim, generator=gen).to(device=device, dtype=dtype)
+        features = [
+            torch.randn(batch, shape.d_model, generator=gen).to(device=device, dtype=dtype)
+            for _ in range(shape.layers)
+        ]
+        model.set_state(code, features)
+    return model.eval()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Timing
 
@@ -302,12 +340,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
+    variants = [(arm, build_v13(base, arm, size.batch, device, dtype, args.seed)) for arm in V13_ARMS]
+
+    def v13_run(model: nn.Module) -> Callable[[], Tensor]:
+        mask = torch.ones_like(input_ids)
+        return lambda: model(input_ids, mask)
+
     arms = [
         Arm("base", "base", lambda: forward(base)),
         Arm("lora", "LoRA (peft, unmerged)", lambda: forward(lora)),
         Arm("bem_chunk", f"BEM, chunk codes ({CHUNK} tok)", with_codes(bem_chunk, att_chunk, token_codes)),
         Arm("bem_row", "BEM, one code per row", with_codes(bem_row, att_row, row_codes)),
     ]
+    arms += [Arm(f"v13_{name}", V13_LABELS[name], v13_run(model)) for name, model in variants]
     with tempfile.TemporaryDirectory(prefix="bem-bench-xlora-") as tmp:
         try:
             xlora = build_xlora(base, targets, config.hidden_size, args.seed, Path(tmp))

@@ -221,7 +221,7 @@ def knobs_for(arm: str, s: Shape, overrides: Mapping[str, Any] | None = None) ->
     unknown = sorted(set(overrides) - set(Knobs.__dataclass_fields__))
     if unknown:
         raise ValueError(f"params.variants.{arm}: unknown knobs {unknown}; knobs: {list(asdict(Knobs()))}")
-    values = {key: tuple(v) if isinstance(v, list) else v for key, v in overrides.items()}
+    values: dict[str, Any] = {key: tuple(v) if isinstance(v, list) else v for key, v in overrides.items()}
     return replace(fit(arm, s), **values)
 
 

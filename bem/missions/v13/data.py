@@ -97,8 +97,9 @@ def smoke_mixture() -> Any:
     not its sums and formats), Mission D's sentences and translations (not the shadow language or the
     role questions), the validation experiment's sources, and scenes described in the captions'
     sentences with their questions answered after Mission A's cues. No source uses a task's cue
-    except as its own mission's corpus already does. 1,600 steps: the whole smoke, base included,
-    must fit 30 minutes on 2 CPU workers."""
+    except as its own mission's corpus already does. 1,300 steps: the whole smoke, base included,
+    must fit 30 minutes on 2 CPU workers (at 1,600 it took 32; the anchor then scored .997 QA EM,
+    99.7 chrF and .993 JSON validity, far above its preconditions)."""
     from bem.core.smoke_base import Mixture, Recipe, Source
 
     def scene_text(rng: random.Random) -> tuple[str, str]:
@@ -130,7 +131,7 @@ def smoke_mixture() -> Any:
         num_attention_heads=SMOKE.heads,
         seq_len=128,
         batch_size=64,
-        steps=1600,
+        steps=1300,
         warmup=300,
         corpus_docs=30_000,
     )

@@ -115,7 +115,7 @@ class PrefixModel(nn.Module):
         model = self.lm.get_submodule("model")
         embeds = cast(Tensor, model.get_submodule("embed_tokens")(input_ids))
         if hasattr(model, "prev_tokens"):
-            pad = int(self.lm.config.pad_token_id)  # type: ignore[union-attr]
+            pad = int(getattr(self.lm, "config").pad_token_id)  # noqa: B009  # untyped on nn.Module
             prev = torch.cat([torch.full_like(input_ids[:, :1], pad), input_ids[:, :-1]], dim=1)
             embeds = embeds + model.get_submodule("prev_tokens")(prev)
         return embeds

@@ -50,12 +50,12 @@ class Profile:
     n_scenes: int  # VQA training scenes (half conflicting)
     train: TrainConfig
     mm_train: TrainConfig
-    latency_reps: int = 15
+    latency_reps: int = 31
 
 
 PROFILES = {
     "tiny": Profile(24, 6, 48, TrainConfig(steps=3, batch_size=4), TrainConfig(steps=3, batch_size=4), 3),
-    "smoke": Profile(600, 100, 3000, TrainConfig(steps=250), TrainConfig(steps=1000)),
+    "smoke": Profile(600, 100, 3000, TrainConfig(steps=200), TrainConfig(steps=1000)),
     "full": Profile(5000, 500, 20000, TrainConfig(steps=3000, batch_size=64, lr=1e-3),
                     TrainConfig(steps=3000, batch_size=64, lr=1e-3)),
 }  # fmt: skip
@@ -243,13 +243,13 @@ def measure(
     if base_arm != arm:
         lm, _ = load_model(base_path, device=device)
         lm.config._attn_implementation = "eager"
-        baseline = build(base_arm, lm, shape, A.Knobs()).to(device)
+        baseline = build(base_arm, lm, shape, A.fit(base_arm, shape)).to(device)
     counted = parity.Cost(
         sum(p.numel() for p in model.adapter_parameters()), A.cost(arm, shape, knobs).flops_per_token
     )
     want = parity.Cost(
         sum(p.numel() for p in baseline.adapter_parameters()),
-        A.cost(base_arm, shape, A.Knobs()).flops_per_token,
+        A.cost(base_arm, shape, A.fit(base_arm, shape)).flops_per_token,
     )
     images = None
     if arm in A.MM_ARMS:
@@ -306,10 +306,12 @@ def step_bytes(model: Any, batch: Any, images: Tensor | None) -> float:
 def latency(
     model: Any, baseline: Any, batch: Any, images: Tensor | None, reps: int
 ) -> tuple[list[float], list[float]]:
-    """Seconds of one prompt pass (prepare and forward) per rep, the two models interleaved."""
+    """Seconds of one prompt pass (prepare and forward) per rep, the two models interleaved, the one
+    going first alternating (whatever the machine does in between falls on both alike)."""
     times: dict[int, list[float]] = {0: [], 1: []}
     for rep in range(reps + 1):
-        for i, m in enumerate((model, baseline)):
+        order = [(0, model), (1, baseline)]
+        for i, m in order if rep % 2 else order[::-1]:
             m.image = images
             start = time.perf_counter()
             m.prepare(batch.input_ids, batch.attention_mask, batch.prompt_mask)

@@ -126,12 +126,12 @@ def decode(
                     done[i] = True
                 else:
                     new[i].append(t)
-                    if stop is not None and stop(tokenizer.decode(new[i])):
+                    if stop is not None and stop(str(tokenizer.decode(new[i]))):
                         done[i] = True
             if all(done):
                 break
         model.clear()
-        out.extend(tokenizer.decode(n, skip_special_tokens=True) for n in new)
+        out.extend(str(tokenizer.decode(n, skip_special_tokens=True)) for n in new)
     return out
 
 

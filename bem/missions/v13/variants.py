@@ -13,7 +13,7 @@ MM's models live in `mm`; they reuse `Site` and the controller.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -73,8 +73,12 @@ class Site(nn.Module):
         row = state[:, None, :]  # one state per example, broadcast over tokens
         if self.kind == "pt1":
             if self.gate is not None:
-                assert self.attention is not None
-                stats = M.attention_stats(self.attention.v13_weights)  # type: ignore[arg-type]
+                weights = getattr(self.__dict__["attention"], "v13_weights", None)
+                if weights is None:
+                    raise RuntimeError(
+                        f"V2's gate needs attention weights: set {STATS_ATTENTION!r} attention"
+                    )
+                stats = M.attention_stats(weights)
                 gamma = self.gate(stats.to(x.dtype), row)
             else:
                 gamma = torch.softmax(row, dim=-1)
@@ -197,14 +201,15 @@ class ArmModel(nn.Module):
         """Fix each example's state from its prompt; returns the code (for logging)."""
         top, per_layer = self.read(input_ids, attention_mask, prompt_mask)
         code = self.codes(top)
-        self.set_code(code)
-        if self.arm == "V4":
-            films = [
-                cast(M.ResidualFiLM, f).film(h[:, None, :])
-                for f, h in zip(self.films, per_layer, strict=True)
-            ]
-            self._film_state = films
+        self.set_state(code, per_layer)
         return code
+
+    def set_state(self, code: Tensor | None, per_layer: Sequence[Tensor] = ()) -> None:
+        """Each site's slice of `code`, and (V4) each layer's (γ, β) from its features [B, d]."""
+        self.set_code(code)
+        if self.arm == "V4" and per_layer:
+            films = zip(self.films, per_layer, strict=True)
+            self._film_state = [cast(M.ResidualFiLM, f).film(h[:, None, :]) for f, h in films]
 
     def set_code(self, code: Tensor | None) -> None:
         at = 0
