@@ -800,8 +800,8 @@ def check_params(tasks: list[specs.Task], file: str) -> None:
         seen.add(key)
         try:
             registry.resolve(ref)(t.params)
-        except ValueError as e:
-            raise specs.SpecError(file, f"stages.{t.stage} ({t.name})", str(e)) from None
+        except (ValueError, TypeError, KeyError) as e:  # a knob of the wrong type, a config without a key
+            raise specs.SpecError(file, f"stages.{t.stage} ({t.name})", f"{type(e).__name__}: {e}") from None
 
 
 class _Refused(Exception):

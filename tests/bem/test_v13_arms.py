@@ -118,3 +118,23 @@ def test_a_six_percent_overshoot_is_refused() -> None:
 def test_the_torch_free_kronecker_factors_match_the_mechanism() -> None:
     for d in (64, 128, 256, 3072, 11008, 1000):
         assert A.kronecker_factors(d) == M.kronecker_factors(d)
+
+
+@pytest.mark.parametrize("arm", A.TEXT_ARMS)
+def test_an_arm_is_causal(arm: str) -> None:
+    """Logits before position 8 do not move when the tokens from 8 on change (V2's own attention
+    implementation once ran with no mask at all)."""
+    model = build(arm, lm(TINY), TINY, A.fit(arm, TINY)).eval()
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    a = torch.randint(1, 97, (2, 14))
+    b = a.clone()
+    b[:, 8:] = torch.randint(1, 97, (2, 6))
+    mask, prompt = torch.ones_like(a), torch.ones_like(a)
+    prompt[:, 6:] = 0
+    out = []
+    for ids in (a, b):
+        model.prepare(ids, mask, prompt)
+        out.append(model(ids, mask)[:, :8])
+    assert torch.allclose(out[0], out[1], atol=1e-5)

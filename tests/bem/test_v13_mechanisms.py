@@ -39,7 +39,7 @@ def test_pt1_gate_reads_attention_statistics() -> None:
     assert (
         entropy.item() == pytest.approx(0.0, abs=1e-6)
         and top.item() == 1.0
-        and position.item() == pytest.approx(0.5)
+        and position.item() == pytest.approx(3 / 7)  # the query is position 6: 3 keys back, of 7 seen
     )
     gamma = M.HeadGate(heads=8, stats=3, learn_temperature=True)(stats)
     assert gamma.shape == (2, 5, 4) and torch.allclose(gamma.sum(-1), torch.ones(2, 5))

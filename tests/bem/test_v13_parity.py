@@ -17,8 +17,8 @@ def params(module: torch.nn.Module) -> int:
 def test_counts_by_hand() -> None:
     # The anchor at a 64 → 128 site, rank 8: 8·(64 + 128) = 1536 weights, 2 FLOPs each.
     assert P.low_rank(64, 128, 8) == P.Cost(1536, 3072)
-    # PT2, rank 16 keeping 8, 64 → 128: A 16·64 + B 128·16 + s 16 = 3088; FLOPs 2·(16·64 + 8·128).
-    assert P.dynamic_rank(64, 128, 16, 8) == P.Cost(3088, 2 * (1024 + 1024))
+    # PT2, rank 16 keeping 8, 64 → 128: A 16·64 + B 128·16 + s 16 = 3088; FLOPs 2·16·(64 + 128), dense.
+    assert P.dynamic_rank(64, 128, 16, 8) == P.Cost(3088, 2 * 16 * (64 + 128))
     # PT3 at 128 = 16 × 8 → 64, ranks 8 × 8: U 8·16 + V 8·8 + P 64·64 = 4288.
     assert P.kronecker(16, 8, 64, (8, 8)) == P.Cost(4288, 2 * (8 * 16 * 8 + 8 * 8 * 8 + 64 * 64))
     # PT4 at d 16, hidden 32: LN 32, MLP 16·32 + 32 + 32·32 + 32 = 1600.

@@ -65,12 +65,16 @@ class HeadGate(nn.Module):
 
 
 def attention_stats(weights: Tensor) -> Tensor:
-    """Per head and query, from attention weights [B, H, q, T]: the entropy, the largest weight and
-    where it sits (its key index over T, in [0, 1]) → [B, q, H, 3]."""
+    """Per head and query, from causal attention weights [B, H, q, T] (the q queries are the last of
+    the T positions): the entropy, the largest weight and where it sits, as its distance back from the
+    query over the keys the query sees, (i − argmax) / (i + 1) ∈ [0, 1) → [B, q, H, 3]. Relative to the
+    query, not to T: T grows with later tokens (targets, padding, decoding), which a query must not read."""
     p = weights.float().clamp_min(1e-12)
     entropy = -(p * p.log()).sum(-1)
     top, where = p.max(dim=-1)
-    position = where.float() / max(1, weights.shape[-1] - 1)
+    q, T = weights.shape[-2], weights.shape[-1]
+    index = torch.arange(T - q, T, device=weights.device, dtype=torch.float32)[:, None]  # [q, 1]
+    position = ((index.T - where.float()) / (index.T + 1)).clamp_min(0.0)
     return torch.stack([entropy, top, position], dim=-1).transpose(1, 2)
 
 

@@ -41,8 +41,11 @@ def head_groups(
 
 
 def dynamic_rank(d_in: int, d_out: int, rank: int, keep: int) -> Cost:
-    """PT2 at inference: A (r × d_in) runs in full, B (d_out × r) only on the kept columns; s (r)."""
-    return Cost(rank * (d_in + d_out) + rank, 2 * (rank * d_in + keep * d_out))
+    """PT2: A (r × d_in), B (d_out × r), s (r). FLOPs as `DynamicRank` runs them: both maps dense over
+    all r ranks, the dropped ones multiplied by 0 (each example keeps its own k, so computing only the
+    kept columns of B would need a gather per example). `keep` sets the mask, not the cost."""
+    del keep
+    return Cost(rank * (d_in + d_out) + rank, 2 * rank * (d_in + d_out))
 
 
 def kronecker(u: int, v: int, d_out: int, ranks: tuple[int, int]) -> Cost:

@@ -274,20 +274,32 @@ def measured_against(arm: str) -> str:
 
 
 def step_bytes(model: Any, batch: Any, images: Tensor | None) -> float:
-    """A training step's memory: the frozen LM's and the arm's weights, the arm's gradients and AdamW's
-    two moments, and every tensor autograd saves for the backward pass (summed as saved; a GPU run
-    reads `torch.cuda.max_memory_allocated` instead). Deterministic, unlike a CPU process's RSS."""
+    """A training step's memory: the frozen weights, the arm's weights, gradients and AdamW's two
+    moments, and the activations autograd saves for the backward pass (each storage once, parameters
+    not again). On CPU those are counted, deterministic unlike a process's RSS; on a GPU the step's
+    peak `torch.cuda.max_memory_allocated` (with both models resident, which tilts the ratio toward 1)
+    plus the moments, which no optimizer allocated here."""
+    trainable = sum(p.numel() * p.element_size() for p in model.adapter_parameters())
+    if images is not None:
+        images = images.to(batch.input_ids.device)
     if batch.input_ids.is_cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        loss = step_loss(model, batch, images if images is None else images.to(batch.input_ids.device))
-        loss.backward()
+        step_loss(model, batch, images).backward()
         model.clear()
-        return float(torch.cuda.max_memory_allocated())
-    saved = 0
+        peak = torch.cuda.max_memory_allocated()
+        for p in model.adapter_parameters():
+            p.grad = None
+        return float(peak + 2 * trainable)
+    weights = {p.data_ptr() for p in model.lm.parameters()} | {
+        p.data_ptr() for p in model.adapter_parameters()
+    }
+    storages: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
-        nonlocal saved
-        saved += t.numel() * t.element_size()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            storages[ptr] = max(storages.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -297,9 +309,8 @@ def step_bytes(model: Any, batch: Any, images: Tensor | None) -> float:
     for p in model.adapter_parameters():
         p.grad = None
     added = {id(p) for p in model.adapter_parameters()}
-    trainable = sum(p.numel() * p.element_size() for p in model.adapter_parameters())
     frozen = sum(p.numel() * p.element_size() for p in model.lm.parameters() if id(p) not in added)
-    return float(frozen + 4 * trainable + saved)
+    return float(frozen + 4 * trainable + sum(storages.values()))
 
 
 @torch.no_grad()
@@ -308,16 +319,26 @@ def latency(
 ) -> tuple[list[float], list[float]]:
     """Seconds of one prompt pass (prepare and forward) per rep, the two models interleaved, the one
     going first alternating (whatever the machine does in between falls on both alike)."""
+    device = batch.input_ids.device
+    if images is not None:
+        images = images.to(device)
     times: dict[int, list[float]] = {0: [], 1: []}
     for rep in range(reps + 1):
         order = [(0, model), (1, baseline)]
         for i, m in order if rep % 2 else order[::-1]:
             m.image = images
+            _sync(device)
             start = time.perf_counter()
             m.prepare(batch.input_ids, batch.attention_mask, batch.prompt_mask)
             m(batch.input_ids, batch.attention_mask)
+            _sync(device)
             took = time.perf_counter() - start
             m.clear()
             if rep:  # the first rep warms up
                 times[i].append(took)
     return times[0], times[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from bem.core.controllers import SimpleController, masked_mean
@@ -39,6 +40,9 @@ def _stats_attention(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Tens
 
 
 AttentionInterface.register(STATS_ATTENTION, _stats_attention)
+# Its mask too: transformers builds no mask at all (neither causal nor padding) for an attention name
+# it has no mask function for.
+ALL_MASK_ATTENTION_FUNCTIONS.register(STATS_ATTENTION, eager_mask)
 
 
 class Site(nn.Module):
@@ -119,10 +123,11 @@ def _site(arm: str, role: str, layer: int, base: nn.Module, s: Shape, k: Knobs) 
             return None  # PT2's sites trimmed for parity: the top `dyn_layers` only
         return Site(base, "pt2", M.DynamicRank(f, d, DYN_RANK, DYN_KEEP))
     if arm == "V3":
-        kron = M.KroneckerDown(f, d, k.kron_ranks)
+        weight = cast(Tensor, base.weight)
+        kron = M.KroneckerDown(f, d, k.kron_ranks).to(weight.device)
         # SVD initialisation from the frozen W_down itself: U and V span the input subspace the layer
         # already reads most; P starts at zero, so the branch adds nothing until it learns.
-        kron.from_delta(cast(Tensor, base.weight).detach())
+        kron.from_delta(weight.detach())
         with torch.no_grad():
             kron.P.zero_()
         return Site(base, "pt3", kron)
