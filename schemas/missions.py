@@ -191,9 +191,9 @@ def run_subset(raw: dict[str, Any], declared: list[str]) -> None:
     stays, and is refused as before."""
     arms = raw.get("arms")
     gates = raw.get("gates")
-    if not isinstance(arms, list) or not isinstance(gates, dict):
-        return
-    dropped = set(declared) - set(arms)
+    if not isinstance(arms, list) or not all(isinstance(a, str) for a in arms) or not isinstance(gates, dict):
+        return  # not a list of names: validation refuses it, naming the field
+    dropped = {a for a in declared if isinstance(a, str)} - set(arms)
 
     def judged(gate: Any) -> bool:
         return (
