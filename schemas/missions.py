@@ -172,7 +172,8 @@ def load(path: Path, overrides: dict[str, Any] | None = None) -> MissionSpec:
         raise SpecError(file, "file", str(e)) from None
     except tomllib.TOMLDecodeError as e:
         raise SpecError(file, "toml", str(e)) from None
-    declared = list(raw.get("arms", []))
+    arms = raw.get("arms")
+    declared: list[str] = [a for a in arms if isinstance(a, str)] if isinstance(arms, list) else []
     for key, value in (overrides or {}).items():
         apply_override(raw, key, value, file)
     if overrides and "arms" in overrides:
