@@ -186,3 +186,26 @@ def write_scores(rows: list[ScoreRow], path: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([asdict(r) for r in rows]), path)
+
+
+def row_means(rows: Sequence[ScoreRow]) -> dict[str, float]:
+    """One arm's summary: corpus chrF and BLEU (`chrf_<set>` too) from the summed statistics
+    (`metric#k` rows), the mean of every other metric."""
+    import numpy as np  # here, as write_scores' pyarrow: most reporters never summarise
+
+    from stats import corpus
+
+    plain: dict[str, list[float]] = {}
+    stats: dict[str, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        name, hash_, k = r.metric.partition("#")
+        if hash_:
+            stats.setdefault(name, {}).setdefault(r.example_id, {})[int(k)] = r.value
+        else:
+            plain.setdefault(name, []).append(r.value)
+    out = {name: float(np.mean(v)) for name, v in plain.items()}
+    for name, per_example in stats.items():
+        width = 1 + max(max(cols) for cols in per_example.values())
+        table = np.array([[cols.get(k, 0.0) for k in range(width)] for cols in per_example.values()])
+        out[name] = float(corpus.METRICS[name.split("_")[0]](table.sum(axis=0)))
+    return dict(sorted(out.items()))

@@ -13,11 +13,12 @@ import torch
 
 from bem.core.models import load_model, save_model
 from bem.core.reporter import MemoryReporter
+from bem.core.reporter import row_means as arm_means
 from bem.core.smoke_base import Recipe, train_tokenizer
 from bem.core.token_shift import TokenShiftLlamaForCausalLM
 from bem.missions.mission_d import data, scramble
 from bem.missions.mission_d import train as T
-from bem.missions.mission_d.recipe import PROFILES, arm_means, run_mission_d
+from bem.missions.mission_d.recipe import PROFILES, run_mission_d
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = PROFILES["tiny"]

@@ -115,11 +115,6 @@ def test_a_six_percent_overshoot_is_refused() -> None:
         A.require("V4", A.SMOKE, over)
 
 
-def test_the_torch_free_kronecker_factors_match_the_mechanism() -> None:
-    for d in (64, 128, 256, 3072, 11008, 1000):
-        assert A.kronecker_factors(d) == M.kronecker_factors(d)
-
-
 @pytest.mark.parametrize("arm", A.TEXT_ARMS)
 def test_an_arm_is_causal(arm: str) -> None:
     """Logits before position 8 do not move when the tokens from 8 on change (V2's own attention

@@ -23,15 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bem.core.models import load_model
-from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, write_scores
+from bem.core.reporter import Laps, Reporter, ScoreRow, check_cancelled, row_means, write_scores
 from bem.missions.mission_d import data, scramble
 from bem.missions.mission_d.evaluate import Scorer, make_eval, score_arm
 from bem.missions.mission_d.train import ARMS, Stage, TrainConfig, Trainer, build, items_of, shadow_inverse
-from stats import corpus
 
 DATA_SEED = 0  # training items and test examples are the same for every seed: example_ids pair
 
@@ -99,7 +97,7 @@ def run_mission_d(
         )
         rows.extend(arm_rows)
         reporter.scores(arm_rows)
-        return {"means": arm_means(arm_rows), **detail}
+        return {"means": row_means(arm_rows), **detail}
 
     for arm in wanted:
         if arm == "sep_phase0" and "sep" in wanted:
@@ -139,25 +137,6 @@ def run_values(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
     if "sep_phase0" in runs and "sep_unclamped" in runs:
         return {"phase0_flops_ratio": runs["sep_phase0"]["flops"] / runs["sep_unclamped"]["flops"]}
     return {}
-
-
-def arm_means(rows: Sequence[ScoreRow]) -> dict[str, float]:
-    """One arm's summary: corpus chrF and BLEU from the summed statistics (`metric#k` rows), the mean of
-    every other metric."""
-    plain: dict[str, list[float]] = {}
-    stats: dict[str, dict[str, dict[int, float]]] = {}
-    for r in rows:
-        name, hash_, k = r.metric.partition("#")
-        if hash_:
-            stats.setdefault(name, {}).setdefault(r.example_id, {})[int(k)] = r.value
-        else:
-            plain.setdefault(name, []).append(r.value)
-    out = {name: float(np.mean(v)) for name, v in plain.items()}
-    for name, per_example in stats.items():
-        width = 1 + max(max(cols) for cols in per_example.values())
-        table = np.array([[cols.get(k, 0.0) for k in range(width)] for cols in per_example.values()])
-        out[name] = float(corpus.METRICS[name.split("_")[0]](table.sum(axis=0)))
-    return dict(sorted(out.items()))
 
 
 DRY_RUN_SAMPLE = 256  # training frames a dry run draws to find the longest row

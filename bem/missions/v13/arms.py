@@ -149,10 +149,15 @@ def cost(arm: str, s: Shape, k: Knobs) -> Cost:
     raise ValueError(f"unknown arm {arm!r}; arms: {list(ARMS)}")
 
 
+# u × v = d_ff for the sizes section 11 names; other sizes take the most balanced factor pair.
+KRONECKER_FACTORS = {3072: (64, 48), 11008: (86, 128), 128: (16, 8)}
+
+
 def kronecker_factors(d: int) -> tuple[int, int]:
-    """`mechanisms.kronecker_factors`, here without torch (the test holds the two equal)."""
+    """PT3's (u, v) with u·v = d: section 11's pairs where it names them, else the most balanced pair
+    (here, torch-free, so parity counts and `mechanisms.KroneckerDown` read the same)."""
     u = max(x for x in range(1, int(d**0.5) + 1) if d % x == 0)
-    return {3072: (64, 48), 11008: (86, 128), 128: (16, 8)}.get(d, (d // u, u))
+    return KRONECKER_FACTORS.get(d, (d // u, u))
 
 
 def baseline_of(arm: str) -> str:

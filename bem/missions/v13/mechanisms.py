@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# u × v = d_ff for the sizes section 11 names; other sizes take the most balanced factor pair.
-KRONECKER_FACTORS = {3072: (64, 48), 11008: (86, 128), 128: (16, 8)}
+from bem.missions.v13.arms import kronecker_factors
 
 
 class HeadGroupLoRA(nn.Module):
@@ -113,14 +112,6 @@ class DynamicRank(nn.Module):
 
 def _top_k(logits: Tensor, k: int) -> Tensor:
     return torch.zeros_like(logits).scatter(-1, logits.topk(k, dim=-1).indices, 1.0)
-
-
-def kronecker_factors(d: int) -> tuple[int, int]:
-    """(u, v) with u·v = d: section 11's pairs where it names them, else the most balanced pair."""
-    if d in KRONECKER_FACTORS:
-        return KRONECKER_FACTORS[d]
-    u = max(f for f in range(1, math.isqrt(d) + 1) if d % f == 0)
-    return d // u, u
 
 
 class KroneckerDown(nn.Module):

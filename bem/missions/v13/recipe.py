@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from bem.core.metrics import bleu_stats, chrf_stats, exact_match, token_f1
 from bem.core.models import load_model
-from bem.core.reporter import Laps, Reporter, ScoreRow, write_scores
+from bem.core.reporter import Laps, Reporter, ScoreRow, row_means, write_scores
 from bem.core.train import Pair
 from bem.missions.v13 import arms as A
 from bem.missions.v13 import data, parity
@@ -125,7 +125,7 @@ def run_v13(
         "seed": seed,
         "knobs": asdict(knobs),
         "train": trained,
-        "means": means(rows),
+        "means": row_means(rows),
         "detail": detail,
         "values": values,
         "timings_s": laps.timings,
@@ -200,26 +200,6 @@ def score_vqa(
         if gates:
             detail[f"gate_mean_{'conflict' if conflict else 'plain'}"] = float(np.mean(gates))
     return rows, detail
-
-
-def means(rows: Sequence[ScoreRow]) -> dict[str, float]:
-    """Each metric's mean; chrF and BLEU from their summed statistics (corpus scores, 0-100)."""
-    from stats import corpus
-
-    plain: dict[str, list[float]] = {}
-    stats: dict[str, dict[str, dict[int, float]]] = {}
-    for r in rows:
-        name, hash_, k = r.metric.partition("#")
-        if hash_:
-            stats.setdefault(name, {}).setdefault(r.example_id, {})[int(k)] = r.value
-        else:
-            plain.setdefault(name, []).append(r.value)
-    out = {name: float(np.mean(v)) for name, v in plain.items()}
-    for name, per_example in stats.items():
-        width = 1 + max(max(cols) for cols in per_example.values())
-        table = np.array([[cols.get(k, 0.0) for k in range(width)] for cols in per_example.values()])
-        out[name] = float(corpus.METRICS[name](table.sum(axis=0)))
-    return dict(sorted(out.items()))
 
 
 # ---- the guards' values ----------------------------------------------------------------------------
