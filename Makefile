@@ -29,10 +29,13 @@ lock:
 	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
 		$(PIP_COMPILE) $(LOCK_ARGS) -o requirements/cuda.txt pyproject.toml requirements/cuda.in
 
+# Two pytest processes (pytest-xdist), a test file each at a time: the fleet tests mostly wait on
+# processes, so two overlap on 2 cores; one torch thread each keeps them from oversubscribing.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not mission_smoke"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not mission_smoke" -n 2 --dist loadfile
 
-# Slower end-to-end checks: missions at their smoke profile through a real fleet (tens of minutes).
+# Slower end-to-end checks: Mission A's overlay smoke through a real fleet (tens of minutes). The other
+# missions' smokes run through `make results` (docs/decisions.md, "CI's hour").
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m mission_smoke
 

@@ -1,11 +1,10 @@
 """Mission D through the real fleet: every seed's task runs on a CPU worker, its rows reach DuckDB, and
 fleetd judges the mission's gates from the TOML into stored decisions. At the tiny profile on a random
-model in `make test`; at the smoke profile, the issue's 35-minute run on 2 CPU workers, in
-`make test-slow`."""
+model in `make test`. The smoke profile (about 21 minutes on 2 CPU workers) runs through
+`python -m fleetcli.results --missions mission_d`, outside CI's hour (docs/decisions.md)."""
 
 from __future__ import annotations
 
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,6 @@ def test_mission_d_stores_a_decision_for_every_gate(fleet: Fleet, tmp_path: Path
     }
     mission = run(fleet, overrides, [1, 2], timeout=300)
     check_decisions(fleet, mission, seeds=2)
-
-
-@pytest.mark.mission_smoke
-def test_mission_d_smoke_runs_on_two_cpu_workers_within_35_minutes(fleet: Fleet) -> None:
-    began = time.monotonic()
-    mission = run(fleet, {}, SPEC["seeds"], timeout=35 * 60)
-    print(f"mission_d smoke: {(time.monotonic() - began) / 60:.1f} min on 2 CPU workers")
-    check_decisions(fleet, mission, seeds=len(SPEC["seeds"]))
 
 
 def run(fleet: Fleet, overrides: dict[str, Any], seeds: list[int], timeout: float) -> str:

@@ -83,7 +83,7 @@ def test_selftest_completes_on_two_cpu_workers_with_fleetd_up(tmp_path: Path) ->
         )
         assert again.returncode == 2 and "another fleet is running" in again.stderr, again.stderr
 
-        mission = submit(url, "selftest")  # the real smoke profile: about 30 s on 2 workers
+        mission = submit(url, "selftest", "quick")  # the smoke profile's shape, in seconds
         st = wait_mission(url, mission, timeout=150)
         assert st["missions"][0]["state"] == "succeeded", st
         assert st["missions"][0]["verdict"] == "promote"  # b = a + 0.1 by construction

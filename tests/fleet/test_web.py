@@ -74,7 +74,7 @@ def test_api_token_metrics_and_health(fleet: Fleet) -> None:
     assert http(f"{web}/healthz", headers={"Host": "evil.example:80"})[0] == 421
     # Write actions: refused without the token, with a wrong one, as a form, and from another
     # origin; nothing is created.
-    request = {"mission": "selftest", "profile": "smoke"}
+    request = {"mission": "selftest", "profile": "quick"}
     assert http(f"{web}/api/missions", request)[0] == 401
     assert http(f"{web}/api/missions", request, token="wrong")[0] == 401
     form = http(f"{web}/api/missions", b"mission=selftest", token=TOKEN, content_type="text/plain")
@@ -183,7 +183,7 @@ def test_live_feed_tells_the_page_within_a_second(fleet: Fleet) -> None:
 
     threading.Thread(target=listen, daemon=True).start()
     time.sleep(0.5)
-    status, sub = http(f"{web}/api/missions", {"mission": "selftest", "profile": "smoke"}, token=token)
+    status, sub = http(f"{web}/api/missions", {"mission": "selftest", "profile": "quick"}, token=token)
     assert status == 200
     mission = sub["mission_id"]
     wait_mission(fleet, mission, timeout=150)
