@@ -4,7 +4,7 @@ STAMP   := .venv/.installed-stamp
 LOCK    := requirements/cpu.txt
 CPU_WORKERS ?= 2
 
-.PHONY: test test-slow run bench lint clean lock results
+.PHONY: test test-slow test-cluster run bench lint clean lock results
 
 # Everything comes from the CPU lock, pinned and hash-checked (pip, torch's CPU build, the dev tools);
 # then the project itself, editable, built with the locked setuptools and bringing nothing else.
@@ -32,12 +32,17 @@ lock:
 # Two pytest processes (pytest-xdist), a test file each at a time: the fleet tests mostly wait on
 # processes, so two overlap on 2 cores; one torch thread each keeps them from oversubscribing.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not mission_smoke" -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not mission_smoke and not cluster" -n 2 --dist loadfile
 
 # Slower end-to-end checks: Mission A's overlay smoke through a real fleet (tens of minutes). The other
 # missions' smokes run through `make results` (docs/decisions.md, "CI's hour").
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m mission_smoke
+
+# The fleet on a three-node NATS cluster (TLS, routes, a home per worker) and its failure drills: a node
+# killed, the coordinator's node killed, a node stopped for 30 s. The run ends with each one's time to heal.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q -m cluster
 
 # The whole fleet on this machine: nats-server, fleetd and CPU workers; runs the demo mission at the
 # smoke profile, prints the stats engine's decision per gate, and serves until Ctrl-C.

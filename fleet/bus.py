@@ -27,7 +27,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
-from fleet import creds
+from fleet import creds, tls
 
 log = structlog.get_logger("fleet.bus")
 
@@ -62,8 +62,13 @@ def identity(creds_file: Path | None) -> creds.Identity | None:
     return creds.read_identity(creds_file) if creds_file is not None else None
 
 
-async def connect(url: str, name: str, creds_file: Path | None = None, **extra: Any) -> Client:
-    """Connect as the credential in `creds_file` (an NKEY seed); none only to a loopback server."""
+async def connect(
+    url: str, name: str, creds_file: Path | None = None, ca_file: Path | None = None, **extra: Any
+) -> Client:
+    """Connect as the credential in `creds_file` (an NKEY seed); none only to a loopback server.
+
+    `url` may list several servers of one cluster, comma-separated: the client starts on one and fails
+    over to the others. `tls://` URLs are checked against `ca_file` (the fleet's CA, `fleet.tls`)."""
     me = identity(creds_file)
     if me is None:
         hosts = [urlparse(u.strip()).hostname or "" for u in url.split(",")]
@@ -97,18 +102,30 @@ async def connect(url: str, name: str, creds_file: Path | None = None, **extra: 
         "max_outstanding_pings": 2,
         "pending_size": 32 * 1024 * 1024,
     }
+    if any(u.strip().startswith("tls://") for u in url.split(",")):
+        options["tls"] = tls.client_context(ca_file)
     if me is not None:
         options["nkeys_seed_str"] = me.seed
         options["inbox_prefix"] = creds.inbox_prefix(me.public_key)
     options.update(extra)
-    return await nats.connect(url.split(","), **options)
+    return await nats.connect([u.strip() for u in url.split(",")], **options)
 
 
-async def ensure_streams(js: JetStreamContext, *, events_max_bytes: int = 8 * 1024**3) -> None:
-    """Create or update the streams; safe to run at every start."""
+def replicas(nc: Client) -> int:
+    """Streams' and buckets' replicas: min(3, cluster size). The client's server pool holds the URLs it
+    was given and those the cluster announced (INFO connect_urls), so one URL of a cluster is enough."""
+    hosts = {u.netloc for u in nc.servers}
+    return max(1, min(3, len(hosts)))
+
+
+async def ensure_streams(
+    js: JetStreamContext, *, replicas: int = 1, events_max_bytes: int = 8 * 1024**3
+) -> None:
+    """Create or update the streams; safe to run at every start (an update may raise their replicas)."""
     configs = [
         StreamConfig(
             name=TASKS_STREAM,
+            num_replicas=replicas,
             subjects=["fleet.task.>"],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
@@ -116,6 +133,7 @@ async def ensure_streams(js: JetStreamContext, *, events_max_bytes: int = 8 * 10
         ),
         StreamConfig(
             name=EVENTS_STREAM,
+            num_replicas=replicas,
             subjects=["fleet.evt.>"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
@@ -127,6 +145,7 @@ async def ensure_streams(js: JetStreamContext, *, events_max_bytes: int = 8 * 10
         ),
         StreamConfig(
             name=DLQ_STREAM,
+            num_replicas=replicas,
             subjects=["fleet.dlq.>"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
@@ -140,10 +159,12 @@ async def ensure_streams(js: JetStreamContext, *, events_max_bytes: int = 8 * 10
             await js.update_stream(cfg)  # already exists with other settings: bring it to ours
 
 
-async def workers_kv(js: JetStreamContext, ttl_s: float = 300.0) -> KeyValue:
+async def workers_kv(js: JetStreamContext, ttl_s: float = 300.0, replicas: int = 1) -> KeyValue:
     """The heartbeat bucket. The bucket TTL only collects garbage; the coordinator judges leases by age."""
     return await js.create_key_value(
-        KeyValueConfig(bucket=WORKERS_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE)
+        KeyValueConfig(
+            bucket=WORKERS_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas
+        )
     )
 
 

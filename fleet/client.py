@@ -13,7 +13,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from fleet import bus, creds
+from fleet import bus, creds, tls
 from schemas import messages as m
 
 
@@ -48,13 +48,23 @@ def find_creds(home: Path | None = None, explicit: str | Path | None = None) -> 
         raise FleetError("no_credential", str(e)) from None
 
 
+def find_ca(home: Path | None = None, explicit: str | Path | None = None) -> Path | None:
+    """--tls-ca, else $FLEET_NATS_TLS_CA_FILE, else the home's CA (if any): what tls:// URLs are checked
+    against."""
+    home = home or Path(os.environ.get("FLEET_HOME", ".fleet"))
+    try:
+        return tls.find_ca(home, explicit or os.environ.get("FLEET_NATS_TLS_CA_FILE"))
+    except FileNotFoundError as e:
+        raise FleetError("no_credential", str(e)) from None
+
+
 class FleetClient:
     """Control calls as one credential; `caller` (its public key) is the subject token the server checks."""
 
     nc: Client
 
-    def __init__(self, url: str, creds_file: Path | None) -> None:
-        self.url, self.creds_file = url, creds_file
+    def __init__(self, url: str, creds_file: Path | None, ca_file: Path | None = None) -> None:
+        self.url, self.creds_file, self.ca_file = url, creds_file, ca_file
         try:
             me = bus.identity(creds_file)
         except creds.CredsError as e:
@@ -64,8 +74,10 @@ class FleetClient:
         self.refused = asyncio.Event()  # set with it, so a refused call ends now, not at its timeout
 
     @classmethod
-    async def connect(cls, url: str, creds_file: Path | None = None) -> FleetClient:
-        client = cls(url, creds_file)
+    async def connect(
+        cls, url: str, creds_file: Path | None = None, ca_file: Path | None = None
+    ) -> FleetClient:
+        client = cls(url, creds_file, ca_file)
         client.nc = await client._connect()
         return client
 
@@ -79,7 +91,13 @@ class FleetClient:
 
         try:
             return await bus.connect(
-                url, "fleetctl", creds_file, max_reconnect_attempts=2, connect_timeout=3, error_cb=error_cb
+                url,
+                "fleetctl",
+                creds_file,
+                self.ca_file,
+                max_reconnect_attempts=2,
+                connect_timeout=3,
+                error_cb=error_cb,
             )
         except creds.CredsError as e:
             raise FleetError("no_credential", str(e)) from None

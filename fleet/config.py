@@ -21,6 +21,9 @@ class NatsConfig(Struct, forbid_unknown_fields=True):
     # The NKEY seed this process connects with; empty: <home>/creds/<role>.nk (coordinator, worker,
     # client), which `fleetd up` and `fleetd creds ensure` generate. Needed for any non-loopback URL.
     credentials_file: str = ""
+    # The CA that tls:// URLs are checked against; empty: <home>/tls/ca.pem if there is one (`fleetd up
+    # --cluster` writes it), else the system's trust store.
+    tls_ca_file: str = ""
 
 
 class SchedulerConfig(Struct, forbid_unknown_fields=True):

@@ -196,7 +196,7 @@ def _names(roster: dict[str, Entry]) -> set[str]:
 
 def _set(home: Path, roster: dict[str, Entry], name: str, role: Role) -> dict[str, Entry]:
     seed = new_seed()
-    _write_private(seed_path(home, name), seed + "\n")
+    write_private(seed_path(home, name), seed + "\n")
     kept = {k: e for k, e in roster.items() if e.name != name}
     entry = Entry(name=name, role=role, public_key=public_key(seed))
     return {**kept, entry.public_key: entry}
@@ -204,13 +204,11 @@ def _set(home: Path, roster: dict[str, Entry], name: str, role: Role) -> dict[st
 
 def _write_public(home: Path, roster: dict[str, Entry]) -> None:
     entries = sorted(roster.values(), key=lambda e: (ROLES.index(e.role), e.name))
-    _write_private(
-        creds_dir(home) / "roster.json", msgspec.json.format(msgspec.json.encode(entries)).decode()
-    )
-    _write_private(auth_conf(home), server_config(entries))
+    write_private(creds_dir(home) / "roster.json", msgspec.json.format(msgspec.json.encode(entries)).decode())
+    write_private(auth_conf(home), server_config(entries))
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write atomically, created 0600 in a 0700 directory (never briefly world-readable)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -75,6 +75,7 @@ class NatsServer:
         port: int = -1,
         log_file: Path | None = None,
         auth: Path | None = None,
+        scheme: str = "nats",
     ):
         if auth is None and not creds.is_loopback(host):
             raise NatsServerError(
@@ -82,7 +83,10 @@ class NatsServer:
                 "submit, cancel and forge results (fleetd up generates them; see docs/security.md)"
             )
         self.store_dir = Path(store_dir)
-        self.auth = auth
+        self.auth = (
+            auth  # the configuration file: the credentials' authorization, or a node's conf including it
+        )
+        self.scheme = scheme  # "tls" where the configuration requires TLS of clients
         self.host = host
         self.port = port
         self.monitor_port = -1
@@ -92,6 +96,11 @@ class NatsServer:
         self.monitor_url = ""
 
     def start(self, timeout: float = 10.0) -> NatsServer:
+        self.start_process()
+        return self.wait_ready(timeout)
+
+    def start_process(self) -> None:
+        """Start the process without waiting (the nodes of a cluster start together, then wait)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         ports_dir = self.store_dir / "ports"
         ports_dir.mkdir(exist_ok=True)
@@ -116,7 +125,11 @@ class NatsServer:
         if self.auth is not None:
             cmd[1:1] = ["-c", str(self.auth)]  # the flags after it win over anything else in the file
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-        ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
+
+    def wait_ready(self, timeout: float = 10.0) -> NatsServer:
+        """Wait for the ports file, then for health; the URLs are read from the ports file."""
+        assert self.proc is not None, "start_process first"
+        ports_file = self.store_dir / "ports" / f"nats-server_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout
         while not ports_file.exists():
             self._check_alive()
@@ -126,7 +139,7 @@ class NatsServer:
             time.sleep(0.01)
         time.sleep(0.01)  # the file is written in one go, but give the writer a tick
         ports = json.loads(ports_file.read_text())
-        self.url = ports["nats"][0]
+        self.url = f"{self.scheme}://{ports['nats'][0].split('://', 1)[1]}"
         self.monitor_url = ports["monitoring"][0]
         self.port = int(self.url.rsplit(":", 1)[1])
         self.monitor_port = int(self.monitor_url.rsplit(":", 1)[1])
@@ -139,8 +152,11 @@ class NatsServer:
         return self
 
     def healthy(self) -> bool:
+        # A lone server is ready once JetStream is on; a cluster node once its meta group and streams are
+        # current (the full check), so a restarted node counts as back only after it caught up.
+        check = "/healthz" if self.scheme == "tls" else "/healthz?js-enabled-only=true"
         try:
-            with urllib.request.urlopen(f"{self.monitor_url}/healthz?js-enabled-only=true", timeout=1) as r:
+            with urllib.request.urlopen(f"{self.monitor_url}{check}", timeout=1) as r:
                 return json.loads(r.read()).get("status") == "ok"
         except (OSError, ValueError):
             return False
@@ -168,6 +184,15 @@ class NatsServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the process holds its sockets but answers nothing (a hung box, for the drills)."""
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def __enter__(self) -> NatsServer:
         return self.start()

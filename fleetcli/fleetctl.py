@@ -17,7 +17,7 @@ from rich.table import Table
 
 from fleet import logs as log_setup
 from fleet import render
-from fleet.client import FleetClient, FleetError, find_creds, find_url
+from fleet.client import FleetClient, FleetError, find_ca, find_creds, find_url
 from schemas import messages as m
 
 
@@ -49,6 +49,10 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument(
         "--creds",
         help="your NKEY seed file (default $FLEET_NATS_CREDENTIALS_FILE, else <home>/creds/client.nk)",
+    )
+    top.add_argument(
+        "--tls-ca",
+        help="the CA for tls:// servers (default $FLEET_NATS_TLS_CA_FILE, else <home>/tls/ca.pem)",
     )
     sub = top.add_subparsers(dest="verb", required=True)
 
@@ -127,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _main(args: argparse.Namespace, console: Console) -> int:
-    client = await FleetClient.connect(find_url(args.home, args.nats), find_creds(args.home, args.creds))
+    client = await FleetClient.connect(
+        find_url(args.home, args.nats), find_creds(args.home, args.creds), find_ca(args.home, args.tls_ca)
+    )
     try:
         return await VERBS[args.verb](client, args, console)
     finally:

@@ -23,8 +23,9 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from fleet import bus, config, creds, logs, render, sdnotify
+from fleet import bus, config, creds, logs, render, sdnotify, tls
 from fleet.client import FleetClient, FleetError
+from fleet.cluster import Cluster
 from fleet.natsserver import NatsServer, NatsServerError, die_with_parent, reload_servers
 from fleetd.coordinator import Coordinator
 from fleetd.store import SchemaMismatch, Store
@@ -61,11 +62,14 @@ def lock_home(home: Path) -> IO[str]:
 async def coordinator(cfg: config.FleetConfig, url: str) -> AsyncIterator[Coordinator]:
     home = cfg.home_path
     store = Store(home / "fleet.duckdb")
-    nc = await bus.connect(url, "fleetd", creds.find(home, "coordinator", cfg.nats.credentials_file))
+    ca = tls.find_ca(home, cfg.nats.tls_ca_file)
+    nc = await bus.connect(url, "fleetd", creds.find(home, "coordinator", cfg.nats.credentials_file), ca)
     try:
         js = nc.jetstream(timeout=5)
-        await bus.ensure_streams(js)
-        kv = await bus.workers_kv(js)
+        replicas = bus.replicas(nc)
+        await bus.ensure_streams(js, replicas=replicas)
+        kv = await bus.workers_kv(js, replicas=replicas)
+        log.info("bus_ready", url=nc.connected_url.geturl() if nc.connected_url else url, replicas=replicas)
         yield Coordinator(cfg, store, nc, js, kv)
     finally:
         with anyio.CancelScope(shield=True):
@@ -115,9 +119,16 @@ def worker_args(
     gpu: str | None = None,
     threads: int | None = None,
     log_file: Path | None = None,
+    own_home: bool = False,
 ) -> list[str]:
-    """`python` arguments that start one worker (`fleet-worker` as a module) on `gpu`, or a CPU worker."""
+    """`python` arguments that start one worker (`fleet-worker` as a module) on `gpu`, or a CPU worker.
+
+    `own_home`: the worker keeps its runs and cache in `<home>/hosts/<worker_id>`, sharing no files with
+    the others, as a worker on another box would (it still reads the fleet's credential and CA)."""
     args = ["-m", "workers", "--id", worker_id, "--nats", url, "--home", str(home)]
+    if own_home:
+        args[-1] = str(home / "hosts" / worker_id)
+        args += ["--creds", str(creds.seed_path(home, "worker")), "--tls-ca", str(tls.files(home).ca)]
     args += ["--gpu", gpu] if gpu else ["--cpu"]
     if threads:
         args += ["--threads", str(threads)]
@@ -136,14 +147,17 @@ class WorkerProcs:
         specs: list[tuple[str, str | None]],
         threads: int | None,
         settings: config.WorkerConfig,
+        own_homes: bool = False,
     ) -> None:
         self.home, self.url, self.specs, self.threads = home, url, specs, threads
+        self.own_homes = own_homes
         self.env = {**os.environ, **settings.env()}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, worker_id: str, gpu: str | None) -> None:
         log_file = self.home / "logs" / f"worker-{worker_id}.log"
-        cmd = [sys.executable, *worker_args(worker_id, self.url, self.home, gpu, self.threads, log_file)]
+        args = worker_args(worker_id, self.url, self.home, gpu, self.threads, log_file, self.own_homes)
+        cmd = [sys.executable, *args]
         self.procs[worker_id] = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, env=self.env, preexec_fn=die_with_parent
         )
@@ -176,17 +190,31 @@ def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> Non
             p.wait()
 
 
-async def _supervise_nats(server: NatsServer) -> None:
-    """Restart the embedded server on the same port if it dies; clients reconnect by themselves."""
+async def _supervise_nats(servers: list[NatsServer]) -> None:
+    """Restart an embedded server on its port if it dies; clients reconnect by themselves."""
     while True:
         await anyio.sleep(0.5)
-        if not server.running():
+        for server in servers:
+            if server.running():
+                continue
             log.warning("nats_server_exited", returncode=server.proc.returncode if server.proc else None)
             try:
-                await anyio.to_thread.run_sync(server.start)
+                await anyio.to_thread.run_sync(server.start, 30.0)
                 log.info("nats_server_restarted", url=server.url)
             except NatsServerError as e:
                 log.error("nats_server_restart_failed", error=str(e))
+
+
+def embedded_nats(cfg: config.FleetConfig, home: Path, size: int | None) -> tuple[list[NatsServer], str]:
+    """`fleetd up`'s servers and the URL its processes are given: one nats-server, or `size` nodes of
+    a cluster (`fleet.cluster`, TLS and routes on) whose URLs are listed together."""
+    if size is None:
+        server = NatsServer(home / "nats", host=cfg.nats.host, auth=creds.auth_conf(home))
+        server.start()
+        return [server], server.url
+    found = Cluster(home, size)
+    found.start()
+    return [n.server for n in found.nodes], found.url
 
 
 async def up_cmd(cfg: config.FleetConfig, args: argparse.Namespace) -> int:
@@ -194,9 +222,9 @@ async def up_cmd(cfg: config.FleetConfig, args: argparse.Namespace) -> int:
     console = Console()
     lock = lock_home(home)
     creds.ensure(home)  # first start: a credential per role; later starts keep them
-    server = NatsServer(home / "nats", host=cfg.nats.host, auth=creds.auth_conf(home))
+    servers: list[NatsServer] = []
     try:
-        await anyio.to_thread.run_sync(server.start)
+        servers, url = await anyio.to_thread.run_sync(embedded_nats, cfg, home, args.cluster)
         found = gpus.discover()
         if args.cpu_workers is not None or not found:
             n = args.cpu_workers if args.cpu_workers is not None else 1
@@ -204,19 +232,20 @@ async def up_cmd(cfg: config.FleetConfig, args: argparse.Namespace) -> int:
             threads = max(1, (os.cpu_count() or 1) // max(n, 1))
         else:
             specs, threads = [(default_id(g), g.uuid) for g in found], None
-        workers = WorkerProcs(home, server.url, specs, threads, cfg.worker)
-        console.print(f"fleet on {home}: nats {server.url}, {len(specs)} worker(s), logs in {home / 'logs'}")
+        workers = WorkerProcs(home, url, specs, threads, cfg.worker, own_homes=args.cluster is not None)
+        console.print(f"fleet on {home}: nats {url}, {len(specs)} worker(s), logs in {home / 'logs'}")
         try:
-            async with coordinator(cfg, server.url) as coord, anyio.create_task_group() as tg:
-                tg.start_soon(_supervise_nats, server)
+            async with coordinator(cfg, url) as coord, anyio.create_task_group() as tg:
+                tg.start_soon(_supervise_nats, servers)
                 tg.start_soon(workers.supervise)
-                tg.start_soon(_serve_then_cancel, coord, home, server.url, console, tg)
+                tg.start_soon(_serve_then_cancel, coord, home, url, console, tg)
                 if args.demo:
-                    tg.start_soon(_demo, server.url, home, console, args.exit_when_done, tg)
+                    tg.start_soon(_demo, url, home, console, args.exit_when_done, tg)
         finally:
             workers.stop()
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
         lock.close()
     return 0
 
@@ -243,7 +272,7 @@ async def _demo(
 
 
 async def _demo_once(url: str, home: Path, console: Console) -> None:
-    client = await FleetClient.connect(url, creds.seed_path(home, "client"))
+    client = await FleetClient.connect(url, creds.seed_path(home, "client"), tls.find_ca(home))
     try:
         sub = await client.submit("demo", "smoke")
         console.print(
@@ -282,7 +311,8 @@ def creds_cmd(home: Path, args: argparse.Namespace) -> int:
         creds.remove(home, args.name)
         console.print(f"removed {args.name}")
     if args.action != "ensure":
-        pids = reload_servers(home / "nats")
+        stores = [home / "nats", *sorted((home / "cluster").glob("n*"))]  # fleetd up's, alone or a cluster
+        pids = [pid for store in stores for pid in reload_servers(store)]
         console.print(
             f"nats-server {', '.join(map(str, pids))} reloaded"
             if pids
@@ -304,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     up.add_argument("--exit-when-done", action="store_true", help="stop once the demo mission finished")
     up.add_argument("--web-port", type=int, help="web page port (default 8080)")
+    up.add_argument(
+        "--cluster",
+        type=int,
+        metavar="N",
+        help="N nats-server nodes with routes, TLS and separate stores, and a home per worker: two boxes' "
+        "fleet on one (docs/operations.md)",
+    )
     run = sub.add_parser("run", help="the coordinator alone, for systemd (needs nats.url)")
     run.add_argument("--home", dest="home_", help=argparse.SUPPRESS)
     run.add_argument("--nats", help="NATS URL")

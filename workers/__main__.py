@@ -19,12 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", help="worker id (default: host and GPU UUID prefix, or host-cpuN)")
     parser.add_argument("--index", type=int, default=0, help="CPU worker number, for the default id")
     parser.add_argument(
-        "--nats", default=os.environ.get("FLEET_NATS_URL", ""), help="NATS URL (default $FLEET_NATS_URL)"
+        "--nats",
+        default=os.environ.get("FLEET_NATS_URL", ""),
+        help="NATS URL, or a cluster's URLs comma-separated (default $FLEET_NATS_URL)",
     )
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("FLEET_HOME", ".fleet")))
     parser.add_argument(
         "--creds",
         help="the worker's NKEY seed file (default nats.credentials_file, else <home>/creds/worker.nk)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        help="the CA for tls:// servers (default nats.tls_ca_file, else <home>/tls/ca.pem)",
     )
     parser.add_argument("--config", type=Path, help="fleetd.toml (default <home>/fleetd.toml if present)")
     parser.add_argument("--threads", type=int, help="CPU threads per task (OMP_NUM_THREADS)")
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import anyio
 
-    from fleet import config, creds, logs
+    from fleet import config, creds, logs, tls
     from schemas.messages import NAME
     from workers import gpus
     from workers.worker import Worker, default_id
@@ -46,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config, home=str(args.home))  # the TOML, then FLEET_WORKER_*
         creds_file = creds.find(args.home, "worker", args.creds or cfg.nats.credentials_file)
-    except (config.ConfigError, creds.CredsError) as e:
+        ca_file = tls.find_ca(args.home, args.tls_ca or cfg.nats.tls_ca_file)
+    except (config.ConfigError, creds.CredsError, FileNotFoundError) as e:
         parser.error(str(e))
     settings = cfg.worker
     if not args.nats:
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         preload=settings.preload,
         threads=args.threads,
         creds_file=creds_file,
+        ca_file=ca_file,
     )
     anyio.run(_run_until_signal, worker)
     return 0

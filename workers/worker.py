@@ -120,10 +120,11 @@ class Worker:
         preload: list[str] | None = None,
         threads: int | None = None,
         creds_file: Path | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         m.subject_token(worker_id)
         self.id, self.url, self.home, self.gpu = worker_id, url, home, gpu
-        self.creds_file = creds_file
+        self.creds_file, self.ca_file = creds_file, ca_file
         self.heartbeat_s = heartbeat_s
         self.command_timeout_s = 30.0
         env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
@@ -137,7 +138,7 @@ class Worker:
         self.environment = environment(gpu)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.nc = await bus.connect(self.url, f"worker-{self.id}", self.creds_file)
+        self.nc = await bus.connect(self.url, f"worker-{self.id}", self.creds_file, self.ca_file)
         self.js = self.nc.jetstream(timeout=5)
         # The coordinator creates the streams, the bucket and this worker's consumer (a worker's
         # credential may not): wait for each.

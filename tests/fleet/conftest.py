@@ -16,8 +16,9 @@ from typing import Any, Protocol
 import anyio
 import pytest
 
-from fleet import creds
+from fleet import creds, tls
 from fleet.client import FleetClient
+from fleet.cluster import Cluster
 from fleet.natsserver import NatsServer
 from fleetcli.fleetd import stop_all, worker_args
 from schemas import messages as m
@@ -29,6 +30,9 @@ FAST = {  # short leases so a lost worker is noticed in seconds, not the product
     "FLEET_SCHEDULER_HEARTBEAT_POLL_S": "0.2",
     "FLEET_WORKER_HEARTBEAT_S": "0.5",
     "FLEET_WEB_PORT": "0",  # a free port: tests run side by side
+    # Workers preload nothing: most fleet tests run torch-free selftest kinds, and a torch import per
+    # worker costs 3 s of CPU; a task that needs torch imports it itself (test_supervisor checks preload).
+    "FLEET_WORKER_PRELOAD": "",
 }
 
 
@@ -49,7 +53,9 @@ class Found:
 
 def call(fleet: Target, verb: str, request: Any = None, timeout: float = 30, role: str = "client") -> Any:
     async def go() -> Any:
-        client = await FleetClient.connect(fleet.url, creds.seed_path(fleet.home, role))
+        client = await FleetClient.connect(
+            fleet.url, creds.seed_path(fleet.home, role), tls.find_ca(fleet.home)
+        )
         try:
             return await client.call(verb, request, timeout=timeout)
         finally:
@@ -162,6 +168,27 @@ class Fleet:
         self.server.stop()
 
 
+class ClusterFleet(Fleet):
+    """The same fleet on a NATS cluster (`fleet.cluster`: routes, TLS and credentials on), each worker
+    with a home of its own, as if on another box: nothing but the bus is shared."""
+
+    def __init__(self, home: Path, size: int = 3) -> None:
+        super().__init__(home, {})
+        self.cluster = Cluster(home, size)
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    def start_worker(self, worker_id: str, gpu: str | None = None, env: dict[str, str] | None = None) -> None:
+        args = worker_args(worker_id, self.url, self.home, gpu, threads=1, own_home=True)
+        self.workers[worker_id] = self.spawn(*args, log=f"worker-{worker_id}", env=env)
+
+    def stop(self) -> None:
+        stop_all(self.procs)
+        self.cluster.stop()
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
     f = Fleet(tmp_path / "home", {})
@@ -173,6 +200,29 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
         rep = getattr(request.node, "rep_call", None)
         if rep is not None and rep.failed:
             print(f.logs())
+
+
+@pytest.fixture
+def cluster_fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ClusterFleet]:
+    f = ClusterFleet(tmp_path / "home")
+    f.cluster.start()
+    try:
+        yield f
+    finally:
+        f.stop()
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            print(f.logs())
+
+
+HEALED: list[str] = []  # the cluster drills' times to heal, printed at the end of the run
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if HEALED:
+        terminalreporter.section("cluster drills: time to heal")
+        for line in HEALED:
+            terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

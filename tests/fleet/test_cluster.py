@@ -1,0 +1,180 @@
+"""The fleet on a three-node NATS cluster (routes, TLS and credentials on; a home per worker), and the
+failure drills of docs/operations.md: a node killed, the coordinator's node killed, a node stopped for
+30 s. In each, the mission completes and every result row is stored exactly once. `make test-cluster`
+(CI runs it); the run ends with each drill's time to heal."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from typing import Any
+
+import anyio
+import nats
+import pytest
+from nats.js.errors import Error as JsError
+
+from fleet import bus, creds, tls
+from fleet.cluster import Node
+from tests.fleet.conftest import HEALED, ClusterFleet, sql, submit, wait_for, wait_mission
+from tests.fleet.test_runtime import check_results_once, running_on
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+def start(fleet: ClusterFleet, seconds: float = 3.0) -> str:
+    """fleetd and workers w0, w1 (separate homes), running a selftest whose tasks outlast a failure."""
+    fleet.start_fleetd()
+    fleet.start_worker("w0")
+    fleet.start_worker("w1")
+    fleet.wait_workers(2)
+    mission = submit(fleet, "selftest", "quick", **{"profiles.quick.params": {"seconds": seconds}})
+    wait_for(lambda: running_on(fleet, "w0") or running_on(fleet, "w1"), 60, "a running task")
+    return mission
+
+
+def connz(node: Node) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{node.server.monitor_url}/connz", timeout=2) as r:
+        return json.loads(r.read())["connections"] or []  # type: ignore[no-any-return]
+
+
+def node_of(fleet: ClusterFleet, client_name: str) -> Node:
+    """The node a client (by its connection name) is connected to, from each node's /connz."""
+    for node in fleet.cluster.nodes:
+        if node.server.running() and any(c.get("name") == client_name for c in connz(node)):
+            return node
+    raise AssertionError(f"{client_name} is connected to no node")
+
+
+def streams_led(fleet: ClusterFleet, without: Node | None = None) -> bool:
+    """Every fleet stream answers with a leader that is not `without` (the failed node)."""
+
+    async def go() -> bool:
+        me = creds.read_identity(creds.seed_path(fleet.home, "coordinator"))
+        nc = await nats.connect(
+            [n.url for n in fleet.cluster.nodes if n is not without],
+            nkeys_seed_str=me.seed,
+            inbox_prefix=creds.inbox_prefix(me.public_key),
+            tls=tls.client_context(fleet.cluster.files.ca),
+            connect_timeout=2,
+            max_reconnect_attempts=1,
+        )
+        try:
+            js = nc.jetstream(timeout=2)
+            for stream in (bus.TASKS_STREAM, bus.EVENTS_STREAM, "KV_" + bus.WORKERS_BUCKET):
+                info = await js.stream_info(stream)
+                leader = info.cluster.leader if info.cluster else None
+                if leader is None or (without is not None and leader == without.name):
+                    return False
+            return True
+        except (JsError, nats.errors.Error, TimeoutError, OSError):
+            return False
+        finally:
+            await nc.close()
+
+    return anyio.run(go)
+
+
+def heal(fleet: ClusterFleet, what: str, failed: Node, began: float) -> float:
+    took = wait_for(
+        lambda: streams_led(fleet, without=failed) and time.monotonic(), 60, "the streams' leaders"
+    )
+    HEALED.append(f"{what}: every stream led again {took - began:.1f} s after the failure")
+    return took - began
+
+
+def rejoin(fleet: ClusterFleet, node: Node, what: str) -> None:
+    """Restart the node on its ports and store; healthy means it has caught up (the full /healthz)."""
+    began = time.monotonic()
+    node.server.start(timeout=60)
+    HEALED.append(
+        f"{what}: {node.name} rejoined and caught up {time.monotonic() - began:.1f} s after its restart"
+    )
+    assert streams_led(fleet)
+
+
+def test_streams_and_the_bucket_have_three_replicas(cluster_fleet: ClusterFleet) -> None:
+    cluster_fleet.start_fleetd()
+    wait_for(lambda: streams_led(cluster_fleet), 60, "the streams")
+    rows = sql(cluster_fleet, "SELECT 1 AS one")  # fleetctl's path: TLS, the client credential, any node
+    assert rows == [{"one": 1}]
+
+    async def replicas() -> dict[str, int]:
+        seed = creds.seed_path(cluster_fleet.home, "coordinator")
+        nc = await bus.connect(cluster_fleet.url, "test", seed, cluster_fleet.cluster.files.ca)
+        try:
+            js = nc.jetstream()
+            names = (bus.TASKS_STREAM, bus.EVENTS_STREAM, bus.DLQ_STREAM, "KV_" + bus.WORKERS_BUCKET)
+            return {s: (await js.stream_info(s)).config.num_replicas or 0 for s in names}
+        finally:
+            await nc.close()
+
+    assert set(anyio.run(replicas).values()) == {3}
+
+
+def test_without_tls_or_without_a_credential_every_node_refuses(cluster_fleet: ClusterFleet) -> None:
+    """The doors of docs/security.md hold on each node: plain TCP is refused, and so is TLS alone."""
+
+    async def connects(url: str, **options: Any) -> bool:
+        try:
+            nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, **options)
+        except Exception:  # refused, whichever way the client reports it
+            return False
+        await nc.close()
+        return True
+
+    ca = tls.client_context(cluster_fleet.cluster.files.ca)
+    for node in cluster_fleet.cluster.nodes:
+        assert not anyio.run(lambda: connects(node.url.replace("tls://", "nats://")))  # noqa: B023
+        assert not anyio.run(lambda: connects(node.url, tls=ca))  # noqa: B023
+    me = creds.read_identity(creds.seed_path(cluster_fleet.home, "client"))
+    assert anyio.run(lambda: connects(cluster_fleet.cluster.nodes[0].url, tls=ca, nkeys_seed_str=me.seed))
+
+
+def test_kill9_of_a_node_mid_mission(cluster_fleet: ClusterFleet) -> None:
+    mission = start(cluster_fleet)
+    fleetd_node = node_of(cluster_fleet, "fleetd")
+    victim = next(n for n in cluster_fleet.cluster.nodes if n is not fleetd_node)
+    began = time.monotonic()
+    victim.server.kill()
+    heal(cluster_fleet, "kill -9 of a node", victim, began)
+    st = wait_mission(cluster_fleet, mission, timeout=180)
+    assert st["missions"][0]["state"] == "succeeded", st
+    check_results_once(cluster_fleet, mission)
+    rejoin(cluster_fleet, victim, "kill -9 of a node")
+
+
+def test_kill9_of_the_coordinators_node_mid_mission(cluster_fleet: ClusterFleet) -> None:
+    mission = start(cluster_fleet)
+    victim = node_of(cluster_fleet, "fleetd")
+    began = time.monotonic()
+    victim.server.kill()
+    heal(cluster_fleet, "kill -9 of fleetd's node", victim, began)
+    moved = wait_for(lambda: node_of(cluster_fleet, "fleetd"), 60, "fleetd to reconnect to another node")
+    HEALED.append(
+        f"kill -9 of fleetd's node: fleetd on {moved.name} {time.monotonic() - began:.1f} s after the kill"
+    )
+    assert moved is not victim
+    st = wait_mission(cluster_fleet, mission, timeout=180)
+    assert st["missions"][0]["state"] == "succeeded", st
+    check_results_once(cluster_fleet, mission)
+    rejoin(cluster_fleet, victim, "kill -9 of fleetd's node")
+
+
+def test_a_node_stopped_for_30_s_then_resumed(cluster_fleet: ClusterFleet) -> None:
+    mission = start(cluster_fleet, seconds=8.0)
+    victim = node_of(cluster_fleet, "fleetd")  # the hardest case: the coordinator's own node hangs
+    began = time.monotonic()
+    victim.server.pause()
+    try:
+        heal(cluster_fleet, "SIGSTOP of fleetd's node", victim, began)
+        time.sleep(max(0.0, 30 - (time.monotonic() - began)))
+    finally:
+        victim.server.resume()
+    resumed = time.monotonic()
+    wait_for(lambda: victim.server.healthy(), 60, "the resumed node to catch up")
+    HEALED.append(f"SIGSTOP of fleetd's node: healthy {time.monotonic() - resumed:.1f} s after SIGCONT")
+    st = wait_mission(cluster_fleet, mission, timeout=180)
+    assert st["missions"][0]["state"] == "succeeded", st
+    check_results_once(cluster_fleet, mission)
