@@ -63,6 +63,17 @@ class SqlConfig(Struct, forbid_unknown_fields=True):
     max_rows: int = 10_000
 
 
+class ArtifactsConfig(Struct, forbid_unknown_fields=True):
+    """What one task leaves another (`fleet.artifacts`): through the object store, or a shared path."""
+
+    store: str = "object"  # "object": NATS's object store, no shared disk; "shared": paths on one mount
+    # The bucket's limit (fleetd creates it). JetStream reserves it on every replica's disk at creation,
+    # so it must fit beside FLEET_EVENTS' 8 GiB; raise both on a box with room.
+    max_bytes: int = 8 * 1024**3
+    max_artifact_bytes: int = 4 * 1024**3  # one output's limit; a larger one fails its task, named
+    cache_dir: str = ""  # a host's fetched copies; empty: <home>/cache/artifacts
+
+
 class FleetConfig(Struct, forbid_unknown_fields=True):
     home: str = ".fleet"
     missions_dir: str = ""  # empty: the missions shipped in schemas/missions
@@ -71,6 +82,7 @@ class FleetConfig(Struct, forbid_unknown_fields=True):
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     web: WebConfig = msgspec.field(default_factory=WebConfig)
     sql: SqlConfig = msgspec.field(default_factory=SqlConfig)
+    artifacts: ArtifactsConfig = msgspec.field(default_factory=ArtifactsConfig)
 
     @property
     def home_path(self) -> Path:
@@ -103,6 +115,7 @@ def load(path: Path | None = None, env: dict[str, str] | None = None, **flags: A
         ("worker", WorkerConfig),
         ("web", WebConfig),
         ("sql", SqlConfig),
+        ("artifacts", ArtifactsConfig),
     ):
         for name in cls.__struct_fields__:
             key = f"FLEET_{section}_{name}".upper()

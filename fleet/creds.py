@@ -220,7 +220,8 @@ def write_private(path: Path, text: str) -> None:
 
 # ---- permissions -----------------------------------------------------------------------------------
 
-TASKS, KV = "FLEET_TASKS", "KV_fleet_workers"  # the stream names of fleet.bus, spelled out for the server
+# The stream names of fleet.bus and fleet.artifacts, spelled out for the server.
+TASKS, KV, OBJ = "FLEET_TASKS", "KV_fleet_workers", "OBJ_fleet_artifacts"
 
 
 def permissions(entry: Entry) -> dict[str, Any]:
@@ -239,6 +240,17 @@ def permissions(entry: Entry) -> dict[str, Any]:
                     f"$JS.API.CONSUMER.MSG.NEXT.{TASKS}.*",  # fetch
                     f"$JS.API.CONSUMER.INFO.{TASKS}.*",  # is my consumer there yet?
                     f"$JS.API.STREAM.INFO.{KV}",  # binding the heartbeat bucket
+                    # The artifact bucket (fleet.artifacts): bind, read an entry, write chunks and
+                    # entries, and the consumer a read streams its chunks through. No purge, no delete:
+                    # entries are named by their content's hash and never replaced.
+                    f"$JS.API.STREAM.INFO.{OBJ}",
+                    f"$JS.API.STREAM.MSG.GET.{OBJ}",
+                    f"$JS.API.DIRECT.GET.{OBJ}.>",
+                    f"$JS.API.CONSUMER.CREATE.{OBJ}",
+                    f"$JS.API.CONSUMER.CREATE.{OBJ}.>",
+                    f"$JS.API.CONSUMER.DELETE.{OBJ}.>",
+                    "$JS.API.STREAM.NAMES",  # how nats-py finds the bucket's stream for that consumer
+                    "$O.fleet_artifacts.>",
                 ]
             },
             "subscribe": {"allow": ["fleet.cmd.*", inbox]},

@@ -18,6 +18,8 @@ KINDS: dict[str, str] = {
     "selftest.crash": "workers.kinds.selftest:crash",
     "selftest.score": "workers.kinds.selftest:score",
     "selftest.obey": "workers.kinds.selftest:obey",
+    "selftest.make": "workers.kinds.selftest:make",
+    "selftest.use": "workers.kinds.selftest:use",
     "demo.base": "workers.kinds.demo:base",
     "demo.validate": "workers.kinds.demo:validate",
     "mission_a.run": "workers.kinds.mission_a:run",

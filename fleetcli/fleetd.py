@@ -23,7 +23,7 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from fleet import bus, config, creds, logs, render, sdnotify, tls
+from fleet import artifacts, bus, config, creds, logs, render, sdnotify, tls
 from fleet.client import FleetClient, FleetError
 from fleet.cluster import Cluster
 from fleet.natsserver import NatsServer, NatsServerError, die_with_parent, reload_servers
@@ -69,6 +69,7 @@ async def coordinator(cfg: config.FleetConfig, url: str) -> AsyncIterator[Coordi
         replicas = bus.replicas(nc)
         await bus.ensure_streams(js, replicas=replicas)
         kv = await bus.workers_kv(js, replicas=replicas)
+        await artifacts.ensure_bucket(js, replicas=replicas, max_bytes=cfg.artifacts.max_bytes)
         log.info("bus_ready", url=nc.connected_url.geturl() if nc.connected_url else url, replicas=replicas)
         yield Coordinator(cfg, store, nc, js, kv)
     finally:

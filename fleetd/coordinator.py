@@ -38,7 +38,7 @@ from fleet.config import FleetConfig
 from fleet.creds import Actor
 from fleet.view import Commit
 from fleetd import judge
-from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig, assignment
+from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig
 from fleetd.services import Services, watch_factory
 from fleetd.store import SqlRefused, Store, audit_row, task_from_row, task_row
 from fleetd.telemetry import FleetMetrics
@@ -145,7 +145,7 @@ class Coordinator:
         for worker in sorted(ch.purge):
             self.effects.put_nowait(_Purge(worker))
         for task, why in ch.dead:
-            body = m.encode(assignment(task))
+            body = m.encode(self.sched.assignment(task))
             self.effects.put_nowait(
                 _Publish(
                     f"fleet.dlq.task.{task.task_id}",
@@ -213,7 +213,7 @@ class Coordinator:
         async with self.lock:
             for task in self.sched.tasks.values():
                 if task.state == "assigned" and task.worker:
-                    a = assignment(task)
+                    a = self.sched.assignment(task)
                     self.effects.put_nowait(
                         _Publish(bus.task_subject(task.worker), m.encode(a), f"{a.task_id}:{a.attempt}")
                     )

@@ -10,11 +10,23 @@ A pending task always carries a machine-readable reason.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.messages import INFRA_REASONS, Assignment, Failed, Finished, Heartbeat, Resources, Started
+import msgspec
+
+from schemas.messages import (
+    INFRA_REASONS,
+    ArtifactRef,
+    Assignment,
+    Failed,
+    Finished,
+    Heartbeat,
+    Resources,
+    Started,
+)
 from schemas.missions import Task
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -22,7 +34,7 @@ ACTIVE = frozenset({"assigned", "running"})
 GB = 1024**3
 
 
-def assignment(task: Task) -> Assignment:
+def assignment(task: Task, inputs: dict[str, ArtifactRef] | None = None) -> Assignment:
     """What a worker is sent for the task's current attempt."""
     return Assignment(
         task_id=task.task_id,
@@ -32,7 +44,19 @@ def assignment(task: Task) -> Assignment:
         attempt=task.attempt,
         timeout_s=task.timeout_s,
         resources=Resources(vram_gb=task.vram_gb, gpu_class=task.gpu_class),
+        inputs=inputs or {},
     )
+
+
+def outputs_of(task: Task) -> dict[str, ArtifactRef]:
+    """The artifacts a finished task left (its result's `outputs`, as its worker rewrote them); a
+    malformed entry is left out, and the task that needs it fails there with the name it lacks."""
+    found = (task.result or {}).get("outputs")
+    out: dict[str, ArtifactRef] = {}
+    for name, ref in (found if isinstance(found, dict) else {}).items():
+        with contextlib.suppress(msgspec.ValidationError):
+            out[str(name)] = msgspec.convert(ref, ArtifactRef)
+    return out
 
 
 @dataclass
@@ -88,6 +112,24 @@ class Scheduler:
         # `tasks` is in submission order (older missions and earlier stages first: dicts keep insertion
         # order). Runtime-only, not persisted: the monotonic time of each task's last sign of life.
         self.since: dict[str, float] = {}
+
+    def assignment(self, task: Task) -> Assignment:
+        """The task's assignment, with the outputs of the tasks it follows, directly or not, as its
+        inputs (a run after the overlay stage still gets the base the overlay was trained on). The
+        nearest task's output keeps the plain name; a farther one's with the same name is
+        `<its task name>/<name>`."""
+        inputs: dict[str, ArtifactRef] = {}
+        seen: set[str] = set()
+        frontier = list(task.deps)
+        while frontier:
+            dep = self.tasks.get(frontier.pop(0))
+            if dep is None or dep.task_id in seen:
+                continue
+            seen.add(dep.task_id)
+            for name, ref in outputs_of(dep).items():
+                inputs.setdefault(f"{dep.name}/{name}" if name in inputs else name, ref)
+            frontier.extend(dep.deps)
+        return assignment(task, inputs)
 
     # ---- loading --------------------------------------------------------------------------------
 
@@ -306,7 +348,7 @@ class Scheduler:
                     )
                     self.since[task.task_id] = now
                     ch.attempts.append(_attempt(task, state="assigned", assigned_at=time.time()))
-                    ch.assign.append((worker, assignment(task)))
+                    ch.assign.append((worker, self.assignment(task)))
                     continue
             if reason != task.pending_reason:
                 ch.touch(task, pending_reason=reason)

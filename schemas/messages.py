@@ -23,6 +23,7 @@ SCHEMA_VERSION = 1
 NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 Name = Annotated[str, Meta(pattern=f"^{NAME}$")]
 TaskId = Annotated[str, Meta(pattern=f"^{NAME}/{NAME}$")]
+Sha256 = Annotated[str, Meta(pattern="^([0-9a-f]{64})?$")]
 
 # The seq of the failure a restarted worker reports for a redelivered assignment: above any seq a
 # task's own events reach, so it never collides with what the worker's earlier incarnation sent.
@@ -38,6 +39,15 @@ class Resources(Struct, frozen=True, forbid_unknown_fields=True):
     gpu_class: str | None = None  # substring of the GPU name, e.g. "H100"
 
 
+class ArtifactRef(Struct, frozen=True, kw_only=True):
+    """What one task leaves for another (`fleet.artifacts`): its content's SHA-256 in the object store,
+    or, with a shared filesystem (`[artifacts] store = "shared"`), no hash and the path itself."""
+
+    sha256: Sha256 = ""  # also a folder name in a worker's cache: hex only, so no path can hide in it
+    bytes: int = 0
+    path: str = ""
+
+
 class Assignment(Struct, frozen=True, kw_only=True):
     """A task placed on one worker: published to `fleet.task.<worker_id>` with Msg-Id task:attempt."""
 
@@ -49,6 +59,7 @@ class Assignment(Struct, frozen=True, kw_only=True):
     attempt: int
     timeout_s: float
     resources: Resources = Resources()
+    inputs: dict[str, ArtifactRef] = {}  # the outputs of the tasks it depends on, by name
 
 
 # ---- events: fleet.evt.<mission>.<task>.<kind> -------------------------------------------------

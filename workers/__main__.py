@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         creds_file=creds_file,
         ca_file=ca_file,
+        artifacts=cfg.artifacts,
     )
     anyio.run(_run_until_signal, worker)
     return 0

@@ -174,7 +174,10 @@ def main() -> int:
 
     out_dir = Path(run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = TaskContext(a.task_id, a.mission_id, a.attempt, out_dir, Path(run.cache_dir), run.device, reporter)
+    inputs = {name: Path(path) for name, path in run.inputs.items()}
+    ctx = TaskContext(
+        a.task_id, a.mission_id, a.attempt, out_dir, Path(run.cache_dir), run.device, reporter, inputs
+    )
     try:
         result = resolve(a.kind)(a.params, ctx)
         reporter.flush()

@@ -21,6 +21,7 @@ class Run(Struct, frozen=True, kw_only=True):
     cache_dir: str
     device: str
     worker: str
+    inputs: dict[str, str] = {}  # the local copies of the assignment's inputs, by name
 
 
 class Ready(Struct, frozen=True, tag="ready"):

@@ -29,7 +29,9 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 
-from fleet import bus, sdnotify
+from fleet import artifacts, bus, sdnotify
+from fleet.artifacts import ArtifactError, Artifacts
+from fleet.config import ArtifactsConfig
 from fleet.paths import under
 from schemas import messages as m
 from schemas.messages import GpuInfo
@@ -121,10 +123,12 @@ class Worker:
         threads: int | None = None,
         creds_file: Path | None = None,
         ca_file: Path | None = None,
+        artifacts: ArtifactsConfig | None = None,
     ) -> None:
         m.subject_token(worker_id)
         self.id, self.url, self.home, self.gpu = worker_id, url, home, gpu
         self.creds_file, self.ca_file = creds_file, ca_file
+        self.artifacts_cfg = artifacts or ArtifactsConfig()
         self.heartbeat_s = heartbeat_s
         self.command_timeout_s = 30.0
         env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
@@ -143,6 +147,13 @@ class Worker:
         # The coordinator creates the streams, the bucket and this worker's consumer (a worker's
         # credential may not): wait for each.
         self.kv = await _when_there(lambda: self.js.key_value(bus.WORKERS_BUCKET), "the heartbeat bucket")
+        cfg = self.artifacts_cfg
+        self.artifacts = Artifacts(
+            self.js,
+            artifacts.cache_dir(self.home, cfg.cache_dir),
+            store=cfg.store,
+            max_artifact_bytes=cfg.max_artifact_bytes,
+        )
         await self.supervisor.warm()
         try:
             async with anyio.create_task_group() as tg:
@@ -327,16 +338,9 @@ class Worker:
                         bytes=item.bytes,
                     )
 
-            run = p.Run(
-                assignment=a,
-                out_dir=str(under(self.home, "runs", a.task_id, f"attempt-{a.attempt}")),
-                cache_dir=str(self.home / "cache"),
-                device="cuda" if self.gpu else "cpu",
-                worker=self.id,
-            )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_alive, msg)
-                outcome = await self.supervisor.run(run, emit, cancel)
+                outcome = await self._run(a, emit, cancel)
                 tg.cancel_scope.cancel()
             took = time.monotonic() - started
             if isinstance(outcome, p.Result):
@@ -358,6 +362,33 @@ class Worker:
             except (nats.errors.Error, TimeoutError, OSError) as e:
                 tlog.debug("ack_retry", error=repr(e))
                 await anyio.sleep(0.5)
+
+    async def _run(
+        self, a: m.Assignment, emit: Callable[[p.ChildMsg | list[str]], Awaitable[None]], cancel: anyio.Event
+    ) -> p.Result | p.Error:
+        """The task in a child process, between fetching its inputs and publishing its outputs; a
+        failure on the bus or the object store is the infrastructure's (the task is retried)."""
+        try:
+            inputs = {name: str(await self.artifacts.fetch(ref)) for name, ref in a.inputs.items()}
+        except (ArtifactError, nats.errors.Error, TimeoutError, OSError) as e:
+            return p.Error("infra", f"fetching the task's inputs: {e!r}")
+        run = p.Run(
+            assignment=a,
+            out_dir=str(under(self.home, "runs", a.task_id, f"attempt-{a.attempt}")),
+            cache_dir=str(self.home / "cache"),
+            device="cuda" if self.gpu else "cpu",
+            worker=self.id,
+            inputs=inputs,
+        )
+        outcome = await self.supervisor.run(run, emit, cancel)
+        if not isinstance(outcome, p.Result) or not outcome.result.get("outputs"):
+            return outcome
+        outputs = outcome.result["outputs"]
+        try:
+            refs = await self.artifacts.publish(outputs)
+        except (ArtifactError, nats.errors.Error, TimeoutError, OSError) as e:
+            return p.Error("infra", f"publishing the task's outputs: {e!r}")
+        return p.Result({**outcome.result, "outputs": {k: msgspec.to_builtins(r) for k, r in refs.items()}})
 
     async def _keep_alive(self, msg: Msg) -> None:
         while True:

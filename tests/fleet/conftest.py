@@ -33,6 +33,7 @@ FAST = {  # short leases so a lost worker is noticed in seconds, not the product
     # Workers preload nothing: most fleet tests run torch-free selftest kinds, and a torch import per
     # worker costs 3 s of CPU; a task that needs torch imports it itself (test_supervisor checks preload).
     "FLEET_WORKER_PRELOAD": "",
+    "FLEET_ARTIFACTS_MAX_BYTES": str(1024**3),  # reserved on disk per server: tests run side by side
 }
 
 

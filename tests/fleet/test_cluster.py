@@ -5,9 +5,11 @@ failure drills of docs/operations.md: a node killed, the coordinator's node kill
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,9 +17,9 @@ import nats
 import pytest
 from nats.js.errors import Error as JsError
 
-from fleet import bus, creds, tls
+from fleet import artifacts, bus, creds, tls
 from fleet.cluster import Node
-from tests.fleet.conftest import HEALED, ClusterFleet, sql, submit, wait_for, wait_mission
+from tests.fleet.conftest import HEALED, ClusterFleet, mission_dir, sql, submit, wait_for, wait_mission
 from tests.fleet.test_runtime import check_results_once, running_on
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -39,6 +41,9 @@ def connz(node: Node) -> list[dict[str, Any]]:
         return json.loads(r.read())["connections"] or []  # type: ignore[no-any-return]
 
 
+STREAMS = (bus.TASKS_STREAM, bus.EVENTS_STREAM, "KV_" + bus.WORKERS_BUCKET)
+
+
 def node_of(fleet: ClusterFleet, client_name: str) -> Node:
     """The node a client (by its connection name) is connected to, from each node's /connz."""
     for node in fleet.cluster.nodes:
@@ -47,10 +52,10 @@ def node_of(fleet: ClusterFleet, client_name: str) -> Node:
     raise AssertionError(f"{client_name} is connected to no node")
 
 
-def streams_led(fleet: ClusterFleet, without: Node | None = None) -> bool:
-    """Every fleet stream answers with a leader that is not `without` (the failed node)."""
+def leaders(fleet: ClusterFleet, without: Node | None = None) -> dict[str, str | None]:
+    """Each fleet stream's leader (a node's name; None while it has none), asked of the live nodes."""
 
-    async def go() -> bool:
+    async def go() -> dict[str, str | None]:
         me = creds.read_identity(creds.seed_path(fleet.home, "coordinator"))
         nc = await nats.connect(
             [n.url for n in fleet.cluster.nodes if n is not without],
@@ -60,20 +65,27 @@ def streams_led(fleet: ClusterFleet, without: Node | None = None) -> bool:
             connect_timeout=2,
             max_reconnect_attempts=1,
         )
+        found: dict[str, str | None] = {}
         try:
             js = nc.jetstream(timeout=2)
-            for stream in (bus.TASKS_STREAM, bus.EVENTS_STREAM, "KV_" + bus.WORKERS_BUCKET):
-                info = await js.stream_info(stream)
-                leader = info.cluster.leader if info.cluster else None
-                if leader is None or (without is not None and leader == without.name):
-                    return False
-            return True
-        except (JsError, nats.errors.Error, TimeoutError, OSError):
-            return False
+            for stream in STREAMS:
+                with contextlib.suppress(JsError, nats.errors.Error, TimeoutError, OSError):
+                    info = await js.stream_info(stream)
+                    found[stream] = info.cluster.leader if info.cluster else None
+            return found
         finally:
             await nc.close()
 
     return anyio.run(go)
+
+
+def streams_led(fleet: ClusterFleet, without: Node | None = None) -> bool:
+    """Every fleet stream answers with a leader that is not `without` (the failed node)."""
+    try:
+        found = leaders(fleet, without)
+    except (nats.errors.Error, TimeoutError, OSError):
+        return False
+    return all(found.get(s) not in (None, without.name if without else None) for s in STREAMS)
 
 
 def heal(fleet: ClusterFleet, what: str, failed: Node, began: float) -> float:
@@ -94,6 +106,66 @@ def rejoin(fleet: ClusterFleet, node: Node, what: str) -> None:
     assert streams_led(fleet)
 
 
+BYTES = 40 * 1024 * 1024  # three object-store parts of fleet.artifacts.PART_BYTES
+RELAY = f"""
+name = "relay"
+description = "the demo's shape: a base stage, then seeds that need its output"
+seeds = [1, 2, 3, 4]
+
+[defaults]
+timeout_s = 120
+
+[profiles.smoke]
+description = "selftest kinds"
+
+[[stages]]
+name = "base"
+kind = "selftest.make"
+params = {{ seed = 7, bytes = {BYTES} }}
+
+[[stages]]
+name = "use"
+kind = "selftest.use"
+foreach = ["seed"]
+after = ["base"]
+params = {{ made_seed = 7, bytes = {BYTES}, seconds = 1.0 }}
+"""
+
+
+def test_a_later_task_fetches_an_earlier_tasks_output_on_another_host(
+    cluster_fleet: ClusterFleet, tmp_path: Path
+) -> None:
+    cluster_fleet.env["FLEET_MISSIONS_DIR"] = str(mission_dir(tmp_path, "relay", RELAY))
+    cluster_fleet.start_fleetd()
+    cluster_fleet.start_worker("w0")
+    cluster_fleet.start_worker("w1")
+    cluster_fleet.wait_workers(2)
+    mission = submit(cluster_fleet, "relay")
+    st = wait_mission(cluster_fleet, mission, timeout=180)
+    assert st["missions"][0]["state"] == "succeeded", st
+    rows = sql(
+        cluster_fleet,
+        f"SELECT name, worker, result FROM tasks WHERE mission_id = '{mission}' ORDER BY name",
+    )
+    results = {
+        r["name"]: (r["worker"], json.loads(r["result"]) if isinstance(r["result"], str) else r["result"])
+        for r in rows
+    }
+    ref = results["base"][1]["outputs"]["base"]
+    assert len(ref["sha256"]) == 64 and ref["bytes"] > BYTES  # the folder's tar, by its hash
+    used = {name: worker for name, (worker, _) in results.items() if name != "base"}
+    assert set(used.values()) == {"w0", "w1"}, used  # both hosts ran a seed: one of them is not base's
+    for name, (worker, result) in results.items():
+        if name == "base":
+            continue
+        home = cluster_fleet.home / "hosts" / worker
+        # Each host's own copy, fetched once into its cache, whatever number of its tasks used it.
+        assert Path(result["input"]) == home / "cache" / "artifacts" / ref["sha256"] / "content"
+    for worker in ("w0", "w1"):
+        cache = cluster_fleet.home / "hosts" / worker / "cache" / "artifacts"
+        assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [ref["sha256"]]
+
+
 def test_streams_and_the_bucket_have_three_replicas(cluster_fleet: ClusterFleet) -> None:
     cluster_fleet.start_fleetd()
     wait_for(lambda: streams_led(cluster_fleet), 60, "the streams")
@@ -105,7 +177,13 @@ def test_streams_and_the_bucket_have_three_replicas(cluster_fleet: ClusterFleet)
         nc = await bus.connect(cluster_fleet.url, "test", seed, cluster_fleet.cluster.files.ca)
         try:
             js = nc.jetstream()
-            names = (bus.TASKS_STREAM, bus.EVENTS_STREAM, bus.DLQ_STREAM, "KV_" + bus.WORKERS_BUCKET)
+            names = (
+                bus.TASKS_STREAM,
+                bus.EVENTS_STREAM,
+                bus.DLQ_STREAM,
+                "KV_" + bus.WORKERS_BUCKET,
+                "OBJ_" + artifacts.BUCKET,
+            )
             return {s: (await js.stream_info(s)).config.num_replicas or 0 for s in names}
         finally:
             await nc.close()
@@ -135,7 +213,10 @@ def test_without_tls_or_without_a_credential_every_node_refuses(cluster_fleet: C
 def test_kill9_of_a_node_mid_mission(cluster_fleet: ClusterFleet) -> None:
     mission = start(cluster_fleet)
     fleetd_node = node_of(cluster_fleet, "fleetd")
-    victim = next(n for n in cluster_fleet.cluster.nodes if n is not fleetd_node)
+    # Of the other two nodes, the one leading more fleet streams: its loss forces elections.
+    led = list(leaders(cluster_fleet).values())
+    others = [n for n in cluster_fleet.cluster.nodes if n is not fleetd_node]
+    victim = max(others, key=lambda n: led.count(n.name))
     began = time.monotonic()
     victim.server.kill()
     heal(cluster_fleet, "kill -9 of a node", victim, began)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,9 @@ class TaskContext:
     cache_dir: Path  # shared by tasks on this machine (the demo base lives here)
     device: str  # "cuda" (the worker's one GPU is cuda:0) or "cpu"
     reporter: Reporter
+    # The local copies of what earlier tasks left (their results' `outputs`), by name. A kind leaves
+    # something for later tasks by returning {"outputs": {name: absolute path}} in its result.
+    inputs: dict[str, Path] = field(default_factory=dict)
 
 
 def resolve(kind: str) -> Callable[[dict[str, Any], TaskContext], dict[str, Any]]:

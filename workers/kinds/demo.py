@@ -12,14 +12,17 @@ SMOKE_CORPORA = ("validation", "mission_a", "mission_b", "mission_c", "mission_d
 
 
 def find_base(params: dict[str, Any], ctx: TaskContext) -> Path:
-    """params.base (a local model folder), else the smoke base pretrained on the mixture the mission
-    declares (`corpus`, its data module's `smoke_mixture`; `base_recipe = "smoke"`, the default),
-    else the byte-level demo base (`base_recipe = "byte"`)."""
+    """params.base (a local model folder), else the base an earlier task left (its output `base`), else
+    the smoke base pretrained on the mixture the mission declares (`corpus`, its data module's
+    `smoke_mixture`; `base_recipe = "smoke"`, the default), else the byte-level demo base
+    (`base_recipe = "byte"`)."""
     if params.get("base"):
         path = Path(params["base"])
         if not path.is_dir():
             raise FileNotFoundError(f"params.base {path} is not a local model folder (nothing is downloaded)")
         return path
+    if "base" in ctx.inputs:  # the base stage's output, fetched onto this host (fleet.artifacts)
+        return ctx.inputs["base"]
     recipe = params.get("base_recipe", "smoke")
     if recipe == "byte":
         from bem.core.models import demo_base
@@ -73,8 +76,11 @@ def run_args(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
 
 def base(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
-    """Find or pretrain the demo base once, before the seeds need it."""
-    return {"base": str(find_base(params, ctx))}
+    """Find or pretrain the demo base once, before the seeds need it; a base it built is left to the
+    later tasks (`outputs`), so a worker on another host fetches it instead of pretraining again. A
+    params.base is a folder every host has: nothing to send."""
+    path = str(find_base(params, ctx))
+    return {"base": path} if params.get("base") else {"base": path, "outputs": {"base": path}}
 
 
 def validate(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:

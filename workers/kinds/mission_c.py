@@ -31,13 +31,20 @@ def overlay(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     if not params.get("overlay"):
         return {"overlay": "off"}
     package, folder = _package(params, ctx)
-    return {"package": str(folder), "op": package.meta["op"], "kappa_start": _rules(params).knob}
+    return {
+        "package": str(folder),
+        "op": package.meta["op"],
+        "kappa_start": _rules(params).knob,
+        "outputs": {"overlay": str(folder)},  # for the run tasks, on whichever host they land
+    }
 
 
 def _package(params: dict[str, Any], ctx: TaskContext) -> tuple[Any, Path]:
     from bem.missions.mission_c.overlay import OverlayPackage, package_dir, train_package
 
     base, profile = find_base(params, ctx), str(params.get("profile", "smoke"))
+    if "overlay" in ctx.inputs:  # the overlay stage's package, fetched onto this host
+        return OverlayPackage.load(ctx.inputs["overlay"], ctx.device), ctx.inputs["overlay"]
     folder = package_dir(ctx.cache_dir, base, profile, PACKAGE_SEED)
     if (folder / "overlay.json").is_file():
         return OverlayPackage.load(folder, ctx.device), folder

@@ -107,3 +107,36 @@ def obey(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         ctx.reporter.progress("obey", step + 1, steps)
         check_cancelled(ctx.reporter)
     return {"applied": applied}
+
+
+def _payload(seed: int, size: int) -> bytes:
+    """`size` bytes that only `seed` gives: what `make` writes and `use` expects."""
+    import hashlib
+
+    block = hashlib.sha256(f"selftest-{seed}".encode()).digest()
+    return (block * (size // len(block) + 1))[:size]
+
+
+def make(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """A base-stage stand-in: a folder (a weights file and a config) left for later tasks as `base`."""
+    folder = ctx.out_dir / "made"
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    seed, size = int(params.get("seed", 1)), int(params.get("bytes", 1024))
+    (folder / "weights.bin").write_bytes(_payload(seed, size))
+    (folder / "sub" / "config.json").write_text(f'{{"seed": {seed}, "bytes": {size}}}\n')
+    _wait(float(params.get("seconds", 0.1)), ctx, "make")
+    return {"outputs": {"base": str(folder)}}
+
+
+def use(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """A seed-stage stand-in: reads the `base` an earlier task left and checks it byte for byte."""
+    if "base" not in ctx.inputs:
+        raise RuntimeError(f"no input 'base' (inputs: {sorted(ctx.inputs)})")
+    folder = ctx.inputs["base"]
+    seed, size = int(params.get("made_seed", 1)), int(params.get("bytes", 1024))
+    if (folder / "weights.bin").read_bytes() != _payload(seed, size):
+        raise RuntimeError(f"{folder}/weights.bin is not what make wrote")
+    if (folder / "sub" / "config.json").read_text() != f'{{"seed": {seed}, "bytes": {size}}}\n':
+        raise RuntimeError(f"{folder}/sub/config.json is not what make wrote")
+    _wait(float(params.get("seconds", 0.1)), ctx, "use")
+    return {"input": str(folder)}
