@@ -76,8 +76,9 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fleet import bus, creds  # noqa: E402
+from fleet import bus, creds, tls  # noqa: E402
 from fleet.client import FleetClient  # noqa: E402
+from fleet.cluster import Cluster  # noqa: E402
 from fleet.config import FleetConfig  # noqa: E402
 from fleet.natsserver import NatsServer, die_with_parent  # noqa: E402
 from fleet.view import Commit  # noqa: E402
@@ -116,7 +117,8 @@ def _handshake() -> float:
 
 
 async def _publish(job: dict[str, Any]) -> dict[str, Any]:
-    nc = await bus.connect(job["url"], f"bench-pub{job['index']}", Path(job["creds"]))  # as a worker
+    ca = Path(job["ca"]) if job.get("ca") else None  # the cluster's CA (its URLs are tls://)
+    nc = await bus.connect(job["url"], f"bench-pub{job['index']}", Path(job["creds"]), ca)  # as a worker
     js = nc.jetstream(timeout=30, publish_async_max_pending=256)
     counts = {"acked": 0, "duplicates": 0, "errors": 0}
     errors: list[str] = []
@@ -255,10 +257,11 @@ class Procs:
 
 
 @contextmanager
-def nats_server(root: Path, home: Path) -> Iterator[NatsServer]:
-    """An authenticated server, as `fleetd up` starts one: the home's credentials, its authorization."""
+def nats_server(root: Path, home: Path, nodes: int = 1) -> Iterator[NatsServer | Cluster]:
+    """An authenticated server, as `fleetd up` starts one: the home's credentials, its authorization;
+    with `nodes` > 1, a cluster as `fleetd up --cluster` starts it (routes, TLS, a store per node)."""
     creds.ensure(home)
-    server = NatsServer(root / "nats", auth=creds.auth_conf(home))
+    server = NatsServer(root / "nats", auth=creds.auth_conf(home)) if nodes == 1 else Cluster(home, nodes)
     try:
         server.start()
         yield server
@@ -315,7 +318,11 @@ def _on_commit(phases: dict[str, Ingest]) -> Callable[[Commit], None]:
 async def ingest_phase(
     coord: Coordinator, procs: Procs, url: str, seed: Path, ph: Ingest, n: int, **job: Any
 ) -> dict[str, Any]:
-    jobs = [{"url": url, "creds": str(seed), "index": i, "prefix": ph.prefix, **job} for i in range(n)]
+    ca = tls.find_ca(seed.parent.parent)  # the home's CA, if it runs a cluster
+    jobs = [
+        {"url": url, "creds": str(seed), "ca": str(ca or ""), "index": i, "prefix": ph.prefix, **job}
+        for i in range(n)
+    ]
     pubs = await anyio.to_thread.run_sync(procs.helpers, "publisher", jobs)
     published = sum(p["acked"] for p in pubs) * POINTS_PER_MSG
     t0, t_pub_end = min(p["t0"] for p in pubs), max(p["t_end"] for p in pubs)
@@ -395,7 +402,7 @@ def mlflow_baseline(procs: Procs, root: Path, n: int, seconds: float) -> dict[st
 async def part_a(args: argparse.Namespace, root: Path, procs: Procs, console: Console) -> dict[str, Any]:
     home = root / "home"
     cfg = FleetConfig(home=str(home))  # the coordinator finds <home>/creds/coordinator.nk
-    with nats_server(root, home) as server:
+    with nats_server(root, home, args.nodes) as server:
         seed = creds.seed_path(home, "worker")  # the publishers publish events as a worker would
         async with cli.coordinator(cfg, server.url) as coord, anyio.create_task_group() as tg:
             sat, paced = Ingest("sat"), Ingest("paced")
@@ -451,7 +458,7 @@ async def part_b(args: argparse.Namespace, root: Path, procs: Procs, console: Co
     cfg = FleetConfig(home=str(home), missions_dir=str(root / "missions"))
     workers = ["benchw0", "benchw1"]
     (home / "logs").mkdir(parents=True)
-    with nats_server(root, home) as server:
+    with nats_server(root, home, args.nodes) as server:
         async with cli.coordinator(cfg, server.url) as coord:
             async with anyio.create_task_group() as tg:
                 await tg.start(coord.run)
@@ -469,7 +476,9 @@ async def part_b(args: argparse.Namespace, root: Path, procs: Procs, console: Co
                     lambda: all(coord.sched.alive(w) for w in workers), 60, "2 workers alive", 0.05
                 )
                 await anyio.sleep(1.0)  # both spares warm, both fetches waiting
-                client = await FleetClient.connect(server.url, creds.seed_path(home, "client"))
+                client = await FleetClient.connect(
+                    server.url, creds.seed_path(home, "client"), tls.find_ca(home)
+                )
 
                 def ended(mid: str) -> bool:
                     return coord.sched.missions[mid].state in ("succeeded", "failed", "cancelled")
@@ -691,7 +700,7 @@ async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--role", choices=["publisher", "mlflow"], help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -707,11 +716,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single", type=int, default=50, help="one-task missions on the idle fleet")
     parser.add_argument("--idle-s", type=float, default=0.25, help="pause before each one-task mission")
     parser.add_argument("--worker-grace", type=float, default=5.0, help="SIGTERM -> SIGKILL wait")
+    parser.add_argument("--nodes", type=int, default=1, help="NATS nodes: 1, or a cluster (bench/cluster.py)")
     parser.add_argument("--skip-a", action="store_true")
     parser.add_argument("--skip-b", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, databases)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fleet_throughput-cpu.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     if args.role == "publisher":
         publisher_main(json.loads(args.job))
         return 0

@@ -112,6 +112,15 @@ def ensure(home: Path, names: tuple[str, ...] = ()) -> TlsFiles:
     return out  # the CA's key is not kept: a new name means a new CA (`fleetd tls ensure` on a fresh dir)
 
 
+def names(cert: Path) -> set[str]:
+    """The host names and addresses a certificate is valid for."""
+    found = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    sans = found.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(v) for v in sans.get_values_for_type(x509.DNSName)} | {
+        str(v) for v in sans.get_values_for_type(x509.IPAddress)
+    }
+
+
 def _write(path: Path, data: bytes, *, private: bool) -> None:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)

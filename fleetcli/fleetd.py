@@ -350,6 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     cr.add_argument("action", choices=["ensure", "list", "add", "rotate", "remove"])
     cr.add_argument("name", nargs="?", help="the credential (add, rotate, remove)")
     cr.add_argument("--role", choices=creds.ROLES, default="client", help="for add (default client)")
+    tl = sub.add_parser("tls", help="the NATS TLS files in <home>/tls: a CA and the servers' certificate")
+    tl.add_argument("--home", dest="home_", help=argparse.SUPPRESS)
+    tl.add_argument("action", choices=["ensure"])
+    tl.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="a host name or address the certificate is for, besides loopback (repeat for each box)",
+    )
     show = sub.add_parser("config", help="print the effective configuration")
     show.add_argument("action", choices=["show"])
     args = top.parse_args(argv)
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         flags["web__port"] = args.web_port
     try:
         cfg = config.load(args.config, **flags)
-        if args.command not in ("config", "creds"):
+        if args.command not in ("config", "creds", "tls"):
             guard.configured_token(cfg.web)  # refuse a page beyond loopback without a token, up front
     except config.ConfigError as e:
         print(f"fleetd: {e}", file=sys.stderr)
@@ -375,6 +384,18 @@ def main(argv: list[str] | None = None) -> int:
         except creds.CredsError as e:
             print(f"fleetd creds: {e}", file=sys.stderr)
             return 2
+    if args.command == "tls":
+        found = tls.ensure(cfg.home_path, tuple(args.name))
+        missing = set(args.name) - tls.names(found.cert)
+        if missing:
+            print(
+                f"fleetd tls: {found.cert} exists and does not cover {', '.join(sorted(missing))}; move "
+                f"{found.ca.parent} away and run this again with every name",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"CA {found.ca} (give it to every client); certificate {found.cert}, key {found.key}")
+        return 0
     if args.command == "up":
         logs.configure(path=cfg.home_path / "logs" / "fleetd.log")
     else:

@@ -85,6 +85,9 @@ class Coordinator:
         self.effects: asyncio.Queue[_Publish | _Purge | _Command] = asyncio.Queue()
         self.gates: dict[str, dict[str, Any]] = {}  # each mission's raw gates table (judge.gate_spec)
         self.caught_up = anyio.Event()
+        # When each mission last showed a sign of progress (an event of its tasks, or its submission;
+        # a restart counts as one): `fleetd_running_mission_idle_seconds`, which an alert watches.
+        self.last_progress: dict[str, float] = {}
         self.missions_dir = Path(cfg.missions_dir) if cfg.missions_dir else specs.MISSIONS_DIR
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-writer")
         self._tg: anyio.abc.TaskGroup | None = None
@@ -204,6 +207,7 @@ class Coordinator:
             if spec.gates is not None:
                 self.gates[mrow["mission_id"]] = spec.gates
             mission = Mission(mrow["mission_id"], mrow["name"], mrow["state"], spec.gates is not None)
+            self.last_progress[mission.mission_id] = time.time()
             self.sched.add_mission(mission, by_mission.get(mission.mission_id, []))
         if missions:
             log.info("loaded", missions=len(missions), tasks=len(rows))
@@ -290,6 +294,8 @@ class Coordinator:
             keys = [(e.task_id, e.attempt, e.seq) for e in events]
             seen = await self.write(self.store.existing_events, keys) if keys else set()
             new = [e for e in events if (e.task_id, e.attempt, e.seq) not in seen]
+            now = time.time()
+            self.last_progress.update((e.mission_id, now) for e in new)
             ch = Changes()
             for ev in new:
                 if isinstance(ev, m.LIFECYCLE):
@@ -497,6 +503,7 @@ class Coordinator:
         # before the insert saves a commit on the way to the first task's start.
         async with self.lock:
             self.sched.add_mission(Mission(mission_id, spec.name, "running", spec.gates is not None), tasks)
+            self.last_progress[mission_id] = time.time()
             if spec.gates is not None:
                 self.gates[mission_id] = spec.gates
             ch = Changes()

@@ -7,16 +7,17 @@ from the scheduler's state at scrape time by a collector, so they can never drif
 
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from schemas.messages import Event, Finished, Metrics
+from schemas.messages import Event, FailureReason, Finished, Metrics
 
 if TYPE_CHECKING:
     from fleetd.coordinator import Coordinator
@@ -67,6 +68,12 @@ class FleetMetrics:
         self.dead_letters = Counter(
             "fleetd_dead_letters_total", "Messages and tasks dead-lettered", registry=r
         )
+        # Every label value at 0 from the start: a series born at 1 shows no increase(), so an alert
+        # on the first failure would never see it.
+        for reason in get_args(FailureReason):
+            self.failed_attempts.labels(reason)
+        for state in ("succeeded", "failed", "cancelled"):
+            self.finished.labels(state)
 
     def bind(self, coord: Coordinator) -> None:
         self.registry.register(_StateCollector(coord))
@@ -131,6 +138,14 @@ class _StateCollector(Collector):
         for state, n in sorted(Tally(ms.state for ms in sched.missions.values()).items()):
             missions.add_metric([state], n)
         yield missions
+        now = time.time()
+        idle = GaugeMetricFamily(
+            "fleetd_running_mission_idle_seconds",
+            "Seconds since the quietest running mission's last event (0 with none running)",
+        )
+        running = [mid for mid, ms in sched.missions.items() if ms.state == "running"]
+        idle.add_metric([], max((now - self.coord.last_progress.get(m, now) for m in running), default=0.0))
+        yield idle
         workers = self.coord.workers_view()
         alive = GaugeMetricFamily(
             "fleetd_workers", "Workers whose lease holds, by liveness", labels=["alive"]

@@ -191,7 +191,9 @@ def test_streams_and_the_bucket_have_three_replicas(cluster_fleet: ClusterFleet)
     assert set(anyio.run(replicas).values()) == {3}
 
 
-def test_without_tls_or_without_a_credential_every_node_refuses(cluster_fleet: ClusterFleet) -> None:
+def test_without_tls_or_without_a_credential_every_node_refuses(
+    cluster_fleet: ClusterFleet, tmp_path: Path
+) -> None:
     """The doors of docs/security.md hold on each node: plain TCP is refused, and so is TLS alone."""
 
     async def connects(url: str, **options: Any) -> bool:
@@ -207,7 +209,11 @@ def test_without_tls_or_without_a_credential_every_node_refuses(cluster_fleet: C
         assert not anyio.run(lambda: connects(node.url.replace("tls://", "nats://")))  # noqa: B023
         assert not anyio.run(lambda: connects(node.url, tls=ca))  # noqa: B023
     me = creds.read_identity(creds.seed_path(cluster_fleet.home, "client"))
-    assert anyio.run(lambda: connects(cluster_fleet.cluster.nodes[0].url, tls=ca, nkeys_seed_str=me.seed))
+    first = cluster_fleet.cluster.nodes[0].url
+    assert anyio.run(lambda: connects(first, tls=ca, nkeys_seed_str=me.seed))
+    # A server whose certificate another CA signed is not ours: the client refuses it.
+    stranger = tls.client_context(tls.ensure(tmp_path / "elsewhere").ca)
+    assert not anyio.run(lambda: connects(first, tls=stranger, nkeys_seed_str=me.seed))
 
 
 def test_kill9_of_a_node_mid_mission(cluster_fleet: ClusterFleet) -> None:

@@ -1,6 +1,6 @@
 """Mission D through the real fleet: every seed's task runs on a CPU worker, its rows reach DuckDB, and
 fleetd judges the mission's gates from the TOML into stored decisions. At the tiny profile on a random
-model in `make test`. The smoke profile (about 21 minutes on 2 CPU workers) runs through
+model in `make test-slow`. The smoke profile (about 21 minutes on 2 CPU workers) runs through
 `python -m fleetcli.results --missions mission_d`, outside CI's hour (docs/decisions.md)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from tests.bem.test_mission_d_recipe import tiny_base
 from tests.fleet.conftest import Fleet, sql, submit, wait_mission
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.mission_fleet]
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = tomllib.loads((ROOT / "schemas" / "missions" / "mission_d.toml").read_text())

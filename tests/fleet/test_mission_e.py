@@ -1,6 +1,6 @@
 """Mission E through the real fleet: every seed's task runs on a CPU worker, its rows reach DuckDB, and
 fleetd judges the mission's gates from the TOML into stored decisions. At the tiny profile on a random
-model in `make test`. The smoke profile (up to 40 minutes on 2 CPU workers) runs through
+model in `make test-slow`. The smoke profile (up to 40 minutes on 2 CPU workers) runs through
 `python -m fleetcli.results --missions mission_e`, not in CI, whose hour Missions A and D already
 fill (docs/decisions.md)."""
 
@@ -14,7 +14,7 @@ import pytest
 from tests.bem.test_mission_e_recipe import tiny_base
 from tests.fleet.conftest import Fleet, sql, submit, wait_mission
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.mission_fleet]
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = tomllib.loads((ROOT / "schemas" / "missions" / "mission_e.toml").read_text())

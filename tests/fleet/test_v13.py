@@ -15,7 +15,7 @@ from fleet.client import FleetError
 from tests.bem.test_v13_recipe import tiny_base
 from tests.fleet.conftest import Fleet, sql, submit, wait_mission
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.mission_fleet]
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = tomllib.loads((ROOT / "schemas" / "missions" / "v13.toml").read_text())
