@@ -19,9 +19,10 @@ import io
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig, StorageType
@@ -79,50 +80,86 @@ def pack(path: Path, into: Path) -> tuple[Path, bool]:
     return tar_path, True
 
 
+def _prepare(path: Path, into: Path, max_bytes: int) -> tuple[Path, bool, int, str]:
+    """Pack and hash (disk and CPU: run in a thread, so the worker's heartbeats go on)."""
+    data, folder = pack(path, into)
+    size = data.stat().st_size
+    if size > max_bytes:
+        raise ArtifactError(
+            f"output {path} is {size} bytes, over [artifacts] max_artifact_bytes = {max_bytes}"
+        )
+    return data, folder, size, _sha256_file(data)
+
+
 async def publish(obs: ObjectStore, path: Path, *, max_bytes: int) -> ArtifactRef:
     """Upload `path` (unless the store already has its content) and return its reference."""
     with tempfile.TemporaryDirectory() as tmp:
-        data, folder = pack(path, Path(tmp))
-        size = data.stat().st_size
-        if size > max_bytes:
-            raise ArtifactError(
-                f"output {path} is {size} bytes, over [artifacts] max_artifact_bytes = {max_bytes}"
-            )
-        sha = _sha256_file(data)
+        data, folder, size, sha = await anyio.to_thread.run_sync(_prepare, path, Path(tmp), max_bytes)
         ref = ArtifactRef(sha256=sha, bytes=size, path=str(path))
         with contextlib.suppress(ObjectNotFoundError, NotFoundError):
             await obs.get_info(sha)
             return ref  # content-addressed: already there, from this task's earlier attempt or another's
         parts: list[str] = []
         with data.open("rb") as f:
-            for i, chunk in enumerate(iter(lambda: f.read(PART_BYTES), b"")):
-                digest = hashlib.sha256(chunk).hexdigest()
-                await obs.put(f"{sha}.{i:05d}", io.BytesIO(chunk))
-                parts.append(digest)
+            while chunk := await anyio.to_thread.run_sync(f.read, PART_BYTES):
+                parts.append(hashlib.sha256(chunk).hexdigest())
+                await obs.put(f"{sha}.{len(parts) - 1:05d}", io.BytesIO(chunk))
         manifest = Manifest(sha256=sha, bytes=size, folder=folder, parts=parts)
         await obs.put(sha, msgspec.json.encode(manifest))  # last: a manifest means every part is there
         return ref
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One fetch per artifact per host: workers sharing a cache wait for the first one's download."""
+@contextlib.asynccontextmanager
+async def _locked(path: Path) -> AsyncIterator[None]:
+    """One fetch per artifact per host: workers sharing a cache wait for the first one's download (in a
+    thread: a worker waiting here still sends its heartbeats)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        await anyio.to_thread.run_sync(fcntl.flock, f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _have(part: Path, digest: str) -> bool:
+    return part.exists() and _sha256_file(part) == digest
+
+
+def _keep(part: Path, data: bytes) -> None:
+    tmp = part.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(part)
+
+
+def _assemble(ref: ArtifactRef, manifest: Manifest, partial: Path, done: Path) -> None:
+    """The parts joined, checked against the whole's hash, unpacked, and moved into place at once."""
+    whole = partial / "whole"
+    with whole.open("wb") as out:
+        for i in range(len(manifest.parts)):
+            with (partial / f"{i:05d}").open("rb") as f:
+                shutil.copyfileobj(f, out)
+    if _sha256_file(whole) != ref.sha256:
+        raise ArtifactError(f"artifact {ref.sha256}: the assembled content does not match its hash")
+    staging = done.with_name(f"{ref.sha256}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    if manifest.folder:
+        with tarfile.open(whole) as tar:
+            tar.extractall(staging / "content", filter="data")  # no links out, no absolute paths
+    else:
+        whole.replace(staging / "content")
+    staging.replace(done)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
 async def fetch(obs: ObjectStore, ref: ArtifactRef, cache: Path) -> Path:
-    """The artifact's local copy under `cache`, downloaded on first use; `cache/<sha256>/` holds it (the
-    unpacked folder, or the file `content`)."""
+    """The artifact's local copy under `cache`, downloaded on first use; `cache/<sha256>/content` is
+    the unpacked folder, or the file."""
     done = cache / ref.sha256
     if done.exists():
         return _content(done)
-    with _locked(cache / f"{ref.sha256}.lock"):
+    async with _locked(cache / f"{ref.sha256}.lock"):
         if done.exists():  # another worker on this host fetched it while we waited
             return _content(done)
         try:
@@ -133,31 +170,13 @@ async def fetch(obs: ObjectStore, ref: ArtifactRef, cache: Path) -> Path:
         partial.mkdir(parents=True, exist_ok=True)
         for i, digest in enumerate(manifest.parts):
             part = partial / f"{i:05d}"
-            if part.exists() and _sha256_file(part) == digest:
+            if await anyio.to_thread.run_sync(_have, part, digest):
                 continue  # fetched before the connection dropped: resume after it
             data = (await obs.get(f"{ref.sha256}.{i:05d}")).data or b""
             if hashlib.sha256(data).hexdigest() != digest:
                 raise ArtifactError(f"artifact {ref.sha256}: part {i} does not match its hash")
-            tmp = part.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(part)
-        whole = partial / "whole"
-        with whole.open("wb") as out:
-            for i in range(len(manifest.parts)):
-                with (partial / f"{i:05d}").open("rb") as f:
-                    shutil.copyfileobj(f, out)
-        if _sha256_file(whole) != ref.sha256:
-            raise ArtifactError(f"artifact {ref.sha256}: the assembled content does not match its hash")
-        staging = cache / f"{ref.sha256}.staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        if manifest.folder:
-            with tarfile.open(whole) as tar:
-                tar.extractall(staging / "content", filter="data")  # no links out, no absolute paths
-        else:
-            whole.replace(staging / "content")
-        staging.replace(done)
-        shutil.rmtree(partial, ignore_errors=True)
+            await anyio.to_thread.run_sync(_keep, part, data)
+        await anyio.to_thread.run_sync(_assemble, ref, manifest, partial, done)
     return _content(done)
 
 

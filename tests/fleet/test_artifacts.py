@@ -15,7 +15,7 @@ import pytest
 from nats.js.object_store import ObjectStore
 
 from fleet import artifacts, bus, creds
-from fleet.artifacts import ArtifactError
+from fleet.artifacts import ArtifactError, Artifacts
 from schemas.messages import ArtifactRef
 from tests.fleet.conftest import Fleet
 
@@ -145,3 +145,30 @@ def test_a_worker_may_use_the_bucket_but_not_remove_it(fleet: Fleet) -> None:
         return (await obs.status()).bucket
 
     assert with_bucket(fleet, status) == artifacts.BUCKET
+
+
+def test_a_shared_store_passes_paths_and_refuses_what_it_cannot_pass(tmp_path: Path) -> None:
+    """`[artifacts] store = "shared"`: nothing uploaded, the path travels; bad outputs are named."""
+    store = Artifacts(None, tmp_path / "cache", store="shared", max_artifact_bytes=10)  # type: ignore[arg-type]
+    folder = model_folder(tmp_path)
+    refs = anyio.run(store.publish, {"base": str(folder)})
+    assert refs == {"base": ArtifactRef(path=str(folder))}
+    assert anyio.run(store.fetch, refs["base"]) == folder
+    with pytest.raises(ArtifactError, match="is not on this host"):
+        anyio.run(store.fetch, ArtifactRef(path=str(tmp_path / "elsewhere")))
+    with pytest.raises(ArtifactError, match=r"outputs\.base must be an absolute path"):
+        anyio.run(store.publish, {"base": "relative/model"})
+    with pytest.raises(ArtifactError, match="a table of name = path, not list"):
+        anyio.run(store.publish, [str(folder)])
+    with pytest.raises(ValueError, match="'object' or 'shared'"):
+        Artifacts(None, tmp_path, store="nfs", max_artifact_bytes=1)  # type: ignore[arg-type]
+
+
+def test_a_kind_reads_the_base_an_earlier_task_left() -> None:
+    """workers.kinds.demo.find_base takes the `base` input before pretraining anything."""
+    from workers.kinds import TaskContext
+    from workers.kinds.demo import find_base
+
+    got = Path("/fetched/base/content")
+    ctx = TaskContext("m/t", "m", 1, Path("/out"), Path("/cache"), "cpu", None, {"base": got})  # type: ignore[arg-type]
+    assert find_base({"corpus": "validation"}, ctx) == got

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +23,18 @@ from nats.js.errors import Error as JsError
 
 from fleet import artifacts, bus, creds, tls
 from fleet.cluster import Node
-from tests.fleet.conftest import HEALED, ClusterFleet, mission_dir, sql, submit, wait_for, wait_mission
+from tests.fleet.conftest import (
+    HEALED,
+    REPO,
+    ClusterFleet,
+    Found,
+    call,
+    mission_dir,
+    sql,
+    submit,
+    wait_for,
+    wait_mission,
+)
 from tests.fleet.test_runtime import check_results_once, running_on
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -265,3 +280,39 @@ def test_a_node_stopped_for_30_s_then_resumed(cluster_fleet: ClusterFleet) -> No
     st = wait_mission(cluster_fleet, mission, timeout=180)
     assert st["missions"][0]["state"] == "succeeded", st
     check_results_once(cluster_fleet, mission)
+
+
+def test_fleetd_up_cluster_runs_a_mission_and_restarts_a_killed_node(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "fleetd", "--home", str(home), "up", "--cluster", "3", "--cpu-workers", "2",
+         "--web-port", "0"],
+        cwd=REPO, stdout=(tmp_path / "up.out").open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (home / "fleetd.json").exists(), 60, "fleetd up to write fleetd.json")
+        fleet = Found(home, json.loads((home / "fleetd.json").read_text())["nats_url"])
+        assert fleet.url.count("tls://") == 3, fleet.url
+        wait_for(lambda: sum(w["alive"] for w in call(fleet, "workers", timeout=2)) == 2, 90, "2 workers")
+        assert len([d for d in (home / "hosts").iterdir() if d.is_dir()]) == 2  # a home each
+        mission = submit(fleet, "selftest", "quick", **{"profiles.quick.params": {"seconds": 2.0}})
+        ports = next((home / "cluster" / "n2" / "ports").glob("*.ports"))
+        killed = int(ports.stem.rsplit("_", 1)[1])
+        os.kill(killed, signal.SIGKILL)
+        st = wait_mission(fleet, mission, timeout=180)
+        assert st["missions"][0]["state"] == "succeeded", st
+        check_results_once(fleet, mission)
+
+        def restarted() -> bool:
+            found = list((home / "cluster" / "n2" / "ports").glob("*.ports"))
+            return len(found) == 1 and int(found[0].stem.rsplit("_", 1)[1]) != killed
+
+        wait_for(restarted, 60, "fleetd up to restart the killed node")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
+    assert up.returncode == 0, (tmp_path / "up.out").read_text()[-3000:]

@@ -143,7 +143,8 @@ def test_api_token_metrics_and_health(fleet: Fleet) -> None:
     finished = {s.labels["state"]: s.value for s in families["fleetd_tasks_finished"].samples}
     assert finished["succeeded"] == len(sub["tasks"])
     failed = {s.labels["reason"]: s.value for s in families["fleetd_task_attempts_failed"].samples}
-    assert failed == {"error": 2.0, "crash": 1.0}  # flaky-s1, flaky-s2, crash: once each
+    # flaky-s1, flaky-s2, crash: once each; every other reason is there from the start, at 0
+    assert failed == {"error": 2.0, "crash": 1.0, "oom": 0.0, "timeout": 0.0, "cancelled": 0.0, "infra": 0.0}
     assert {s.labels["alive"]: s.value for s in families["fleetd_workers"].samples} == {"true": 1, "false": 0}
     assert [s.labels["version"] for s in families["fleetd_build_info"].samples]
     assert not any(
