@@ -294,7 +294,6 @@ def test_fleetd_up_cluster_runs_a_mission_and_restarts_a_killed_node(tmp_path: P
         fleet = Found(home, json.loads((home / "fleetd.json").read_text())["nats_url"])
         assert fleet.url.count("tls://") == 3, fleet.url
         wait_for(lambda: sum(w["alive"] for w in call(fleet, "workers", timeout=2)) == 2, 90, "2 workers")
-        assert len([d for d in (home / "hosts").iterdir() if d.is_dir()]) == 2  # a home each
         mission = submit(fleet, "selftest", "quick", **{"profiles.quick.params": {"seconds": 2.0}})
         ports = next((home / "cluster" / "n2" / "ports").glob("*.ports"))
         killed = int(ports.stem.rsplit("_", 1)[1])
@@ -302,6 +301,8 @@ def test_fleetd_up_cluster_runs_a_mission_and_restarts_a_killed_node(tmp_path: P
         st = wait_mission(fleet, mission, timeout=180)
         assert st["missions"][0]["state"] == "succeeded", st
         check_results_once(fleet, mission)
+        ran = {r["worker"] for r in sql(fleet, "SELECT DISTINCT worker FROM task_attempts")}
+        assert {d.name for d in (home / "hosts").iterdir()} == ran and len(ran) == 2  # a home each
 
         def restarted() -> bool:
             found = list((home / "cluster" / "n2" / "ports").glob("*.ports"))
