@@ -48,6 +48,10 @@ def dig(found: Any, path: tuple[str, ...]) -> float:
     return float(found)
 
 
+def num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=3)
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for what, path, _ in ROWS:
         one, many = dig(single, path), dig(cluster, path)
         rows.append({"measure": what, "single": one, "cluster": many, "ratio": many / one if one else None})
-        table.add_row(what, f"{one:,.4g}", f"{many:,.4g}", f"{many / one:.2f}" if one else "-")
+        table.add_row(what, num(one), num(many), f"{many / one:.2f}" if one else "-")
     console.print(table)
     checks = [
         {"run": label, "lost": out["a"]["saturated"]["lost"] + out["a"]["paced"]["lost"],
