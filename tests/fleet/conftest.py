@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import pytest
@@ -157,12 +157,22 @@ class Fleet:
     def wait_workers(self, n: int) -> None:
         wait_for(lambda: sum(w["alive"] for w in call(self, "workers", timeout=2)) >= n, 60, f"{n} workers")
 
+    def start_with_workers(self, *workers: str) -> None:
+        """fleetd, then the workers, once each is alive."""
+        self.start_fleetd()
+        for w in workers:
+            self.start_worker(w)
+        self.wait_workers(len(workers))
+
     def kill9(self, proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
         proc.wait()
 
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.home.glob("*.out")))
+
+    def start_bus(self) -> None:
+        self.server.start()
 
     def stop(self) -> None:
         stop_all(self.procs)
@@ -185,15 +195,20 @@ class ClusterFleet(Fleet):
         args = worker_args(worker_id, self.url, self.home, gpu, threads=1, own_home=True)
         self.workers[worker_id] = self.spawn(*args, log=f"worker-{worker_id}", env=env)
 
+    def start_bus(self) -> None:
+        self.cluster.start()
+
     def stop(self) -> None:
         stop_all(self.procs)
         self.cluster.stop()
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
-    f = Fleet(tmp_path / "home", {})
-    f.server.start()
+F = TypeVar("F", bound=Fleet)
+
+
+def _running(f: F, request: pytest.FixtureRequest) -> Iterator[F]:
+    """The fleet's bus started; at teardown everything stopped, and its logs printed if the test failed."""
+    f.start_bus()
     try:
         yield f
     finally:
@@ -201,19 +216,16 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
         rep = getattr(request.node, "rep_call", None)
         if rep is not None and rep.failed:
             print(f.logs())
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    yield from _running(Fleet(tmp_path / "home", {}), request)
 
 
 @pytest.fixture
 def cluster_fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ClusterFleet]:
-    f = ClusterFleet(tmp_path / "home")
-    f.cluster.start()
-    try:
-        yield f
-    finally:
-        f.stop()
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print(f.logs())
+    yield from _running(ClusterFleet(tmp_path / "home"), request)
 
 
 HEALED: list[str] = []  # the cluster drills' times to heal, printed at the end of the run

@@ -42,10 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 def start(fleet: ClusterFleet, seconds: float = 3.0) -> str:
     """fleetd and workers w0, w1 (separate homes), running a selftest whose tasks outlast a failure."""
-    fleet.start_fleetd()
-    fleet.start_worker("w0")
-    fleet.start_worker("w1")
-    fleet.wait_workers(2)
+    fleet.start_with_workers("w0", "w1")
     mission = submit(fleet, "selftest", "quick", **{"profiles.quick.params": {"seconds": seconds}})
     wait_for(lambda: running_on(fleet, "w0") or running_on(fleet, "w1"), 60, "a running task")
     return mission
@@ -151,10 +148,7 @@ def test_a_later_task_fetches_an_earlier_tasks_output_on_another_host(
     cluster_fleet: ClusterFleet, tmp_path: Path
 ) -> None:
     cluster_fleet.env["FLEET_MISSIONS_DIR"] = str(mission_dir(tmp_path, "relay", RELAY))
-    cluster_fleet.start_fleetd()
-    cluster_fleet.start_worker("w0")
-    cluster_fleet.start_worker("w1")
-    cluster_fleet.wait_workers(2)
+    cluster_fleet.start_with_workers("w0", "w1")
     mission = submit(cluster_fleet, "relay")
     st = wait_mission(cluster_fleet, mission, timeout=180)
     assert st["missions"][0]["state"] == "succeeded", st
