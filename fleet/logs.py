@@ -10,7 +10,19 @@ from typing import TextIO
 import structlog
 
 
+class _TlsEofNoise(logging.Filter):
+    """asyncio warns at every TLS connection's close that nats-py's protocol answers EOF with True,
+    which has no effect under TLS; on a cluster that is a line per reconnect, and says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+TLS_EOF_NOISE = _TlsEofNoise()
+
+
 def configure(stream: TextIO | None = None, path: Path | None = None, level: str = "info") -> None:
+    logging.getLogger("asyncio").addFilter(TLS_EOF_NOISE)  # once: the same filter is not added twice
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         stream = path.open("a", buffering=1)
