@@ -26,9 +26,10 @@ import anyio
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig, StorageType
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
+from fleet import bus
 from schemas.messages import ArtifactRef
 
 BUCKET = "fleet_artifacts"
@@ -49,7 +50,11 @@ class Manifest(msgspec.Struct, frozen=True):
 async def ensure_bucket(js: JetStreamContext, *, replicas: int, max_bytes: int) -> ObjectStore:
     """The bucket (the coordinator creates it; a worker's credential may only use it)."""
     cfg = ObjectStoreConfig(bucket=BUCKET, storage=StorageType.FILE, replicas=replicas, max_bytes=max_bytes)
-    return await js.create_object_store(BUCKET, config=cfg)
+    try:
+        return await js.create_object_store(BUCKET, config=cfg)
+    except BadRequestError:  # made with other settings: keep it, at the replicas asked for
+        await bus.rescale(js, f"OBJ_{BUCKET}", replicas, max_bytes=max_bytes)
+        return await js.object_store(BUCKET)
 
 
 def _sha256_file(path: Path) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import anyio
 import nats
 import nats.errors
 import structlog
@@ -161,11 +162,43 @@ async def ensure_streams(
 
 async def workers_kv(js: JetStreamContext, ttl_s: float = 300.0, replicas: int = 1) -> KeyValue:
     """The heartbeat bucket. The bucket TTL only collects garbage; the coordinator judges leases by age."""
-    return await js.create_key_value(
-        KeyValueConfig(
-            bucket=WORKERS_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas
-        )
+    cfg = KeyValueConfig(
+        bucket=WORKERS_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas
     )
+    try:
+        return await js.create_key_value(cfg)
+    except BadRequestError:
+        await rescale(js, f"KV_{WORKERS_BUCKET}", replicas)
+        return await js.key_value(WORKERS_BUCKET)
+
+
+async def rescale(js: JetStreamContext, stream: str, replicas: int, **limits: Any) -> None:
+    """A bucket made with other settings (a fleet that was one node is now a cluster, or a limit was
+    raised): the same stream, at the replicas and `limits` (StreamConfig fields) asked for."""
+    config = (await js.stream_info(stream)).config
+    wanted = {"num_replicas": replicas, **limits}
+    if any(getattr(config, k) != v for k, v in wanted.items()):
+        for k, v in wanted.items():
+            setattr(config, k, v)
+        await js.update_stream(config)
+
+
+async def durable_pull(
+    js: JetStreamContext, subject: str, stream: str, config: ConsumerConfig, patience_s: float = 120.0
+) -> JetStreamContext.PullSubscription:
+    """A durable pull subscription, retried while JetStream cannot place the consumer yet: on a cluster
+    it may be electing a stream leader, or growing a stream's replicas, for a few seconds."""
+    delay, waited = 0.2, 0.0
+    while True:
+        try:
+            return await js.pull_subscribe(subject, durable=config.durable_name, stream=stream, config=config)
+        except (nats.errors.Error, TimeoutError) as e:
+            if waited >= patience_s:
+                raise
+            log.warning("consumer_not_ready", stream=stream, durable=config.durable_name, error=repr(e))
+            await anyio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
 
 
 def worker_consumer(worker: str, *, ack_wait: float = 30.0) -> ConsumerConfig:

@@ -265,12 +265,7 @@ class Coordinator:
     # ---- recorder -------------------------------------------------------------------------------
 
     async def recorder_loop(self) -> None:
-        sub = await self.js.pull_subscribe(
-            "fleet.evt.>",
-            durable=bus.RECORDER_DURABLE,
-            stream=bus.EVENTS_STREAM,
-            config=bus.recorder_consumer(),
-        )
+        sub = await bus.durable_pull(self.js, "fleet.evt.>", bus.EVENTS_STREAM, bus.recorder_consumer())
         while True:
             try:
                 msgs = await sub.fetch(BATCH, timeout=1.0)

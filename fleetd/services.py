@@ -83,9 +83,7 @@ class Services:
     async def _consume(self, name: str) -> None:
         durable = f"svc-{name}"
         config = bus.service_consumer(durable)
-        sub = await self.js.pull_subscribe(
-            "fleet.evt.*.*.metrics", durable=durable, stream=bus.EVENTS_STREAM, config=config
-        )
+        sub = await bus.durable_pull(self.js, "fleet.evt.*.*.metrics", bus.EVENTS_STREAM, config)
         factory = watch_factory(name)
         while True:
             try:

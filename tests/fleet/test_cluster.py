@@ -176,12 +176,24 @@ def test_a_later_task_fetches_an_earlier_tasks_output_on_another_host(
 
 
 def test_streams_and_the_bucket_have_three_replicas(cluster_fleet: ClusterFleet) -> None:
+    async def as_one_node() -> None:  # what a fleet that ran on one node left in the store
+        seed = creds.seed_path(cluster_fleet.home, "coordinator")
+        nc = await bus.connect(cluster_fleet.url, "test", seed, cluster_fleet.cluster.files.ca)
+        try:
+            js = nc.jetstream()
+            await bus.ensure_streams(js, replicas=1)
+            await bus.workers_kv(js, replicas=1)
+            await artifacts.ensure_bucket(js, replicas=1, max_bytes=1024**2)
+        finally:
+            await nc.close()
+
+    anyio.run(as_one_node)
     cluster_fleet.start_fleetd()
     wait_for(lambda: streams_led(cluster_fleet), 60, "the streams")
     rows = sql(cluster_fleet, "SELECT 1 AS one")  # fleetctl's path: TLS, the client credential, any node
     assert rows == [{"one": 1}]
 
-    async def replicas() -> dict[str, int]:
+    async def configs() -> dict[str, Any]:
         seed = creds.seed_path(cluster_fleet.home, "coordinator")
         nc = await bus.connect(cluster_fleet.url, "test", seed, cluster_fleet.cluster.files.ca)
         try:
@@ -193,11 +205,14 @@ def test_streams_and_the_bucket_have_three_replicas(cluster_fleet: ClusterFleet)
                 "KV_" + bus.WORKERS_BUCKET,
                 "OBJ_" + artifacts.BUCKET,
             )
-            return {s: (await js.stream_info(s)).config.num_replicas or 0 for s in names}
+            return {s: (await js.stream_info(s)).config for s in names}
         finally:
             await nc.close()
 
-    assert set(anyio.run(replicas).values()) == {3}
+    found = anyio.run(configs)
+    assert {s: c.num_replicas for s, c in found.items()} == dict.fromkeys(found, 3)
+    # The artifact bucket's limit follows the configuration too (the tests' FLEET_ARTIFACTS_MAX_BYTES).
+    assert found["OBJ_" + artifacts.BUCKET].max_bytes == int(cluster_fleet.env["FLEET_ARTIFACTS_MAX_BYTES"])
 
 
 def test_without_tls_or_without_a_credential_every_node_refuses(
