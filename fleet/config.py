@@ -74,6 +74,26 @@ class ArtifactsConfig(Struct, forbid_unknown_fields=True):
     cache_dir: str = ""  # a host's fetched copies; empty: <home>/cache/artifacts
 
 
+NOTIFY_EVENTS = ("mission_end", "rollback", "dead_letter")
+
+
+class NotifyConfig(Struct, forbid_unknown_fields=True):
+    """Who hears of a mission's end, a service's rollback, or a dead letter (fleetd.notify)."""
+
+    webhook: str = ""  # a URL: each note as a JSON POST
+    command: list[str] = []  # an argv: each note as JSON on its stdin
+    on: list[str] = msgspec.field(default_factory=lambda: ["mission_end", "rollback", "dead_letter"])
+    attempts: int = 5  # tries per note and channel, with the wait doubling from backoff_s
+    backoff_s: float = 1.0
+    timeout_s: float = 10.0  # one try's limit
+    queue: int = 1000  # notes waiting to be sent; beyond it, a note is dropped (and counted)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.on) - set(NOTIFY_EVENTS))
+        if unknown:
+            raise ValueError(f"notify.on: {unknown} unknown; the events are {', '.join(NOTIFY_EVENTS)}")
+
+
 class FleetConfig(Struct, forbid_unknown_fields=True):
     home: str = ".fleet"
     missions_dir: str = ""  # empty: the missions shipped in schemas/missions
@@ -83,6 +103,7 @@ class FleetConfig(Struct, forbid_unknown_fields=True):
     web: WebConfig = msgspec.field(default_factory=WebConfig)
     sql: SqlConfig = msgspec.field(default_factory=SqlConfig)
     artifacts: ArtifactsConfig = msgspec.field(default_factory=ArtifactsConfig)
+    notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
 
     @property
     def home_path(self) -> Path:
@@ -116,6 +137,7 @@ def load(path: Path | None = None, env: dict[str, str] | None = None, **flags: A
         ("web", WebConfig),
         ("sql", SqlConfig),
         ("artifacts", ArtifactsConfig),
+        ("notify", NotifyConfig),
     ):
         for name in cls.__struct_fields__:
             key = f"FLEET_{section}_{name}".upper()

@@ -83,6 +83,7 @@ async def _serve(coord: Coordinator, home: Path, url: str, console: Console | No
         await tg.start(coord.run)
         token = guard.web_token(coord.cfg.web, home)
         web_url = await tg.start(web_app.serve, coord, coord.cfg.web, token)
+        coord.notifier.page = web_url  # the link in each notification
         found = {"nats_url": url, "web_url": web_url, "pid": os.getpid()}
         (home / "fleetd.json").write_text(json.dumps(found))
         # Bus, store and web are up: systemd's Type=notify start completes here.

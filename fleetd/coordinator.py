@@ -38,6 +38,7 @@ from fleet.config import FleetConfig
 from fleet.creds import Actor
 from fleet.view import Commit
 from fleetd import judge
+from fleetd.notify import Notifier
 from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig
 from fleetd.services import Services, watch_factory
 from fleetd.store import SqlRefused, Store, audit_row, task_from_row, task_row
@@ -93,6 +94,7 @@ class Coordinator:
         self._tg: anyio.abc.TaskGroup | None = None
         self.metrics = FleetMetrics()
         self.metrics.bind(self)
+        self.notifier = Notifier(cfg.notify, self.metrics.registry)
         # Called after each commit (the web page's live feed; benchmarks measure latency here).
         self.listeners: list[Callable[[Commit], None]] = []
         self.services = Services(
@@ -102,7 +104,19 @@ class Coordinator:
             store.record_service_decision,
             store.ack_service_decision,
             self._service_tables,
+            decided=self._service_decided,
         )
+
+    def _service_decided(self, row: dict[str, Any]) -> None:
+        if row["decision"] == "rollback":
+            self.notifier.note(
+                "rollback",
+                row["mission_id"],
+                task=row["task_id"],
+                service=row["service"],
+                step=row["step"],
+                reason=row["reason"],
+            )
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -134,6 +148,17 @@ class Coordinator:
         )
         self.metrics.commit.observe(time.perf_counter() - started)
         self.metrics.on_commit(written.new, ch.tasks, ch.attempts)
+        for mission_id, fields in ch.missions.items():
+            if fields.get("state") in TERMINAL:
+                self.notifier.note(
+                    "mission_end",
+                    mission_id,
+                    state=fields["state"],
+                    verdict=fields.get("verdict"),
+                    reason=fields.get("reason"),
+                )
+        for task, why in ch.dead:
+            self.notifier.note("dead_letter", task.mission_id, task=task.task_id, reason=why)
         if self.listeners:
             commit = Commit(
                 events=written.new,
@@ -191,6 +216,7 @@ class Coordinator:
                 tg.start_soon(self.recorder_loop)
                 tg.start_soon(self.lease_loop)
                 tg.start_soon(self.services.run)
+                tg.start_soon(self.notifier.run)
                 tg.start_soon(self.reconcile_after_catch_up)
                 task_status.started()
         finally:
@@ -311,6 +337,7 @@ class Coordinator:
             await self.js.publish("fleet.dlq.malformed", msg.data, headers=headers, timeout=5)
         await self.write(self.store.dead_letter, msg.subject, reason, msg.data)
         self.metrics.dead_letters.inc()
+        self.notifier.note("dead_letter", None, subject=msg.subject, reason=reason)
 
     # ---- workers and leases ---------------------------------------------------------------------
 
@@ -395,6 +422,7 @@ class Coordinator:
                 value,
             )
         self.metrics.dead_letters.inc()
+        self.notifier.note("dead_letter", None, subject=f"$KV.{bus.WORKERS_BUCKET}.{key}", reason=error)
 
     # ---- stats service --------------------------------------------------------------------------
 

@@ -68,10 +68,12 @@ class Services:
         record: Callable[[dict[str, Any]], bool],
         ack: Callable[[tuple[str, int, str, int], bool, str], None],
         configs: Callable[[str], Mapping[str, Any] | None],
+        decided: Callable[[dict[str, Any]], None] = lambda row: None,
     ) -> None:
-        """`configs(task_id)`: the task's service tables (its `params["services"]`), or None."""
+        """`configs(task_id)`: the task's service tables (its `params["services"]`), or None;
+        `decided(row)`: told of each new decision once it is stored (notifications)."""
         self.js, self.nc, self.write, self.record, self.ack = js, nc, write, record, ack
-        self.configs = configs
+        self.configs, self.decided = configs, decided
         self.watches: dict[tuple[str, str, int], Watch] = {}  # (service, task, attempt)
 
     async def run(self) -> None:
@@ -134,6 +136,7 @@ class Services:
         }  # fmt: skip
         if not await self.write(self.record, row):
             return  # decided before a restart: the command went out then
+        self.decided(row)
         log.warning(
             "service_decision",
             task=ev.task_id,
