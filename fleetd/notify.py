@@ -27,6 +27,7 @@ from fleet.config import NotifyConfig
 
 log = structlog.get_logger("fleetd.notify")
 
+
 class Notifier:
     def __init__(self, cfg: NotifyConfig, registry: CollectorRegistry) -> None:
         self.cfg = cfg
