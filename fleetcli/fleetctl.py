@@ -99,6 +99,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mission")
     p.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="default ./reports")
+    p = verb(
+        "compare",
+        "mission B against mission A: B - A per shared arm and metric, and what differs in their inputs",
+    )
+    p.add_argument("a", metavar="MISSION_A")
+    p.add_argument("b", metavar="MISSION_B")
+    p.add_argument("--metric", help="one metric only")
     p = verb("rejudge", "judge an ended mission's stored scores again with the gates frozen at submit")
     p.add_argument("mission")
     p = verb("retry", "run an ended mission's failed tasks again (and what was cancelled because of them)")
@@ -275,6 +282,35 @@ async def report(client: FleetClient, args: argparse.Namespace, console: Console
     return 0
 
 
+async def compare(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    out = await client.call("compare", m.CompareRequest(a=args.a, b=args.b, metric=args.metric), timeout=300)
+    if args.json:
+        _json(out)
+        return 0
+    a, b = out["a"], out["b"]
+    scores = Table(title=f"B {b['mission_id']} ({b['verdict']}) - A {a['mission_id']} ({a['verdict']})")
+    for col in ("arm", "metric", "mean A", "mean B", "B - A", "95% interval", "pairs", "paired by / why not"):
+        scores.add_column(col, justify="left" if col in ("arm", "metric", "paired by / why not") else "right")
+
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.4g}"
+
+    for c in out["scores"]:
+        interval = f"[{num(c['low'])}, {num(c['high'])}]" if c["paired_by"] else "-"
+        scores.add_row(
+            c["arm"], c["metric"], f"{c['mean_a']:.4g}", f"{c['mean_b']:.4g}", num(c["estimate"]) if
+            c["paired_by"] else "-", interval, str(c["n_pairs"]), c["note"] or c["paired_by"],
+        )  # fmt: skip
+    console.print(scores if out["scores"] else "no arm and metric scored in both missions")
+    inputs = Table(title="inputs that differ")
+    for col in ("what", "key", "A", "B"):
+        inputs.add_column(col)
+    for row in out["inputs"]:
+        inputs.add_row(row["what"], row["key"], json.dumps(row["a"]), json.dumps(row["b"]))
+    console.print(inputs if out["inputs"] else "the inputs are the same: spec, overrides, code and packages")
+    return 0
+
+
 async def rejudge(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
     out = await client.call("rejudge", m.IdRequest(id=args.mission), timeout=300)
     if args.json:
@@ -324,7 +360,21 @@ async def workers(client: FleetClient, args: argparse.Namespace, console: Consol
 
 VERBS = {
     f.__name__: f
-    for f in (submit, status, cancel, knob, logs, sql, export, report, rejudge, retry, missions, workers)
+    for f in (
+        submit,
+        status,
+        cancel,
+        knob,
+        logs,
+        sql,
+        export,
+        report,
+        compare,
+        rejudge,
+        retry,
+        missions,
+        workers,
+    )
 }
 
 if __name__ == "__main__":

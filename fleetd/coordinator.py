@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import time
@@ -37,7 +38,7 @@ from fleet import bus, creds, registry
 from fleet.config import FleetConfig
 from fleet.creds import Actor
 from fleet.view import Commit
-from fleetd import judge
+from fleetd import compare, judge
 from fleetd.notify import Notifier
 from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig
 from fleetd.services import Services, watch_factory
@@ -45,6 +46,7 @@ from fleetd.store import SqlRefused, Store, audit_row, task_from_row, task_row
 from fleetd.telemetry import FleetMetrics
 from schemas import messages as m
 from schemas import missions as specs
+from stats.compare import compare_runs
 from stats.gates import evaluate
 
 log = structlog.get_logger("fleetd")
@@ -647,6 +649,32 @@ class Coordinator:
         if out is None:
             raise _Refused("not_found", f"no mission {req.id!r}")
         return out  # type: ignore[no-any-return]
+
+    async def ctl_compare(self, data: bytes, actor: Actor) -> dict[str, Any]:
+        """Two missions: B − A on each arm and metric both scored (`stats.compare`), and what
+        differs in their inputs (`fleetd.compare`). Read-only."""
+        req = msgspec.json.decode(data, type=m.CompareRequest)
+        query = (
+            "SELECT mission_id, name, profile, state, verdict, spec, overrides FROM missions "
+            "WHERE mission_id = ?"
+        )
+        rows, envs, scores = {}, {}, {}
+        for side, mission_id in (("a", req.a), ("b", req.b)):
+            found = await self.read(self.store.query, query, [mission_id])
+            if not found:
+                raise _Refused("not_found", f"no mission {mission_id!r}")
+            rows[side] = found[0]
+            envs[side] = compare.environments(await self.read(self.store.task_results, mission_id))
+            scores[side] = await self.read(self.store.scores_frame, mission_id)
+        found_scores = await anyio.to_thread.run_sync(
+            partial(compare_runs, scores["a"], scores["b"], metric=req.metric)
+        )
+        return {
+            **{side: {k: row[k] for k in ("mission_id", "name", "profile", "state", "verdict")}
+               for side, row in rows.items()},
+            "scores": [dataclasses.asdict(c) for c in found_scores],
+            "inputs": compare.input_diff(rows["a"], rows["b"], envs["a"], envs["b"]),
+        }  # fmt: skip
 
     async def ctl_rejudge(self, data: bytes, actor: Actor) -> dict[str, Any]:
         """Judge an ended mission's stored scores again with its gates as frozen at submit (the

@@ -219,6 +219,15 @@ class IdRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: str | None = None
 
 
+class CompareRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`fleetctl compare A B`: B against A, on their scores and their inputs."""
+
+    v: int = SCHEMA_VERSION
+    a: Name
+    b: Name
+    metric: str | None = None
+
+
 class KnobRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Set a running task's safety-overlay knob κ by hand (`fleetctl knob TASK VALUE`)."""
 
