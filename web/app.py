@@ -54,6 +54,7 @@ class Site:
                 web.get("/", page("fleet.html")),
                 web.get("/missions/{mission_id}", page("mission.html")),
                 web.get("/tasks/{mission_id}/{name}", page("task.html")),
+                web.get("/compare", page("compare.html")),
                 web.static("/static", STATIC),
                 web.get("/api/fleet", self.overview),
                 web.get("/api/missions", self.missions),
@@ -66,6 +67,7 @@ class Site:
                 web.get("/api/tasks/{mission_id}/{name}/curves", self.task_curves),
                 web.post("/api/tasks/{mission_id}/{name}/cancel", self.cancel),
                 web.get("/api/workers", self.workers),
+                web.get("/api/compare", self.compare),
                 web.get("/api/events", self.hub.stream),
                 web.get("/metrics", self.metrics),
                 web.get("/healthz", self.healthz),
@@ -162,6 +164,18 @@ class Site:
 
     async def workers(self, request: web.Request) -> web.Response:
         return _json(self.fleet.workers_view())
+
+    async def compare(self, request: web.Request) -> web.Response:
+        """`fleetctl compare`'s answer for ?a=MISSION&b=MISSION[&metric=M]."""
+        q = request.query
+        try:
+            req = msgspec.convert(
+                {"a": q.get("a", ""), "b": q.get("b", ""), "metric": q.get("metric") or None},
+                m.CompareRequest,
+            )
+        except msgspec.ValidationError as e:
+            return error(400, "bad_request", f"compare: ?a=MISSION&b=MISSION: {e}")
+        return self._reply(await self.fleet.call("compare", msgspec.json.encode(req), WEB))
 
     async def submit(self, request: web.Request) -> web.Response:
         try:

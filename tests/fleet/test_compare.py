@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -49,6 +51,15 @@ def test_compare_traces_a_changed_effect_to_its_override(fleet: Fleet) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert table.returncode == 0 and "stages.score.params.effect" in table.stdout, table.stderr
+    # The page's API gives the same answer, behind the token like every read; the page is served.
+    web, token = fleet.web_url(), {"Authorization": f"Bearer {fleet.web_token()}"}
+    url = f"{web}/api/compare?a={first}&b={second}"
+    with urllib.request.urlopen(urllib.request.Request(url, headers=token), timeout=30) as r:
+        assert json.loads(r.read()) == out
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(url, timeout=30)
+    with urllib.request.urlopen(f"{web}/compare?a={first}&b={second}", timeout=30) as r:
+        assert "/api/compare" in r.read().decode()
     with pytest.raises(FleetError) as refused:
         call(fleet, "compare", m.CompareRequest(a=first, b="selftest-19990101-000000-0000"))
     assert refused.value.code == "not_found" and "no mission" in str(refused.value)
