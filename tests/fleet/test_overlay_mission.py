@@ -10,7 +10,7 @@ import pytest
 
 from tests.fleet.conftest import Fleet, sql, submit, wait_mission
 
-pytestmark = [pytest.mark.slow, pytest.mark.mission_smoke]
+pytestmark = [pytest.mark.slow, pytest.mark.mission_smoke, pytest.mark.outside_ci]
 
 
 def test_a_mission_a_smoke_task_with_the_overlay_on_shows_the_services_knob_decisions(fleet: Fleet) -> None:
