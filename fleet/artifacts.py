@@ -12,6 +12,7 @@ worker mounts at the same path) nothing is uploaded and the path itself travels.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -37,7 +38,11 @@ PART_BYTES = 16 * 1024 * 1024  # what a fetch holds in memory, and how far a res
 
 
 class ArtifactError(RuntimeError):
-    pass
+    """An output or input that cannot travel, with the reason."""
+
+
+class StoreError(ArtifactError):
+    """The store's state, not the task's output, is in the way (a part left by another upload)."""
 
 
 class Manifest(msgspec.Struct, frozen=True):
@@ -108,19 +113,37 @@ async def publish(obs: ObjectStore, path: Path, *, max_bytes: int) -> ArtifactRe
         with data.open("rb") as f:
             while chunk := await anyio.to_thread.run_sync(f.read, PART_BYTES):
                 parts.append(hashlib.sha256(chunk).hexdigest())
-                await obs.put(f"{sha}.{len(parts) - 1:05d}", io.BytesIO(chunk))
+                await _put_part(obs, f"{sha}.{len(parts) - 1:05d}", chunk)
         manifest = Manifest(sha256=sha, bytes=size, folder=folder, parts=parts)
         await obs.put(sha, msgspec.json.encode(manifest))  # last: a manifest means every part is there
         return ref
 
 
+async def _put_part(obs: ObjectStore, name: str, chunk: bytes) -> None:
+    """A part, unless an earlier upload that died before its manifest left it already. Entries are
+    never replaced: replacing one purges its chunks, which a worker's credential may not do."""
+    digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(chunk).digest()).decode()
+    try:
+        found = await obs.get_info(name)
+    except (ObjectNotFoundError, NotFoundError):
+        await obs.put(name, io.BytesIO(chunk))
+        return
+    if found.digest != digest:
+        raise StoreError(f"the store holds a different part {name}: a coordinator must remove it")
+
+
 @contextlib.asynccontextmanager
 async def _locked(path: Path) -> AsyncIterator[None]:
-    """One fetch per artifact per host: workers sharing a cache wait for the first one's download (in a
-    thread: a worker waiting here still sends its heartbeats)."""
+    """One fetch per artifact per host: workers sharing a cache wait for the first one's download,
+    polling, so a worker waiting here still beats and can be cancelled."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        await anyio.to_thread.run_sync(fcntl.flock, f, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await anyio.sleep(0.2)
         try:
             yield
         finally:
@@ -149,11 +172,18 @@ def _assemble(ref: ArtifactRef, manifest: Manifest, partial: Path, done: Path) -
     staging = done.with_name(f"{ref.sha256}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    if manifest.folder:
-        with tarfile.open(whole) as tar:
-            tar.extractall(staging / "content", filter="data")  # no links out, no absolute paths
-    else:
-        whole.replace(staging / "content")
+    try:
+        if manifest.folder:
+            with tarfile.open(whole) as tar:
+                tar.extractall(staging / "content", filter="data")  # no links out, no absolute paths
+        else:
+            whole.replace(staging / "content")
+    except tarfile.TarError as e:
+        raise ArtifactError(f"artifact {ref.sha256}: {e}") from None
+    # Served to every later task on this host unchecked: read-only, so no task changes it for the next.
+    for item in [staging / "content", *(staging / "content").rglob("*")]:
+        if item.is_file():
+            item.chmod(0o444)
     staging.replace(done)
     shutil.rmtree(partial, ignore_errors=True)
 
@@ -171,6 +201,8 @@ async def fetch(obs: ObjectStore, ref: ArtifactRef, cache: Path) -> Path:
             manifest = msgspec.json.decode((await obs.get(ref.sha256)).data or b"", type=Manifest)
         except (ObjectNotFoundError, NotFoundError):
             raise ArtifactError(f"artifact {ref.sha256} ({ref.path}) is not in the object store") from None
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ArtifactError(f"artifact {ref.sha256}: its manifest does not decode ({e})") from None
         partial = cache / f"{ref.sha256}.partial"
         partial.mkdir(parents=True, exist_ok=True)
         for i, digest in enumerate(manifest.parts):

@@ -241,8 +241,9 @@ def permissions(entry: Entry) -> dict[str, Any]:
                     f"$JS.API.CONSUMER.INFO.{TASKS}.*",  # is my consumer there yet?
                     f"$JS.API.STREAM.INFO.{KV}",  # binding the heartbeat bucket
                     # The artifact bucket (fleet.artifacts): bind, read an entry, write chunks and
-                    # entries, and the consumer a read streams its chunks through. No purge, no delete:
-                    # entries are named by their content's hash and never replaced.
+                    # entries, and the consumer a read streams its chunks through. No stream purge or
+                    # delete; a worker could still overwrite an entry's metadata, which the fetching side
+                    # catches: every part and the whole are checked against the coordinator's hash.
                     f"$JS.API.STREAM.INFO.{OBJ}",
                     f"$JS.API.STREAM.MSG.GET.{OBJ}",
                     f"$JS.API.DIRECT.GET.{OBJ}.>",

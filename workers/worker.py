@@ -30,7 +30,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from fleet import artifacts, bus, sdnotify
-from fleet.artifacts import ArtifactError, Artifacts
+from fleet.artifacts import ArtifactError, Artifacts, StoreError
 from fleet.config import ArtifactsConfig
 from fleet.paths import under
 from schemas import messages as m
@@ -369,7 +369,8 @@ class Worker:
         """The task in a child process, between fetching its inputs and publishing its outputs; a
         failure on the bus or the object store is the infrastructure's (the task is retried)."""
         try:
-            inputs = {name: str(await self.artifacts.fetch(ref)) for name, ref in a.inputs.items()}
+            with anyio.fail_after(a.timeout_s):  # a fetch that hangs counts against the task's time
+                inputs = {name: str(await self.artifacts.fetch(ref)) for name, ref in a.inputs.items()}
         except (ArtifactError, nats.errors.Error, TimeoutError, OSError) as e:
             return p.Error("infra", f"fetching the task's inputs: {e!r}")
         run = p.Run(
@@ -386,7 +387,11 @@ class Worker:
         outputs = outcome.result["outputs"]
         try:
             refs = await self.artifacts.publish(outputs)
-        except (ArtifactError, nats.errors.Error, TimeoutError, OSError) as e:
+        except StoreError as e:
+            return p.Error("infra", f"publishing the task's outputs: {e}")
+        except ArtifactError as e:  # the task's own outputs (a bad path, over the limit): no retry helps
+            return p.Error("error", f"the task's outputs: {e}")
+        except (nats.errors.Error, TimeoutError, OSError) as e:
             return p.Error("infra", f"publishing the task's outputs: {e!r}")
         return p.Result({**outcome.result, "outputs": {k: msgspec.to_builtins(r) for k, r in refs.items()}})
 

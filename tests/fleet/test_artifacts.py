@@ -172,3 +172,30 @@ def test_a_kind_reads_the_base_an_earlier_task_left() -> None:
     got = Path("/fetched/base/content")
     ctx = TaskContext("m/t", "m", 1, Path("/out"), Path("/cache"), "cpu", None, {"base": got})  # type: ignore[arg-type]
     assert find_base({"corpus": "validation"}, ctx) == got
+
+
+def test_an_upload_that_died_before_its_manifest_is_finished_by_the_next_and_copies_are_read_only(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    folder = model_folder(tmp_path)
+    data, _, _, sha = artifacts._prepare(folder, tmp_path, 10**9)
+    first_part = data.read_bytes()[:PART]
+
+    async def go(obs: ObjectStore) -> Path:
+        await obs.put(f"{sha}.00000", first_part)  # what a worker killed mid-upload left, no manifest
+        ref = await artifacts.publish(obs, folder, max_bytes=10**9)  # as a worker: no purge allowed
+        assert ref.sha256 == sha
+        return await artifacts.fetch(obs, ref, tmp_path / "cache")
+
+    local = with_bucket(fleet, go, role="worker")
+    assert tree(local) == tree(folder)
+    assert all(not p.stat().st_mode & 0o222 for p in local.rglob("*") if p.is_file())  # read-only copies
+
+    async def conflicting(obs: ObjectStore) -> None:
+        other = model_folder(tmp_path / "other", seed=3)
+        _, _, _, sha = artifacts._prepare(other, tmp_path / "other", 10**9)
+        await obs.put(f"{sha}.00001", b"something else")
+        with pytest.raises(artifacts.StoreError, match="holds a different part"):
+            await artifacts.publish(obs, other, max_bytes=10**9)
+
+    with_bucket(fleet, conflicting, role="worker")
