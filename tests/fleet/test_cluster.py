@@ -68,12 +68,11 @@ def leaders(fleet: ClusterFleet, without: Node | None = None) -> dict[str, str |
     """Each fleet stream's leader (a node's name; None while it has none), asked of the live nodes."""
 
     async def go() -> dict[str, str | None]:
-        me = creds.read_identity(creds.seed_path(fleet.home, "coordinator"))
-        nc = await nats.connect(
-            [n.url for n in fleet.cluster.nodes if n is not without],
-            nkeys_seed_str=me.seed,
-            inbox_prefix=creds.inbox_prefix(me.public_key),
-            tls=tls.client_context(fleet.cluster.files.ca),
+        nc = await bus.connect(
+            ",".join(n.url for n in fleet.cluster.nodes if n is not without),
+            "test-leaders",
+            creds.seed_path(fleet.home, "coordinator"),
+            fleet.cluster.files.ca,
             connect_timeout=2,
             max_reconnect_attempts=1,
         )

@@ -84,9 +84,7 @@ def test_a_mission_end_and_a_dead_letter_reach_the_webhook_and_the_command(
             "FLEET_NOTIFY_BACKOFF_S": "0.05",
         }
     )
-    fleet.start_fleetd()
-    fleet.start_worker("w0")
-    fleet.wait_workers(1)
+    fleet.start_with_workers("w0")
     mission = submit(fleet, "selftest", "quick")
     st = wait_mission(fleet, mission, timeout=120)
     assert st["missions"][0]["verdict"] == "promote"
@@ -118,9 +116,7 @@ def test_a_webhook_that_never_answers_is_counted_and_holds_nothing_up(fleet: Fle
             "FLEET_NOTIFY_BACKOFF_S": "0.2",
         }
     )
-    fleet.start_fleetd()
-    fleet.start_worker("w0")
-    fleet.wait_workers(1)
+    fleet.start_with_workers("w0")
     first = submit(fleet, "selftest", "quick")
     wait_mission(fleet, first, timeout=120)
     began = time.monotonic()
