@@ -147,11 +147,17 @@ class FleetClient:
         return reply.data
 
     async def submit(
-        self, mission: str, profile: str | None = None, overrides: dict[str, Any] | None = None
+        self,
+        mission: str,
+        profile: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        sweep: bool = False,
     ) -> Any:
-        return await self.call(
-            "submit", m.SubmitRequest(mission=mission, profile=profile, overrides=overrides or {})
-        )
+        req = m.SubmitRequest(mission=mission, profile=profile, overrides=overrides or {}, sweep=sweep)
+        return await self.call("submit", req)
+
+    async def sweep(self, mission_id: str) -> Any:
+        return await self.call("sweep", m.IdRequest(id=mission_id))
 
     async def status(self, mission_id: str | None = None) -> Any:
         return await self.call("status", m.IdRequest(id=mission_id))

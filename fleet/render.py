@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -14,11 +15,48 @@ from rich.text import Text
 
 from fleet.client import FleetClient, FleetError
 
-DONE = ("succeeded", "failed", "cancelled")
+DONE = ("succeeded", "failed", "cancelled", "stopped")
 
 
 def _fmt(x: Any, spec: str = "+.4f") -> str:
     return "" if x is None else format(x, spec)
+
+
+def sweep_table(out: dict[str, Any]) -> Group:
+    """A sweep's trials best first: rank, the trial's values, the estimate and its interval, and why
+    a trial was stopped or has no rank below the table."""
+    sw = out["sweep"]
+    what = (
+        sw["metric"]
+        + (f" of {sw['arm']}" if sw["arm"] else "")
+        + (f" − {sw['baseline']}" if sw["baseline"] else "")
+    )
+    t = Table(
+        title=f"{out['mission_id']}: sweep ranked by {what} ({sw['goal']}), never gated",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+    )
+    keys = list(out["trials"][0]["params"]) if out["trials"] else []
+    for col in ("rank", "trial", *keys, "n", "estimate", "interval", "note"):
+        t.add_column(col, justify="left" if col == "note" else "right", no_wrap=col != "note")
+    notes = []
+    for r in out["trials"]:
+        interval = "" if r["ci_low"] is None else f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        why = r["stopped"] or r["note"] or ""
+        if why:
+            notes.append(Text(f"t{r['trial']}: {why}", style="dim"))
+        t.add_row(
+            str(r["rank"] or "-"),
+            f"t{r['trial']}",
+            *(json.dumps(r["params"][k]) for k in keys),
+            str(r["n"]),
+            "-" if r["estimate"] is None else _fmt(r["estimate"]),
+            interval,
+            "stopped early" if r["stopped"] else ("see below" if why else ""),
+        )
+    return Group(t, *notes)
 
 
 def decisions_table(mission: dict[str, Any], decisions: list[dict[str, Any]]) -> Group:

@@ -67,6 +67,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", dest="overrides", action="append", type=_override, default=[], metavar="KEY=VALUE"
     )
+    p.add_argument(
+        "--overrides",
+        dest="overrides_file",
+        type=Path,
+        metavar="FILE",
+        help="a TOML file of KEY = VALUE overrides (what `fleetctl sweep --write` writes); --set wins",
+    )
+    p.add_argument(
+        "--sweep", action="store_true", help="run the mission's [sweep]: trials ranked, never gated"
+    )
     p.add_argument("--detach", action="store_true", help="return after submitting")
     p.add_argument(
         "--dry-run",
@@ -106,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("a", metavar="MISSION_A")
     p.add_argument("b", metavar="MISSION_B")
     p.add_argument("--metric", help="one metric only")
+    p = verb("sweep", "a sweep's trials ranked, and its winner as overrides for a gated run")
+    p.add_argument("mission")
+    p.add_argument("--write", type=Path, metavar="FILE", help="write the winner's overrides here (TOML)")
     p = verb("rejudge", "judge an ended mission's stored scores again with the gates frozen at submit")
     p.add_argument("mission")
     p = verb("retry", "run an ended mission's failed tasks again (and what was cancelled because of them)")
@@ -151,8 +164,30 @@ def _json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def read_overrides(path: Path | None) -> dict[str, Any]:
+    """An overrides file: top-level `"dotted.key" = value` lines (nested tables are flattened)."""
+    if path is None:
+        return {}
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise FleetError("bad_request", f"--overrides {path}: {e}") from None
+
+    def flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in table.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    return flat(raw)
+
+
 async def submit(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
-    sub = await client.submit(args.mission, args.profile, dict(args.overrides))
+    overrides = {**read_overrides(args.overrides_file), **dict(args.overrides)}
+    sub = await client.submit(args.mission, args.profile, overrides, sweep=args.sweep)
     mission_id = sub["mission_id"]
     if args.detach:
         _json(sub) if args.json else console.print(f"submitted {mission_id} ({len(sub['tasks'])} tasks)")
@@ -168,7 +203,42 @@ async def submit(client: FleetClient, args: argparse.Namespace, console: Console
         console.print(render.service_summary(st["service_counts"]))
     if st.get("decisions"):
         console.print(render.decisions_table(st["missions"][0], st["decisions"]))
+    if args.sweep:
+        console.print(render.sweep_table(await client.sweep(mission_id)))
     return 0  # the mission finished; its verdict is data, not an exit status
+
+
+async def sweep(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    out = await client.sweep(args.mission)
+    if args.write is not None and out["best"] is not None:
+        write_overrides(args.write, out)
+    if args.json:
+        _json(out)
+        return 0
+    console.print(render.sweep_table(out))
+    if out["best"] is None:
+        console.print(f"no winner yet: the sweep is {out['state']}" if out["state"] == "running" else
+                      "no trial ran to its end with scores to rank")  # fmt: skip
+    elif args.write is not None:
+        console.print(f"wrote {args.write}; run the winner gated on fresh seeds:")
+        console.print(f"  {out['best']['command'].replace('best.toml', str(args.write))}", highlight=False)
+    else:
+        console.print("the winner's overrides (--write FILE saves them):")
+        for key, value in out["best"]["overrides"].items():
+            console.print(f"  --set {key}={json.dumps(value)}", highlight=False)
+    return 0
+
+
+def write_overrides(path: Path, out: dict[str, Any]) -> None:
+    """The winner as an overrides file `fleetctl submit --overrides` reads, saying where it came from."""
+    import tomli_w
+
+    best, metric = out["best"], out["sweep"]["metric"]
+    head = (
+        f"# The winner of sweep {out['mission_id']}: trial {best['trial']}, ranked by {metric}.\n"
+        f"# {best['command'].replace('best.toml', str(path))}\n"
+    )
+    path.write_text(head + tomli_w.dumps(best["overrides"]))
 
 
 async def status(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
@@ -370,6 +440,7 @@ VERBS = {
         export,
         report,
         compare,
+        sweep,
         rejudge,
         retry,
         missions,

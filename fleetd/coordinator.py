@@ -38,7 +38,7 @@ from fleet import bus, creds, registry
 from fleet.config import FleetConfig
 from fleet.creds import Actor
 from fleet.view import Commit
-from fleetd import compare, judge
+from fleetd import compare, judge, sweeps
 from fleetd.notify import Notifier
 from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig
 from fleetd.services import Services, watch_factory
@@ -87,6 +87,8 @@ class Coordinator:
         self.lock = anyio.Lock()
         self.effects: asyncio.Queue[_Publish | _Purge | _Command] = asyncio.Queue()
         self.gates: dict[str, dict[str, Any]] = {}  # each mission's raw gates table (judge.gate_spec)
+        self.specs: dict[str, specs.MissionSpec] = {}  # each sweep's frozen spec, ranked at its end
+        self.early_stops = sweeps.EarlyStops()
         self.caught_up = anyio.Event()
         # When each mission last showed a sign of progress (an event of its tasks, or its submission;
         # a restart counts as one): `fleetd_running_mission_idle_seconds`, which an alert watches.
@@ -232,13 +234,26 @@ class Coordinator:
             by_mission.setdefault(row["mission_id"], []).append(task_from_row(row))
         for mrow in missions:
             spec = msgspec.json.decode(mrow["spec"], type=specs.MissionSpec)
-            if spec.gates is not None:
-                self.gates[mrow["mission_id"]] = spec.gates
-            mission = Mission(mrow["mission_id"], mrow["name"], mrow["state"], spec.gates is not None)
-            self.last_progress[mission.mission_id] = time.time()
+            mission = self._track(mrow["mission_id"], mrow["name"], spec, bool(mrow["sweep"]), mrow["state"])
             self.sched.add_mission(mission, by_mission.get(mission.mission_id, []))
+            if mission.mission_id in self.early_stops.rules and mission.state == "running":
+                metric = self.early_stops.metric(mission.mission_id)
+                points = await self.read(self.store.current_points, mission.mission_id, metric)
+                self.early_stops.replay(mission.mission_id, points, self.sched)
         if missions:
             log.info("loaded", missions=len(missions), tasks=len(rows))
+
+    def _track(self, mission_id: str, name: str, spec: specs.MissionSpec, sweep: bool, state: str) -> Mission:
+        """What the coordinator keeps of a mission it runs: its gates, or as a sweep its spec and its
+        early-stop rule."""
+        if sweep:
+            self.specs[mission_id] = spec
+            if spec.sweep is not None and spec.sweep.early_stop is not None:
+                self.early_stops.add(mission_id, spec.sweep.early_stop)
+        elif spec.gates is not None:
+            self.gates[mission_id] = spec.gates
+        self.last_progress[mission_id] = time.time()
+        return Mission(mission_id, name, state, has_gates=not sweep and spec.gates is not None, sweep=sweep)
 
     async def reconcile_after_catch_up(self) -> None:
         await self.caught_up.wait()
@@ -249,6 +264,12 @@ class Coordinator:
                     self.effects.put_nowait(
                         _Publish(bus.task_subject(task.worker), m.encode(a), f"{a.task_id}:{a.attempt}")
                     )
+            ch = Changes()
+            for mid, (_, rule) in self.early_stops.rules.items():
+                for trial, reason in rule.stopped.items():  # condemned before a restart, maybe not stopped
+                    self.sched.stop_trial(mid, trial, reason, ch)
+            if not ch.empty():
+                await self.persist(ch)
             judging = [mid for mid, ms in self.sched.missions.items() if ms.state == "judging"]
         for mid in judging:
             assert self._tg is not None
@@ -324,8 +345,14 @@ class Coordinator:
                 if isinstance(ev, m.LIFECYCLE):
                     self.sched.on_event(ev, ch)  # type: ignore[arg-type]
                     _log_lifecycle(ev)
+            stops = self.early_stops.observe(new, self.sched, ch)
             self.sched.place(ch)
-            await self.persist(ch, new)
+            audit = [
+                audit_row(mid, "stop", f"{mid}/t{trial}", STATS_ENGINE, why) for mid, trial, why in stops
+            ]
+            await self.persist(ch, new, audit=audit)
+        for mid, trial, why in stops:
+            log.info("trial_stopped", mission=mid, trial=trial, reason=why)
         for msg in msgs:
             await msg.ack()
 
@@ -444,12 +471,28 @@ class Coordinator:
             log.exception("judge_failed", mission=mission_id)
             return {"verdict": "error", "reason": f"the stats engine failed: {e!r}"}, []
 
+    async def rank_sweep(self, mission_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A sweep's end: its trials ranked (`stats.sweep`), no verdict."""
+        try:
+            scores = await self.read(self.store.sweep_scores, mission_id)
+            stopped = sweeps.stopped_trials(self.sched, mission_id)
+            spec = self.specs[mission_id]
+            rows, fields = await anyio.to_thread.run_sync(sweeps.rank, mission_id, spec, scores, stopped)
+            return fields, rows
+        except Exception as e:  # a ranking bug must not take the coordinator down
+            log.exception("sweep_rank_failed", mission=mission_id)
+            return {"verdict": "error", "reason": f"ranking the sweep failed: {e!r}"}, []
+
     async def judge_mission(self, mission_id: str) -> None:
         gates = self.gates.get(mission_id)
         mission = self.sched.missions[mission_id]
         fields: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
-        if gates is not None:
+        ranked: tuple[str, list[dict[str, Any]]] | None = None
+        if mission.sweep:
+            fields, trials = await self.rank_sweep(mission_id)
+            ranked = (mission_id, trials)
+        elif gates is not None:
             fields, rows = await self.evaluate(mission_id, mission.name, gates)
         async with self.lock:
             if mission.state != "judging":
@@ -458,7 +501,7 @@ class Coordinator:
             self.sched.finish_mission(mission, ch, **fields)
             detail = f"{fields.get('verdict')}: {fields.get('reason')}" if fields else mission.state
             audit = [audit_row(mission_id, "decide", mission_id, STATS_ENGINE, detail)]
-            await self.persist(ch, decisions=(mission_id, rows), audit=audit)
+            await self.persist(ch, decisions=(mission_id, rows), sweep_trials=ranked, audit=audit)
         log.info("mission_finished", mission=mission_id, state=mission.state, verdict=fields.get("verdict"))
 
     # ---- control API ----------------------------------------------------------------------------
@@ -506,7 +549,7 @@ class Coordinator:
         profile, _ = specs.profile_of(spec, req.profile)
         check_runnable(spec, str(path))
         mission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        tasks = specs.expand(spec, profile, mission_id)
+        tasks = specs.expand(spec, profile, mission_id, sweep=req.sweep)
         check_params(tasks, str(path))
         now = time.time()
         for i, t in enumerate(tasks):
@@ -522,15 +565,13 @@ class Coordinator:
             "overrides": json.dumps(req.overrides),
             "submitted_at": time.time(),
             "finished_at": None,
+            "sweep": req.sweep,
         }
 
         # One transaction: the mission, its tasks as placed, and their first attempts. Placement
         # before the insert saves a commit on the way to the first task's start.
         async with self.lock:
-            self.sched.add_mission(Mission(mission_id, spec.name, "running", spec.gates is not None), tasks)
-            self.last_progress[mission_id] = time.time()
-            if spec.gates is not None:
-                self.gates[mission_id] = spec.gates
+            self.sched.add_mission(self._track(mission_id, spec.name, spec, req.sweep, "running"), tasks)
             ch = Changes()
             self.sched.place(ch)
             # Their rows carry the placed state (the new tasks' changes are in them, not UPDATEs).
@@ -539,7 +580,7 @@ class Coordinator:
             rows = [task_row(t) for t in tasks]
             audit = audit_row(mission_id, "submit", mission_id, actor, json.dumps(req.overrides))
             await self.persist(ch, new_mission=(row, rows), audit=[audit])
-        log.info("submitted", mission=mission_id, profile=profile, tasks=len(tasks))
+        log.info("submitted", mission=mission_id, profile=profile, tasks=len(tasks), sweep=req.sweep)
         return {"mission_id": mission_id, "profile": profile, "tasks": [t.task_id for t in tasks]}
 
     async def ctl_cancel(self, data: bytes, actor: Actor) -> dict[str, Any]:
@@ -676,11 +717,42 @@ class Coordinator:
             "inputs": compare.input_diff(rows["a"], rows["b"], envs["a"], envs["b"]),
         }  # fmt: skip
 
+    async def ctl_sweep(self, data: bytes, actor: Actor) -> dict[str, Any]:
+        """A sweep's ranked trials and its winner as overrides for a gated run. Read-only."""
+        req = msgspec.json.decode(data, type=m.IdRequest)
+        found = await self.read(
+            self.store.query,
+            "SELECT mission_id, name, profile, state, reason, spec, overrides, sweep FROM missions "
+            "WHERE mission_id = ?",
+            [req.id],
+        )
+        if not found:
+            raise _Refused("not_found", f"no mission {req.id!r}")
+        row = found[0]
+        if not row["sweep"]:
+            raise _Refused("refused", f"mission {req.id} is not a sweep (submit it with --sweep)")
+        trials = await self.read(
+            self.store.query,
+            "SELECT trial, params, rank, metric, n, estimate, ci_low, ci_high, level, stopped, note "
+            "FROM sweep_trials WHERE mission_id = ? ORDER BY rank NULLS LAST, trial",
+            [req.id],
+        )
+        sw = msgspec.json.decode(row["spec"], type=specs.MissionSpec).sweep
+        assert sw is not None
+        return {
+            **{k: row[k] for k in ("mission_id", "name", "profile", "state", "reason")},
+            "sweep": {"metric": sw.metric, "arm": sw.arm, "baseline": sw.baseline, "goal": sw.goal},
+            "trials": [{**t, "params": json.loads(t["params"])} for t in trials],
+            "best": sweeps.winner(row, trials),
+        }
+
     async def ctl_rejudge(self, data: bytes, actor: Actor) -> dict[str, Any]:
         """Judge an ended mission's stored scores again with its gates as frozen at submit (the
         missions row's spec), replacing its decisions and verdict; audited as "rejudge"."""
         mission = self._ended(data, "rejudge")
         mission_id = mission.mission_id
+        if mission.sweep:
+            raise _Refused("refused", f"mission {mission_id} is a sweep: it is ranked, never judged")
         query = "SELECT spec, verdict FROM missions WHERE mission_id = ?"
         row = (await self.read(self.store.query, query, [mission_id]))[0]
         spec = msgspec.json.decode(row["spec"], type=specs.MissionSpec)

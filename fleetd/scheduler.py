@@ -29,7 +29,8 @@ from schemas.messages import (
 )
 from schemas.missions import Task
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "stopped"})
+DONE_WELL = frozenset({"succeeded", "stopped"})  # a sweep's trial stopped early is a sweep working
 ACTIVE = frozenset({"assigned", "running"})
 GB = 1024**3
 
@@ -65,6 +66,7 @@ class Mission:
     name: str
     state: str = "running"  # running, judging, succeeded, failed, cancelled
     has_gates: bool = False
+    sweep: bool = False  # ranked at its end (`stats.sweep`), never gated
     task_ids: list[str] = field(default_factory=list)
 
 
@@ -211,12 +213,13 @@ class Scheduler:
 
     def _after_terminal(self, task: Task, ch: Changes) -> None:
         if task.state != "succeeded":
-            # Dependents can never run: cancel them, transitively, so the mission still ends.
+            # Dependents can never run: cancel them (a stopped trial's: stop them), transitively, so
+            # the mission still ends.
             for other in self.tasks.values():
                 if task.task_id in other.deps and other.state == "pending":
                     ch.touch(
                         other,
-                        state="cancelled",
+                        state="stopped" if task.state == "stopped" else "cancelled",
                         error=f"dependency {task.task_id} {task.state}",
                         pending_reason=None,
                     )
@@ -225,7 +228,7 @@ class Scheduler:
         if mission is None or mission.state != "running":
             return
         if all(self.tasks[t].state in TERMINAL for t in mission.task_ids):
-            if mission.has_gates:
+            if mission.has_gates or mission.sweep:
                 mission.state = "judging"
                 ch.missions[mission.mission_id] = {"state": "judging"}
                 ch.judge.append(mission.mission_id)
@@ -233,7 +236,7 @@ class Scheduler:
                 self.finish_mission(mission, ch)
 
     def finish_mission(self, mission: Mission, ch: Changes, **fields: Any) -> None:
-        ok = all(self.tasks[t].state == "succeeded" for t in mission.task_ids)
+        ok = all(self.tasks[t].state in DONE_WELL for t in mission.task_ids)
         mission.state = "succeeded" if ok else "failed"
         ch.missions[mission.mission_id] = {"state": mission.state, "finished_at": time.time(), **fields}
 
@@ -388,6 +391,22 @@ class Scheduler:
         return None, f"waiting_for_gpu_memory need={task.vram_gb:g}G best_free={max(frees) / GB:.0f}G"
 
     # ---- cancellation ---------------------------------------------------------------------------
+
+    def stop_trial(self, mission_id: str, trial: int, reason: str, ch: Changes) -> list[str]:
+        """A sweep's early stop: every unfinished task of the trial ends `stopped` (a running one is
+        cancelled on its worker), and so do their dependents; returns the task ids stopped."""
+        now, done = time.time(), []
+        for task in self.mission_tasks(mission_id):
+            if task.trial != trial or task.state in TERMINAL:
+                continue
+            if task.state in ACTIVE and task.worker:
+                ch.cancel.append((task.worker, task.task_id, task.attempt))
+                ch.attempts.append(_attempt(task, state="stopped", finished_at=now))
+            ch.touch(task, state="stopped", error=reason, finished_at=now, pending_reason=None)
+            done.append(task.task_id)
+        for tid in done:
+            self._after_terminal(self.tasks[tid], ch)
+        return done
 
     def cancel(self, target: str, ch: Changes) -> list[str]:
         """Cancel a mission (every unfinished task) or one task; returns the task ids cancelled."""

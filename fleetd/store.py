@@ -149,6 +149,15 @@ MIGRATIONS: list[str] = [
         asked_at DOUBLE, mission_id VARCHAR, action VARCHAR, target VARCHAR, role VARCHAR, credential VARCHAR,
         key VARCHAR, detail VARCHAR);
     """,
+    # 5: sweeps. A sweep mission's trials, ranked when it ends (`stats.sweep`); a sweep is never gated,
+    # so it has these rows instead of decisions.
+    """
+    ALTER TABLE missions ADD COLUMN sweep BOOLEAN DEFAULT false;
+    CREATE TABLE sweep_trials (
+        mission_id VARCHAR, trial INTEGER, params JSON, rank INTEGER, metric VARCHAR, n INTEGER,
+        estimate DOUBLE, ci_low DOUBLE, ci_high DOUBLE, level DOUBLE, stopped VARCHAR, note VARCHAR,
+        ranked_at DOUBLE, PRIMARY KEY (mission_id, trial));
+    """,
 ]
 
 TABLES = (
@@ -165,6 +174,7 @@ TABLES = (
     "dead_letters",
     "service_decisions",
     "audit",
+    "sweep_trials",
 )
 READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
@@ -251,6 +261,7 @@ class Store:
         mission_updates: Iterable[tuple[str, dict[str, Any]]] = (),
         current_attempt: dict[str, int] | None = None,
         decisions: tuple[str, Sequence[dict[str, Any]]] | None = None,
+        sweep_trials: tuple[str, Sequence[dict[str, Any]]] | None = None,
         new_mission: tuple[dict[str, Any], Sequence[dict[str, Any]]] | None = None,
         audit: Sequence[dict[str, Any]] = (),
     ) -> Written:
@@ -278,6 +289,10 @@ class Store:
                 mission_id, rows = decisions
                 con.execute("DELETE FROM decisions WHERE mission_id = ?", [mission_id])
                 _insert(con, "decisions", rows)
+            if sweep_trials is not None:
+                mission_id, rows = sweep_trials
+                con.execute("DELETE FROM sweep_trials WHERE mission_id = ?", [mission_id])
+                _insert(con, "sweep_trials", rows)
             _insert(con, "audit", audit)
             con.execute("COMMIT")
         except BaseException:
@@ -477,6 +492,26 @@ class Store:
             return cur.execute(
                 "SELECT s.example_id, s.arm, s.seed, s.metric, s.value FROM example_scores s "
                 f"{_CURRENT_ATTEMPT} WHERE s.mission_id = ?",
+                [mission_id],
+            ).df()
+        finally:
+            cur.close()
+
+    def current_points(self, mission_id: str, name: str) -> list[dict[str, Any]]:
+        """One metric's points of the mission's tasks' current attempts, in time order."""
+        return self.query(
+            "SELECT p.task_id, p.step, p.value FROM metrics p JOIN tasks t ON t.task_id = p.task_id "
+            "AND p.attempt = t.attempt WHERE t.mission_id = ? AND p.name = ? ORDER BY p.time, p.step",
+            [mission_id, name],
+        )
+
+    def sweep_scores(self, mission_id: str) -> Any:
+        """A sweep's per-example scores with each task's trial (`stats.sweep.rank_trials`' columns)."""
+        cur = self.con.cursor()
+        try:
+            return cur.execute(
+                "SELECT s.example_id, s.arm, s.seed, s.metric, s.value, t.trial FROM example_scores s "
+                f"{_CURRENT_ATTEMPT} WHERE s.mission_id = ? AND t.trial IS NOT NULL",
                 [mission_id],
             ).df()
         finally:

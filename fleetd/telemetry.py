@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 disable_created_metrics()  # the *_created series only double the exposition for fleetd's use
 
-TASK_STATES = ("pending", "assigned", "running", "succeeded", "failed", "cancelled")
+TASK_STATES = ("pending", "assigned", "running", "succeeded", "failed", "cancelled", "stopped")
+ENDED = TASK_STATES[3:]
 
 
 def _version() -> str:
@@ -72,7 +73,7 @@ class FleetMetrics:
         # on the first failure would never see it.
         for reason in get_args(FailureReason):
             self.failed_attempts.labels(reason)
-        for state in ("succeeded", "failed", "cancelled"):
+        for state in ENDED:
             self.finished.labels(state)
 
     def bind(self, coord: Coordinator) -> None:
@@ -99,7 +100,7 @@ class FleetMetrics:
             self.points.inc(points)
         for fields in task_changes.values():
             state = fields.get("state")
-            if state in ("succeeded", "failed", "cancelled"):
+            if state in ENDED:
                 self.finished.labels(state).inc()
         for row in attempts:
             if row.get("state") == "failed":

@@ -212,6 +212,7 @@ class SubmitRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     mission: str
     profile: str | None = None
     overrides: dict[str, Any] = {}
+    sweep: bool = False  # run the spec's [sweep] instead of the mission (ranked, never gated)
 
 
 class IdRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -13,6 +13,8 @@ and fleetd converts and checks it (`schemas` imports nothing of the project).
 from __future__ import annotations
 
 import itertools
+import math
+import random
 import re
 import tomllib
 from pathlib import Path
@@ -72,6 +74,50 @@ class Profile(_Strict, frozen=True):
     timeout_s: float | None = None
 
 
+class Range(_Strict, frozen=True):
+    """A random sweep's continuous range: uniform on [low, high], on the log scale with `log`, whole
+    numbers with `integer`."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+class EarlyStop(_Strict, frozen=True):
+    """The median rule: a trial whose best value of `metric` by step s (s >= after_steps) is worse than
+    the median of the other trials' running means at s is stopped, with its dependents. A task is
+    compared with the same task (stage, arm, seed) of the other trials, and only once `min_trials`
+    others have reached step s."""
+
+    metric: str  # a curve the tasks report, e.g. "score b/loss"
+    after_steps: int
+    goal: Literal["max", "min"] = "min"
+    min_trials: int = 2
+
+
+class Sweep(_Strict, frozen=True):
+    """`[sweep]`: a search over `params` keys, run with `fleetctl submit NAME --sweep`. Each trial is a
+    set of values, expanded into tasks like an arm; the trials are ranked by `metric` (per-example
+    scores, of `arm`, minus `baseline` when given) and never gated: the winner runs again as a
+    mission on the mission's own seeds, which the sweep's `seeds` must not share."""
+
+    params: dict[str, list[Any] | Range]  # grid: a list of values per key; random: a list or a Range
+    seeds: list[int]
+    metric: str
+    method: Literal["grid", "random"] = "grid"
+    trials: int | None = None  # random: how many draws
+    seed: int = 0  # random: the draws' seed
+    arm: str | None = None
+    baseline: str | None = None
+    goal: Literal["max", "min"] = "max"
+    early_stop: EarlyStop | None = None
+
+
+SWEEP_MAX_TRIALS = 1000
+RESERVED_PARAMS = ("arm", "seed", "services")
+
+
 class MissionSpec(_Strict, frozen=True):
     name: str
     description: str = ""
@@ -85,6 +131,7 @@ class MissionSpec(_Strict, frozen=True):
     gates: dict[str, Any] | None = None  # raw; fleetd converts it into a stats.gates.GateSpec
     # Each service's table (its thresholds), raw: fleetd validates it with the registered service.
     services: dict[str, dict[str, Any]] = {}
+    sweep: Sweep | None = None
 
 
 class Task(Struct, kw_only=True):
@@ -100,6 +147,7 @@ class Task(Struct, kw_only=True):
     kind: str
     arm: str | None = None
     seed: int | None = None
+    trial: int | None = None  # a sweep's trial (its values are in params)
     params: dict[str, Any]
     deps: list[str]
     vram_gb: float
@@ -108,7 +156,7 @@ class Task(Struct, kw_only=True):
     max_attempts: int
     max_infra_attempts: int
     # ---- changed by the scheduler
-    state: str = "pending"  # pending, assigned, running, succeeded, failed, cancelled
+    state: str = "pending"  # pending, assigned, running, succeeded, failed, cancelled, stopped (a sweep's)
     pending_reason: str | None = None  # machine-readable, set whenever the task is pending
     attempt: int = 1
     task_failures: int = 0
@@ -132,6 +180,7 @@ VIEW_FIELDS = (
     "kind",
     "arm",
     "seed",
+    "trial",
     "state",
     "pending_reason",
     "attempt",
@@ -304,6 +353,85 @@ def _check(spec: MissionSpec, file: str, stem: str) -> None:
     for name in spec.services:
         if name not in watched:
             fail(f"services.{name}", "no stage names this service in its `services`")
+    if spec.sweep is not None:
+        _check_sweep(spec, spec.sweep, fail)
+
+
+def _check_sweep(spec: MissionSpec, sw: Sweep, fail: Any) -> None:
+    if not sw.params:
+        fail("sweep.params", "a sweep needs at least one param to vary")
+    settable = {k for st in spec.stages for k in st.params} | {
+        k for prof in spec.profiles.values() for k in prof.params
+    }
+    for key, values in sw.params.items():
+        where = f"sweep.params.{key}"
+        if key in RESERVED_PARAMS:
+            fail(where, f"{key!r} is set by the mission, not a param a sweep can vary")
+        if key not in settable:
+            fail(where, "no stage or profile sets this param: add it to a stage's params first")
+        if isinstance(values, Range):
+            if sw.method == "grid":
+                fail(where, "a grid takes a list of values; ranges are for method = 'random'")
+            if not values.low < values.high:
+                fail(where, f"low {values.low} must be below high {values.high}")
+            if values.log and values.low <= 0:
+                fail(where, "a log range needs low > 0")
+        elif not values:
+            fail(where, "an empty list of values")
+    if sw.method == "grid" and sw.trials is not None:
+        fail("sweep.trials", "a grid's trials are its combinations; trials is for method = 'random'")
+    if sw.method == "random" and (sw.trials is None or sw.trials < 1):
+        fail("sweep.trials", "a random sweep needs trials >= 1")
+    if len(trials(sw)) > SWEEP_MAX_TRIALS:
+        fail("sweep", f"{len(trials(sw))} trials; at most {SWEEP_MAX_TRIALS}")
+    if not sw.seeds or len(set(sw.seeds)) != len(sw.seeds):
+        fail("sweep.seeds", "seeds must be a non-empty list without repeats")
+    mission_seeds = set(spec.seeds).union(*(p.seeds or [] for p in spec.profiles.values()))
+    if shared := sorted(set(sw.seeds) & mission_seeds):
+        fail("sweep.seeds", f"{shared} are also the mission's seeds: the winner must run on fresh ones")
+    for field, arm in (("arm", sw.arm), ("baseline", sw.baseline)):
+        if arm is not None and arm not in spec.arms:
+            fail(f"sweep.{field}", f"unknown arm {arm!r}; arms are {spec.arms}")
+    if sw.baseline is not None and sw.arm in (None, sw.baseline):
+        fail("sweep.baseline", "a baseline needs another arm to compare: set sweep.arm")
+    if sw.early_stop is not None and (sw.early_stop.after_steps < 0 or sw.early_stop.min_trials < 1):
+        fail("sweep.early_stop", "after_steps must be at least 0 and min_trials at least 1")
+
+
+def trials(sw: Sweep) -> list[dict[str, Any]]:
+    """The sweep's trials in order: a grid's combinations (the first key varies slowest), or `trials`
+    seeded random draws (the same seed gives the same draws)."""
+    if sw.method == "grid":
+        keys = list(sw.params)
+        lists = [v for v in sw.params.values() if isinstance(v, list)]
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*lists)]
+    rng = random.Random(sw.seed)
+    return [{key: _draw(rng, values) for key, values in sw.params.items()} for _ in range(sw.trials or 0)]
+
+
+def _draw(rng: random.Random, values: list[Any] | Range) -> Any:
+    if isinstance(values, list):
+        return values[rng.randrange(len(values))]
+    if values.log:
+        x = math.exp(rng.uniform(math.log(values.low), math.log(values.high)))
+    else:
+        x = rng.uniform(values.low, values.high)
+    return round(x) if values.integer else x
+
+
+def winner_overrides(spec: MissionSpec, profile: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A trial's values as `--set` overrides on the plain mission: where the profile sets a key, the
+    profile's entry (it wins over the stages'), else each stage's that sets it."""
+    prof = spec.profiles.get(profile, Profile())
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in prof.params:
+            out[f"profiles.{profile}.params.{key}"] = value
+            continue
+        for st in spec.stages:
+            if key in st.params:
+                out[f"stages.{st.name}.params.{key}"] = value
+    return out
 
 
 # ---- expansion ---------------------------------------------------------------------------------
@@ -318,31 +446,55 @@ def profile_of(spec: MissionSpec, profile: str | None) -> tuple[str, Profile]:
     return name, spec.profiles[name]
 
 
-def expand(spec: MissionSpec, profile: str | None, mission_id: str) -> list[Task]:
+def expand(spec: MissionSpec, profile: str | None, mission_id: str, sweep: bool = False) -> list[Task]:
     """One pending task per stage and combination of its `foreach` dimensions, in stage order.
 
     A task depends on the tasks of each `after` stage that agree with it on the dimensions both share
     (train-bem-s1 -> eval-bem-s1), and on all of them when they share none (judge after every eval).
+
+    With `sweep`, the sweep's seeds replace the mission's, and a stage that sets a swept param, or
+    runs after one that does, runs once per trial too (`-t<i>` in its tasks' names), with the trial's
+    values in its params.
     """
     _, prof = profile_of(spec, profile)
     dims: dict[str, list[Any]] = {"arm": prof.arms or spec.arms, "seed": prof.seeds or spec.seeds}
+    runs: list[dict[str, Any]] = [{}]
+    swept: set[str] = set()
+    if sweep:
+        if spec.sweep is None:
+            raise SpecError(spec.name, "sweep", "this mission has no [sweep] table")
+        dims["seed"] = spec.sweep.seeds
+        runs = trials(spec.sweep)
+        for st in spec.stages:
+            if set(spec.sweep.params) & {*st.params, *prof.params} or swept & set(st.after):
+                swept.add(st.name)
     tasks: list[Task] = []
     by_stage: dict[str, list[Task]] = {}
     for st in spec.stages:
-        combos = itertools.product(*(dims[d] for d in st.foreach))
         by_stage[st.name] = []
-        for combo in combos:
-            coords = dict(zip(st.foreach, combo, strict=True))
-            name = "-".join([st.name] + [f"{'s' if d == 'seed' else ''}{v}" for d, v in coords.items()])
+        base = {**st.params, **prof.params}
+        trial_values: list[tuple[int | None, dict[str, Any]]] = (
+            list(enumerate(runs)) if st.name in swept else [(None, {})]
+        )
+        combos = list(itertools.product(*(dims[d] for d in st.foreach)))
+        for (trial, values), combo in itertools.product(trial_values, combos):
+            coords: dict[str, Any] = dict(zip(st.foreach, combo, strict=True))
+            name = "-".join(
+                [st.name]
+                + [f"{'s' if d == 'seed' else ''}{v}" for d, v in coords.items()]
+                + ([f"t{trial}"] if trial is not None else [])
+            )
             if not _NAME.match(name):  # a task's name is a path and a subject token too
                 raise SpecError(spec.name, f"stages.{st.name}", f"task name {name!r}: a name {NAME_RULE}")
+            params = {**base, **coords, **{k: v for k, v in values.items() if k in base}}
+            if trial is not None:
+                coords["trial"] = trial
             deps = [
                 up.task_id
                 for dep in st.after
                 for up in by_stage[dep]
                 if all(getattr(up, d) == v for d, v in coords.items() if getattr(up, d) is not None)
             ]
-            params = {**st.params, **prof.params, **coords}
             if st.services:  # the task applies its watchers' thresholds too (say, a learner's canaries)
                 params["services"] = {name: spec.services.get(name, {}) for name in st.services}
             task = Task(
@@ -353,6 +505,7 @@ def expand(spec: MissionSpec, profile: str | None, mission_id: str) -> list[Task
                 kind=st.kind,
                 arm=coords.get("arm"),
                 seed=coords.get("seed"),
+                trial=trial,
                 params=params,
                 deps=deps,
                 vram_gb=_first(prof.vram_gb, st.vram_gb, spec.defaults.vram_gb),

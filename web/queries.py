@@ -76,7 +76,7 @@ def decisions(query: Query, mission_id: str) -> list[dict[str, Any]]:
 
 def mission_row(query: Query, mission_id: str) -> dict[str, Any] | None:
     rows = query(
-        "SELECT mission_id, name, profile, state, verdict, reason, submitted_at, finished_at "
+        "SELECT mission_id, name, profile, state, verdict, reason, submitted_at, finished_at, sweep "
         "FROM missions WHERE mission_id = ?",
         [mission_id],
     )

@@ -148,6 +148,6 @@ def test_tasks_are_the_schema_struct_and_the_bookkeeping_stays_in_the_scheduler(
         ch.touch(a, stat="failed")  # a misspelt field is an error, not a new attribute
     assert task_view(b) == {
         "task_id": "mi/b", "mission_id": "mi", "name": "b", "stage": "b", "kind": "noop", "arm": None,
-        "seed": None, "state": "pending", "pending_reason": "waiting_for_deps", "attempt": 1,
+        "seed": None, "trial": None, "state": "pending", "pending_reason": "waiting_for_deps", "attempt": 1,
         "worker": None, "error": None, "vram_gb": 0,
     }  # fmt: skip

@@ -260,7 +260,10 @@ def test_a_database_with_the_first_schema_migrates_to_the_struct_with_its_rows(t
     con.close()
 
     store = Store(path)
-    assert store.query("SELECT max(version) AS v FROM schema_version")[0]["v"] == len(MIGRATIONS) == 4
+    assert store.query("SELECT max(version) AS v FROM schema_version")[0]["v"] == len(MIGRATIONS) == 5
+    sweep = store.query("SELECT column_default FROM duckdb_columns() WHERE table_name = 'missions' "
+                        "AND column_name = 'sweep'")  # fmt: skip
+    assert [r["column_default"] for r in sweep] == ["false"]  # old missions are no sweeps
     assert sorted(task_columns(store)) == sorted(TASK_COLUMNS.items())
     got = {r["task_id"]: r for r in store.query("SELECT * FROM tasks")}
     assert {k: v["excluded_workers"] for k, v in got.items()} == {

@@ -11,17 +11,21 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from bem.core.reporter import Commanded, ScoreRow, Value, check_cancelled
 from workers.kinds import TaskContext
 
 
-def _wait(seconds: float, ctx: TaskContext, stage: str) -> None:
+def _wait(
+    seconds: float, ctx: TaskContext, stage: str, curve: Callable[[int, int], dict[str, float]] | None = None
+) -> None:
+    """Sleep in steps of about 0.1 s, reporting a loss (and `curve(step, steps)`'s points) at each."""
     steps = max(1, round(seconds / 0.1))
     for i in range(steps):
         time.sleep(seconds / steps)
-        ctx.reporter.metric(f"{stage}/loss", 1.0 / (i + 1), i)
+        ctx.reporter.metrics({f"{stage}/loss": 1.0 / (i + 1), **(curve(i, steps) if curve else {})}, i)
         ctx.reporter.progress(stage, i + 1, steps)
         check_cancelled(ctx.reporter)
 
@@ -55,10 +59,14 @@ def score(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
 
     arm, seed = str(params["arm"]), int(params["seed"])
     n, effect = int(params.get("n_examples", 200)), float(params.get("effect", 0.1))
-    _wait(float(params.get("seconds", 1.0)), ctx, f"score {arm}")
     difficulty = np.random.default_rng(0).uniform(0.2, 0.8, n)  # shared by arms and seeds: paired data
     noise = np.random.default_rng([seed, sum(map(ord, arm))]).normal(0, 0.1, n)
     values = np.clip(difficulty + (effect if arm == "b" else 0.0) + noise, 0, 1)
+
+    def running_mean(step: int, steps: int) -> dict[str, float]:  # as if scoring the examples in turn
+        return {"score/running_mean": float(values[: max(1, n * (step + 1) // steps)].mean())}
+
+    _wait(float(params.get("seconds", 1.0)), ctx, f"score {arm}", running_mean)
     rows = [ScoreRow(f"ex{i:04d}", arm, seed, "score", float(v)) for i, v in enumerate(values)]
     if "skill_accuracy" in params:  # a 0/1 skill check per example, right on this share of them
         right = np.random.default_rng([seed, 7]).uniform(size=n) < float(params["skill_accuracy"])
