@@ -59,6 +59,39 @@ def sweep_table(out: dict[str, Any]) -> Group:
     return Group(t, *notes)
 
 
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def gc_table(out: dict[str, Any]) -> Group:
+    """What `fleetctl gc` removed (or, dry, would remove): each mission's run folders, the object
+    store's artifacts, the homes that answered, and the total."""
+    verb = "would free" if out["dry_run"] else "freed"
+    t = Table(title=f"gc: {len(out['missions'])} missions", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("mission", "state", "ended", "run folders"):
+        t.add_column(col, justify="right" if col == "run folders" else "left")
+    for r in out["missions"]:
+        ended = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["finished_at"])) if r["finished_at"] else "-"
+        t.add_row(r["mission_id"], r["state"], ended, size(r["runs_bytes"]))
+    a = out["artifacts"]
+    lines = [
+        Text(f"object store: {a['removed']} artifacts, {size(a['bytes'])}; "
+             f"{len(a['kept_needed'])} kept for pending or running tasks"),
+        Text(f"homes: {', '.join(h['where'] for h in out['homes'])}"),
+        *(Text(f"{h['where']}: {h['error']}", style="red") for h in out["homes"] if h["error"]),
+        *(Text(f"no answer from {w}: its runs stay until the next gc", style="yellow")
+          for w in out["unreachable"]),
+    ]  # fmt: skip
+    if out["earlier_runs_bytes"]:
+        lines.append(Text(f"left over from earlier gc runs: {size(out['earlier_runs_bytes'])}"))
+    lines.append(Text(f"{verb} {size(out['freed_bytes'])} ({out['freed_bytes']} bytes)", style="bold"))
+    return Group(t, *lines)
+
+
 def decisions_table(mission: dict[str, Any], decisions: list[dict[str, Any]]) -> Group:
     """One row per gate with its numbers, then each gate's reason on its own line below.
 

@@ -42,6 +42,15 @@ def _kappa(text: str) -> float:
     return value
 
 
+def _duration(text: str) -> float:
+    from fleetd.gc import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fleetctl", description="submit and watch BEM missions")
     top.add_argument("--home", type=Path, help="fleet home (default $FLEET_HOME or ./.fleet)")
@@ -124,6 +133,12 @@ def parser() -> argparse.ArgumentParser:
     p = verb("retry", "run an ended mission's failed tasks again (and what was cancelled because of them)")
     p.add_argument("mission")
     p.add_argument("--failed", action="store_true", required=True, help="the failed tasks (required)")
+    p = verb("gc", "remove the files of ended missions beyond a policy (their rows stay); say what to keep")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest ended runs of each mission")
+    p.add_argument(
+        "--older-than", type=_duration, metavar="D", help="remove only runs ended over D ago: 7d, 12h"
+    )
+    p.add_argument("--dry-run", action="store_true", help="measure what would go; remove nothing")
     verb("missions", "available missions and past runs")
     verb("workers", "workers and their GPUs")
     return top
@@ -381,6 +396,18 @@ async def compare(client: FleetClient, args: argparse.Namespace, console: Consol
     return 0
 
 
+async def gc(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
+    if args.keep_last is None and args.older_than is None:
+        raise FleetError("bad_request", "say what to keep: --keep-last N, --older-than D, or both")
+    req = m.GcRequest(keep_last=args.keep_last, older_than_s=args.older_than, dry_run=args.dry_run)
+    out = await client.call("gc", req, timeout=600)
+    if args.json:
+        _json(out)
+        return 0
+    console.print(render.gc_table(out))
+    return 1 if out["unreachable"] else 0
+
+
 async def rejudge(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
     out = await client.call("rejudge", m.IdRequest(id=args.mission), timeout=300)
     if args.json:
@@ -441,6 +468,7 @@ VERBS = {
         report,
         compare,
         sweep,
+        gc,
         rejudge,
         retry,
         missions,

@@ -34,13 +34,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from fleet import bus, creds, registry
+from fleet import artifacts, bus, creds, registry, retention
 from fleet.config import FleetConfig
 from fleet.creds import Actor
 from fleet.view import Commit
-from fleetd import compare, judge, sweeps
+from fleetd import compare, gc, judge, sweeps
 from fleetd.notify import Notifier
 from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig
+from fleetd.scheduler import outputs_of as scheduler_outputs
 from fleetd.services import Services, watch_factory
 from fleetd.store import SqlRefused, Store, audit_row, task_from_row, task_row
 from fleetd.telemetry import FleetMetrics
@@ -746,6 +747,91 @@ class Coordinator:
             "best": sweeps.winner(row, trials),
         }
 
+    async def ctl_gc(self, data: bytes, actor: Actor) -> dict[str, Any]:
+        """Remove the files of ended missions beyond the policy (`fleetd.gc`): their artifacts from
+        the object store, then their run folders and fetched copies on this home and, by a `GcOrder`,
+        on each live worker's. Rows stay. Audited as "gc" per mission collected."""
+        req = msgspec.json.decode(data, type=m.GcRequest)
+        rows = await self.read(
+            self.store.query,
+            "SELECT mission_id, name, state, submitted_at, finished_at, collected_at FROM missions",
+        )
+        chosen = gc.choose(rows, req.keep_last, req.older_than_s, time.time())
+        earlier = [r["mission_id"] for r in rows if r["collected_at"] is not None]
+        async with self.lock:  # no task starts or ends between the plan and the store's deletes
+            plan = gc.plan(self.sched, [r["mission_id"] for r in chosen])
+            obs = await self.js.object_store(artifacts.BUCKET)
+            found, object_bytes = await gc.drop_objects(obs, plan.drop, req.dry_run)
+            if not req.dry_run and chosen:
+                now = time.time()
+                ch = Changes()
+                ch.missions.update({mid: {"collected_at": now} for mid in plan.missions})
+                detail = json.dumps({"artifacts": found, "bytes": object_bytes})
+                await self.persist(
+                    ch, audit=[audit_row(mid, "gc", mid, actor, detail) for mid in plan.missions]
+                )
+        # Homes: also the missions collected before, for a worker that was away then.
+        order = m.GcOrder(missions=plan.missions + earlier, artifacts=sorted(plan.drop), dry_run=req.dry_run)
+        homes = [await anyio.to_thread.run_sync(self._gc_own_home, order)]
+        unreachable = []
+        for worker in sorted(w for w in self.sched.workers if self.sched.alive(w)):
+            try:
+                reply = await self.nc.request(bus.cmd_subject(worker), msgspec.json.encode(order), timeout=60)
+                homes.append(msgspec.json.decode(reply.data, type=m.GcDone))
+            except (nats.errors.Error, msgspec.DecodeError, msgspec.ValidationError) as e:
+                unreachable.append(f"{worker}: {e!r}")
+        seen: dict[str, m.GcDone] = {}
+        for done in homes:  # two workers on one home measure the same folders: count that home once
+            if done.where not in seen or _gc_total(done) > _gc_total(seen[done.where]):
+                seen[done.where] = done
+        runs_bytes = {mid: sum(d.runs.get(mid, 0) for d in seen.values()) for mid in order.missions}
+        freed = object_bytes + sum(runs_bytes.values()) + sum(d.cache for d in seen.values())
+        log.info("gc", missions=len(plan.missions), freed_bytes=freed, dry_run=req.dry_run)
+        return {
+            "dry_run": req.dry_run,
+            "missions": [
+                {**{k: r[k] for k in ("mission_id", "name", "state", "finished_at")},
+                 "runs_bytes": runs_bytes.get(r["mission_id"], 0)}
+                for r in chosen
+            ],
+            "earlier_runs_bytes": sum(runs_bytes.get(mid, 0) for mid in earlier),
+            "artifacts": {"removed": found, "bytes": object_bytes, "kept_needed": sorted(plan.needed)},
+            "homes": [msgspec.to_builtins(d) for d in seen.values()],
+            "unreachable": unreachable,
+            "freed_bytes": freed,
+        }  # fmt: skip
+
+    def _gc_own_home(self, order: m.GcOrder) -> m.GcDone:
+        home = self.cfg.home_path
+        cache = artifacts.cache_dir(home, self.cfg.artifacts.cache_dir)
+        try:
+            return retention.collect_home(home, cache, order.missions, order.artifacts, order.dry_run)
+        except (OSError, ValueError) as e:
+            return m.GcDone(where=f"coordinator:{home}", error=repr(e))
+
+    async def ctl_disk(self, data: bytes, actor: Actor) -> dict[str, Any]:
+        """A mission's disk: its run folders on this host (this home and the worker homes under it)
+        and its artifacts in the object store. Read-only."""
+        req = msgspec.json.decode(data, type=m.IdRequest)
+        mission_id = req.id or ""
+        if mission_id not in self.sched.missions:
+            raise _Refused("not_found", f"no mission {mission_id!r}")
+        home = self.cfg.home_path
+        folders = [home / "runs" / mission_id, *(home / "hosts").glob(f"*/runs/{mission_id}")]
+        runs = sum([await anyio.to_thread.run_sync(retention.usage, f) for f in folders])
+        refs = {r.sha256: r.bytes for t in self.sched.mission_tasks(mission_id)
+                for r in scheduler_outputs(t).values() if r.sha256}  # fmt: skip
+        found = await self.read(
+            self.store.query, "SELECT collected_at FROM missions WHERE mission_id = ?", [mission_id]
+        )
+        return {
+            "mission_id": mission_id,
+            "runs_bytes": runs,
+            "artifacts": len(refs),
+            "artifacts_bytes": sum(refs.values()),
+            "collected_at": found[0]["collected_at"] if found else None,
+        }
+
     async def ctl_rejudge(self, data: bytes, actor: Actor) -> dict[str, Any]:
         """Judge an ended mission's stored scores again with its gates as frozen at submit (the
         missions row's spec), replacing its decisions and verdict; audited as "rejudge"."""
@@ -776,6 +862,9 @@ class Coordinator:
         tasks cancelled because of them; the mission runs again and is judged again at its end."""
         mission = self._ended(data, "retry")
         mission_id = mission.mission_id
+        query = "SELECT collected_at FROM missions WHERE mission_id = ?"
+        if (await self.read(self.store.query, query, [mission_id]))[0]["collected_at"] is not None:
+            raise _Refused("refused", f"mission {mission_id}'s files were removed by gc: submit it again")
         async with self.lock:
             if mission.state not in ("succeeded", "failed"):
                 raise _Refused("refused", f"mission {mission_id} is {mission.state} again")
@@ -932,6 +1021,10 @@ def check_params(tasks: list[specs.Task], file: str) -> None:
             registry.resolve(ref)(t.params)
         except (ValueError, TypeError, KeyError) as e:  # a knob of the wrong type, a config without a key
             raise specs.SpecError(file, f"stages.{t.stage} ({t.name})", f"{type(e).__name__}: {e}") from None
+
+
+def _gc_total(done: m.GcDone) -> int:
+    return sum(done.runs.values()) + done.cache
 
 
 class _Refused(Exception):

@@ -158,6 +158,10 @@ MIGRATIONS: list[str] = [
         estimate DOUBLE, ci_low DOUBLE, ci_high DOUBLE, level DOUBLE, stopped VARCHAR, note VARCHAR,
         ranked_at DOUBLE, PRIMARY KEY (mission_id, trial));
     """,
+    # 6: when `fleetctl gc` removed a mission's files (its rows stay).
+    """
+    ALTER TABLE missions ADD COLUMN collected_at DOUBLE;
+    """,
 ]
 
 TABLES = (

@@ -204,6 +204,26 @@ class CommandAck(Struct, frozen=True):
     detail: str = ""
 
 
+class GcOrder(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`fleetctl gc` on a worker's host (on fleet.cmd.<worker>, told apart by `action`): remove these
+    missions' run folders and these artifacts' fetched copies, or only measure them (`dry_run`)."""
+
+    v: int = SCHEMA_VERSION
+    action: Literal["gc"] = "gc"
+    missions: list[Name]
+    artifacts: list[str] = []  # SHA-256s
+    dry_run: bool = False
+
+
+class GcDone(Struct, frozen=True, kw_only=True):
+    """What one home gave back: `where` names it (host:path), so homes two workers share count once."""
+
+    where: str
+    runs: dict[str, int] = {}  # mission -> bytes of its run folders
+    cache: int = 0  # bytes of fetched artifact copies
+    error: str = ""
+
+
 # ---- control API: fleet.ctl.<verb> (request/reply) ---------------------------------------------
 
 
@@ -261,6 +281,24 @@ class ExportRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     v: int = SCHEMA_VERSION
     table: str = ""
     after: int = -1
+
+
+class GcRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Collect the files of ended missions beyond the policy: those not among the `keep_last` newest
+    runs of their mission name, and ended more than `older_than_s` ago (each, when given)."""
+
+    v: int = SCHEMA_VERSION
+    keep_last: int | None = None
+    older_than_s: float | None = None
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.keep_last is None and self.older_than_s is None:
+            raise ValueError("gc needs a policy: keep_last, older_than_s or both")
+        if self.keep_last is not None and self.keep_last < 0:
+            raise ValueError(f"keep_last must be at least 0, got {self.keep_last}")
+        if self.older_than_s is not None and self.older_than_s < 0:
+            raise ValueError(f"older_than_s must be at least 0, got {self.older_than_s}")
 
 
 class ErrorInfo(Struct, frozen=True):

@@ -118,6 +118,8 @@ class Site:
         row["arms"] = sorted({t["arm"] for t in tasks if t["arm"] is not None})
         row["seeds"] = sorted({t["seed"] for t in tasks if t["seed"] is not None})
         row["decisions"] = await fleet.read_sql(queries.decisions, mission_id)
+        disk = await fleet.call("disk", msgspec.json.encode(m.IdRequest(id=mission_id)), WEB)
+        row["disk"] = disk.data if disk.ok else None
         if row["sweep"]:  # the ranked trials and the winner, as `fleetctl sweep` shows them
             reply = await fleet.call("sweep", msgspec.json.encode(m.IdRequest(id=mission_id)), WEB)
             row["sweep"] = reply.data if reply.ok else None

@@ -29,7 +29,7 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 
-from fleet import artifacts, bus, sdnotify
+from fleet import artifacts, bus, retention, sdnotify
 from fleet.artifacts import ArtifactError, Artifacts, StoreError
 from fleet.config import ArtifactsConfig
 from fleet.paths import under
@@ -41,6 +41,12 @@ from workers.supervisor import Supervisor, child_env
 
 log = structlog.get_logger("fleet.worker")
 T = TypeVar("T")
+
+
+class _Action(msgspec.Struct):
+    """A command's `action`, read first: a `GcOrder` and a task's `Command` share the subject."""
+
+    action: str = ""
 
 
 # The packages whose versions each task's result records (`environment`), for reports.
@@ -234,6 +240,9 @@ class Worker:
 
     async def _on_command(self, msg: Msg) -> None:
         try:
+            if msgspec.json.decode(msg.data, type=_Action).action == "gc":
+                await self._gc(msg, msgspec.json.decode(msg.data, type=m.GcOrder))
+                return
             cmd = msgspec.json.decode(msg.data, type=m.Command)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             log.warning("bad_command", error=str(e))
@@ -254,6 +263,24 @@ class Worker:
             secrets.token_hex(8), cmd.action, self.command_timeout_s, cmd.value
         )
         await msg.respond(m.encode(m.CommandAck(done.ok, done.detail)))
+
+    async def _gc(self, msg: Msg, order: m.GcOrder) -> None:
+        """Free this host's share of `fleetctl gc`; the reply says how much, or why not."""
+        try:
+            done = await anyio.to_thread.run_sync(
+                retention.collect_home,
+                self.home,
+                self.artifacts.cache,
+                order.missions,
+                order.artifacts,
+                order.dry_run,
+            )
+        except (OSError, ValueError) as e:
+            log.warning("gc_failed", error=repr(e))
+            done = m.GcDone(where=f"{socket.gethostname()}:{self.home}", error=repr(e))
+        freed = sum(done.runs.values()) + done.cache
+        log.info("gc", missions=len(order.missions), bytes=freed, dry_run=order.dry_run)
+        await msg.respond(msgspec.json.encode(done))
 
     # ---- tasks ----------------------------------------------------------------------------------
 

@@ -260,7 +260,7 @@ def test_a_database_with_the_first_schema_migrates_to_the_struct_with_its_rows(t
     con.close()
 
     store = Store(path)
-    assert store.query("SELECT max(version) AS v FROM schema_version")[0]["v"] == len(MIGRATIONS) == 5
+    assert store.query("SELECT max(version) AS v FROM schema_version")[0]["v"] == len(MIGRATIONS) == 6
     sweep = store.query("SELECT column_default FROM duckdb_columns() WHERE table_name = 'missions' "
                         "AND column_name = 'sweep'")  # fmt: skip
     assert [r["column_default"] for r in sweep] == ["false"]  # old missions are no sweeps

@@ -1,0 +1,219 @@
+"""`fleetctl gc`: the policy picks ended runs only, a home's folders are measured and removed (read-only
+copies too), and on a real fleet with a mission still running, gc removes the ended mission's run
+folders and the artifact only it had, while the artifact a pending task needs, the running mission's
+folders and every stored row survive, and the running mission then succeeds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from fleet import artifacts, bus, creds, retention, tls
+from fleetd.gc import choose, parse_duration
+from schemas import messages as m
+from tests.fleet.conftest import REPO, Fleet, call, mission_dir, sql, status, wait_for, wait_mission
+
+DAY = 86400.0
+
+
+def _row(mid: str, name: str, state: str, ended: float | None, collected: float | None = None) -> Any:
+    return {"mission_id": mid, "name": name, "state": state, "submitted_at": (ended or 0) - 10,
+            "finished_at": ended, "collected_at": collected}  # fmt: skip
+
+
+def test_the_policy_keeps_the_newest_runs_of_each_name_and_never_a_running_one() -> None:
+    now = 100 * DAY
+    rows = [
+        _row("a1", "a", "succeeded", now - 9 * DAY),
+        _row("a2", "a", "failed", now - 5 * DAY),
+        _row("a3", "a", "succeeded", now - 1 * DAY),
+        _row("a4", "a", "running", None),
+        _row("b1", "b", "cancelled", now - 8 * DAY),
+        _row("b0", "b", "succeeded", now - 20 * DAY, collected=now - 19 * DAY),
+    ]
+
+    def ids(keep_last: int | None, older_than: float | None) -> list[str]:
+        return [r["mission_id"] for r in choose(rows, keep_last, older_than, now)]
+
+    assert ids(1, None) == ["a1", "a2"]  # b1 is b's newest; b0 was collected already; a4 runs
+    assert ids(0, None) == ["a1", "b1", "a2", "a3"]  # oldest first
+    assert ids(None, 6 * DAY) == ["a1", "b1"]
+    assert ids(1, 6 * DAY) == ["a1"]  # both conditions
+    assert parse_duration("7d") == 7 * DAY and parse_duration("90s") == 90 and parse_duration("1.5h") == 5400
+    with pytest.raises(ValueError, match="'7 days'"):
+        parse_duration("7 days")
+    with pytest.raises(ValueError, match="policy"):
+        m.GcRequest()  # nothing to keep said: refused, not "remove everything"
+
+
+def _files(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_a_home_s_share_is_measured_then_removed_read_only_copies_too(tmp_path: Path) -> None:
+    home, cache = tmp_path / "home", tmp_path / "home" / "cache" / "artifacts"
+    (home / "runs" / "m1" / "t" / "attempt-1").mkdir(parents=True)
+    (home / "runs" / "m1" / "t" / "attempt-1" / "ckpt.bin").write_bytes(b"x" * 5000)
+    (home / "runs" / "m2" / "t").mkdir(parents=True)
+    (home / "runs" / "m2" / "t" / "keep.bin").write_bytes(b"y" * 300)
+    sha = "ab" * 32
+    content = cache / sha / "content"
+    content.mkdir(parents=True)
+    (content / "w.bin").write_bytes(b"z" * 700)
+    (content / "w.bin").chmod(0o444)
+    content.chmod(0o555)  # a read-only folder inside a fetched copy
+    before = _files(home / "runs" / "m1")
+    dry = retention.collect_home(home, cache, ["m1", "gone"], [sha], dry_run=True)
+    assert dry.runs == {"m1": before} and dry.cache == 700 and (home / "runs" / "m1").exists()
+    done = retention.collect_home(home, cache, ["m1", "gone"], [sha], dry_run=False)
+    assert done == dry
+    assert not (home / "runs" / "m1").exists() and not (cache / sha).exists()
+    assert (home / "runs" / "m2" / "t" / "keep.bin").exists()
+    with pytest.raises(ValueError, match="not a mission id"):
+        retention.collect_home(home, cache, [".."], [], dry_run=True)
+    with pytest.raises(ValueError, match="SHA-256"):
+        retention.collect_home(home, cache, [], ["../x"], dry_run=True)
+
+
+KEEP = """
+name = "keep"
+arms = ["a", "b"]
+seeds = [1]
+[defaults]
+timeout_s = 60
+[[stages]]
+name = "make"
+kind = "selftest.make"
+params = { seed = 3, bytes = 40000, seconds = 0.1 }
+[[stages]]
+name = "extra"
+kind = "selftest.make"
+params = { seed = 9, bytes = 80000, seconds = 0.1 }
+[[stages]]
+name = "hold"
+kind = "selftest.sleep"
+params = { seconds = 0.1 }
+[[stages]]
+name = "use"
+kind = "selftest.use"
+after = ["make"]
+params = { made_seed = 3, bytes = 40000, seconds = 0.1 }
+[[stages]]
+name = "score"
+kind = "selftest.score"
+foreach = ["arm", "seed"]
+params = { seconds = 0.1, n_examples = 50, effect = 0.2 }
+[gates]
+q = 0.05
+n_resamples = 2000
+[[gates.claims]]
+name = "b_beats_a"
+metric = "score"
+variant = "b"
+baseline = "a"
+"""
+
+
+def _objects(fleet: Fleet, shas: list[str]) -> dict[str, bool]:
+    """Which of these artifacts the object store holds (read with the coordinator's credential)."""
+
+    async def go() -> dict[str, bool]:
+        seed = creds.seed_path(fleet.home, "coordinator")
+        nc = await bus.connect(fleet.url, "test", seed, tls.find_ca(fleet.home))
+        try:
+            obs = await nc.jetstream().object_store(artifacts.BUCKET)
+            found = {}
+            for sha in shas:
+                try:
+                    await obs.get_info(sha)
+                    found[sha] = True
+                except Exception:
+                    found[sha] = False
+            return found
+        finally:
+            await nc.close()
+
+    return anyio.run(go)
+
+
+def _gc(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetcli.fleetctl", "--home", str(fleet.home), "--nats", fleet.url,
+         "gc", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+
+def _outputs(fleet: Fleet, mission_id: str) -> dict[str, dict[str, Any]]:
+    query = f"SELECT name, result FROM tasks WHERE mission_id = '{mission_id}' AND stage IN ('make', 'extra')"
+    rows = sql(fleet, query)
+    return {r["name"]: json.loads(r["result"])["outputs"]["base"] for r in rows}
+
+
+@pytest.mark.slow
+def test_gc_beside_a_running_mission_keeps_what_it_needs(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.env["FLEET_MISSIONS_DIR"] = str(mission_dir(tmp_path, "keep", KEEP))
+    fleet.start_with_workers("w0")  # one worker: the running mission's `use` waits behind `hold`
+    old = str(call(fleet, "submit", m.SubmitRequest(mission="keep"))["mission_id"])
+    assert wait_mission(fleet, old, timeout=120)["missions"][0]["verdict"] == "promote"
+    changed = {"stages.extra.params.seed": 10, "stages.hold.params.seconds": 20.0}
+    running = str(call(fleet, "submit", m.SubmitRequest(mission="keep", overrides=changed))["mission_id"])
+
+    def held() -> bool:
+        tasks = {t["name"]: t["state"] for t in status(fleet, running)["tasks"]}
+        return tasks["hold"] == "running" and tasks["use"] == "pending"
+
+    wait_for(held, 60, "the running mission's use task pending behind hold")
+    made, extra = _outputs(fleet, old)["make"], _outputs(fleet, old)["extra"]
+    assert _outputs(fleet, running)["make"]["sha256"] == made["sha256"]  # the same bytes: one artifact
+    assert _outputs(fleet, running)["extra"]["sha256"] != extra["sha256"]
+    rows_before = {t: sql(fleet, f"SELECT count(*) AS n FROM {t} WHERE mission_id = '{old}'")[0]["n"]
+                   for t in ("example_scores", "decisions", "tasks", "events")}  # fmt: skip
+    old_runs, new_runs = fleet.home / "runs" / old, fleet.home / "runs" / running
+    size = _files(old_runs)
+    assert size > 0 and new_runs.exists()
+
+    dry = _gc(fleet, "--keep-last", "0", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    would = json.loads(dry.stdout)
+    assert [r["mission_id"] for r in would["missions"]] == [old]
+    assert would["missions"][0]["runs_bytes"] == size
+    assert would["artifacts"]["removed"] == 1 and would["artifacts"]["bytes"] == extra["bytes"]
+    assert would["artifacts"]["kept_needed"] == [made["sha256"]]
+    assert old_runs.exists() and _objects(fleet, [extra["sha256"]]) == {extra["sha256"]: True}
+
+    done = _gc(fleet, "--keep-last", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["freed_bytes"] == would["freed_bytes"] == size + extra["bytes"], out
+    assert not old_runs.exists() and new_runs.exists()
+    kept = _objects(fleet, [made["sha256"], extra["sha256"]])
+    assert kept == {made["sha256"]: True, extra["sha256"]: False}
+    cached = artifacts.cache_dir(fleet.home) / made["sha256"]
+    assert cached.exists()  # the old mission's use fetched it; the pending use may read this copy
+    for table, n in rows_before.items():  # gc removes files, never rows
+        assert sql(fleet, f"SELECT count(*) AS n FROM {table} WHERE mission_id = '{old}'")[0]["n"] == n
+
+    # The running mission's pending task gets what it needs and the mission ends well.
+    assert wait_mission(fleet, running, timeout=120)["missions"][0]["verdict"] == "promote"
+    again = _gc(fleet, "--keep-last", "1", "--json")  # the new run is its name's newest: kept
+    assert again.returncode == 0 and json.loads(again.stdout)["freed_bytes"] == 0, again.stdout
+    web, token = fleet.web_url(), {"Authorization": f"Bearer {fleet.web_token()}"}
+    disks = {}
+    for mid in (old, running):
+        with urllib.request.urlopen(urllib.request.Request(f"{web}/api/missions/{mid}", headers=token)) as r:
+            disks[mid] = json.loads(r.read())["disk"]
+    assert disks[old]["runs_bytes"] == 0 and disks[old]["collected_at"] is not None
+    assert disks[running]["runs_bytes"] == _files(new_runs) > 0 and disks[running]["collected_at"] is None
+    assert disks[running]["artifacts"] == 2
+    table = _gc(fleet, "--keep-last", "1", "--dry-run")
+    assert table.returncode == 0 and "would free 0 B" in table.stdout, table.stdout + table.stderr
+    nothing = _gc(fleet)
+    assert nothing.returncode == 2 and "--keep-last N, --older-than D" in nothing.stderr
