@@ -11,6 +11,7 @@ import shutil
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 from fleet.paths import under
 from schemas.messages import NAME, GcDone
@@ -35,44 +36,61 @@ def usage(path: Path) -> int:
     return total
 
 
+def _writable(path: str) -> None:
+    """Owner write and search on a real folder; a link is never chmod-ed (that would change its target)."""
+    if not os.path.islink(path) and os.path.isdir(path):
+        os.chmod(path, os.stat(path).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+
+
 def remove(path: Path) -> None:
-    """Remove a file or a folder, read-only ones too (fetched artifact copies are made read-only)."""
+    """Remove a file, a link or a folder, read-only folders too (fetched artifact copies are made
+    read-only). Links are removed, never followed."""
 
-    def writable_and_again(fn: object, failed: str, _: object) -> None:
-        parent = Path(failed).parent
-        parent.chmod(parent.stat().st_mode | stat.S_IWUSR)
-        Path(failed).chmod(Path(failed).lstat().st_mode | stat.S_IWUSR)
-        if Path(failed).is_dir() and not Path(failed).is_symlink():
-            shutil.rmtree(failed, onerror=writable_and_again)
+    def again(fn: Any, failed: str, _: object) -> None:
+        _writable(os.path.dirname(failed))  # unlinking needs a writable parent
+        if fn in (os.open, os.scandir, os.listdir):  # the folder itself could not be listed
+            _writable(failed)
+            shutil.rmtree(failed, onerror=again)
         else:
-            Path(failed).unlink(missing_ok=True)
+            fn(failed)
 
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, onerror=writable_and_again)
-    elif path.exists() or path.is_symlink():
+    if path.is_symlink() or path.is_file():
         path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, onerror=again)
 
 
 def collect_home(home: Path, cache: Path, missions: list[str], artifacts: list[str], dry_run: bool) -> GcDone:
     """Measure, and unless `dry_run` remove, `home/runs/<mission>` for each mission and the cached
-    copies `cache/<sha256>*` of each artifact. Anything but a mission id or a SHA-256 is refused."""
+        copies `cache/<sha256>*` of each artifact. Anything but a mission id or a SHA-256, or a folder that
+    leads out of the home, is left alone and named in `error`; the others are still done."""
     runs: dict[str, int] = {}
+    errors: list[str] = []
     for mission_id in missions:
-        if not _MISSION.match(mission_id):
-            raise ValueError(f"{mission_id!r} is not a mission id")
-        folder = under(home / "runs", mission_id)
-        size = usage(folder)
-        if size or folder.exists():
-            runs[mission_id] = size
-            if not dry_run:
-                remove(folder)
+        try:  # one bad folder (a link out of the home, a permission) does not stop the others
+            if not _MISSION.match(mission_id):
+                raise ValueError(f"{mission_id!r} is not a mission id")
+            folder = under(home / "runs", mission_id)
+            size = usage(folder)
+            if size or folder.exists():
+                runs[mission_id] = size
+                if not dry_run:
+                    remove(folder)
+        except (OSError, ValueError) as e:
+            errors.append(f"runs/{mission_id}: {e}")
     cached = 0
     for sha in artifacts:
         if not _SHA.match(sha):
-            raise ValueError(f"{sha!r} is not an artifact's SHA-256")
+            errors.append(f"{sha!r} is not an artifact's SHA-256")
+            continue
         for suffix in ("", ".partial", ".staging", ".lock"):
             item = cache / f"{sha}{suffix}"
-            cached += usage(item)
-            if not dry_run:
-                remove(item)
-    return GcDone(where=f"{socket.gethostname()}:{home.resolve()}", runs=runs, cache=cached)
+            try:
+                cached += usage(item)
+                if not dry_run:
+                    remove(item)
+            except OSError as e:
+                errors.append(f"{item.name}: {e}")
+    return GcDone(
+        where=f"{socket.gethostname()}:{home.resolve()}", runs=runs, cache=cached, error="; ".join(errors)
+    )

@@ -36,12 +36,12 @@ def missions_dir(given: Path | None) -> Path:
     return given or (Path(env) if env else specs.MISSIONS_DIR)
 
 
-def estimate(spec: specs.MissionSpec, profile: str) -> list[dict[str, Any]]:
+def estimate(spec: specs.MissionSpec, profile: str, sweep: bool = False) -> list[dict[str, Any]]:
     """One entry per task, in expansion order: its kind, vram_gb, whether the peak fits (None when the
     task asks for no GPU or builds nothing) and the kind's dry-run result."""
     built: dict[str, dict[str, Any]] = {}
     out = []
-    for task in specs.expand(spec, profile, f"{spec.name}-dry-run"):
+    for task in specs.expand(spec, profile, f"{spec.name}-dry-run", sweep=sweep):
         unseeded = {k: v for k, v in task.params.items() if k != "seed"}
         key = json.dumps([task.kind, unseeded], sort_keys=True, default=str)
         if key not in built:
@@ -141,9 +141,10 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     """The dry run of `fleetctl submit`; prints tables (or --json) and returns the exit status."""
     try:
         path = specs.find(args.mission, missions_dir(args.missions_dir))
-        spec = specs.load(path, dict(args.overrides))
+        overrides = {**specs.load_overrides(args.overrides_file), **dict(args.overrides)}
+        spec = specs.load(path, overrides)
         profile, _ = specs.profile_of(spec, args.profile)
-        entries = estimate(spec, profile)
+        entries = estimate(spec, profile, sweep=args.sweep)
     except (specs.SpecError, DryRunError) as err:
         if args.json:
             print(json.dumps({"ok": False, "error": {"code": "dry_run", "message": str(err)}}))

@@ -19,6 +19,7 @@ from fleet import logs as log_setup
 from fleet import render
 from fleet.client import FleetClient, FleetError, find_ca, find_creds, find_url
 from schemas import messages as m
+from schemas import missions as specs
 
 
 def _override(text: str) -> tuple[str, Any]:
@@ -39,6 +40,16 @@ def _kappa(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"κ must be in [0, 1]; got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
@@ -134,7 +145,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("mission")
     p.add_argument("--failed", action="store_true", required=True, help="the failed tasks (required)")
     p = verb("gc", "remove the files of ended missions beyond a policy (their rows stay); say what to keep")
-    p.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest ended runs of each mission")
+    p.add_argument(
+        "--keep-last", type=_count, metavar="N", help="keep the N newest ended runs of each mission"
+    )
     p.add_argument(
         "--older-than", type=_duration, metavar="D", help="remove only runs ended over D ago: 7d, 12h"
     )
@@ -179,29 +192,11 @@ def _json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def read_overrides(path: Path | None) -> dict[str, Any]:
-    """An overrides file: top-level `"dotted.key" = value` lines (nested tables are flattened)."""
-    if path is None:
-        return {}
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise FleetError("bad_request", f"--overrides {path}: {e}") from None
-
-    def flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in table.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    return flat(raw)
-
-
 async def submit(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
-    overrides = {**read_overrides(args.overrides_file), **dict(args.overrides)}
+    try:
+        overrides = {**specs.load_overrides(args.overrides_file), **dict(args.overrides)}
+    except specs.SpecError as e:
+        raise FleetError("invalid_spec", f"--overrides {e}") from None
     sub = await client.submit(args.mission, args.profile, overrides, sweep=args.sweep)
     mission_id = sub["mission_id"]
     if args.detach:
@@ -225,7 +220,11 @@ async def submit(client: FleetClient, args: argparse.Namespace, console: Console
 
 async def sweep(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
     out = await client.sweep(args.mission)
-    if args.write is not None and out["best"] is not None:
+    if args.write is not None and out["best"] is None:
+        raise FleetError(
+            "refused", f"sweep {args.mission} has no winner (it is {out['state']}): nothing written"
+        )
+    if args.write is not None:
         write_overrides(args.write, out)
     if args.json:
         _json(out)
@@ -234,7 +233,8 @@ async def sweep(client: FleetClient, args: argparse.Namespace, console: Console)
     if out["best"] is None:
         console.print(f"no winner yet: the sweep is {out['state']}" if out["state"] == "running" else
                       "no trial ran to its end with scores to rank")  # fmt: skip
-    elif args.write is not None:
+        return 1
+    if args.write is not None:
         console.print(f"wrote {args.write}; run the winner gated on fresh seeds:")
         console.print(f"  {out['best']['command'].replace('best.toml', str(args.write))}", highlight=False)
     else:

@@ -54,6 +54,7 @@ log = structlog.get_logger("fleetd")
 T = TypeVar("T")
 STATS_ENGINE = Actor(role="coordinator", credential="stats-engine")  # who decides a mission's verdict
 BATCH = 1024
+DISK_TTL_S = 30.0  # how long a mission's measured run folders stand for the page
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ class Coordinator:
         self.lock = anyio.Lock()
         self.effects: asyncio.Queue[_Publish | _Purge | _Command] = asyncio.Queue()
         self.gates: dict[str, dict[str, Any]] = {}  # each mission's raw gates table (judge.gate_spec)
-        self.specs: dict[str, specs.MissionSpec] = {}  # each sweep's frozen spec, ranked at its end
         self.early_stops = sweeps.EarlyStops()
+        self.disk_seen: dict[str, tuple[float, int]] = {}  # mission -> (monotonic time, bytes measured)
         self.caught_up = anyio.Event()
         # When each mission last showed a sign of progress (an event of its tasks, or its submission;
         # a restart counts as one): `fleetd_running_mission_idle_seconds`, which an alert watches.
@@ -155,6 +156,7 @@ class Coordinator:
         self.metrics.on_commit(written.new, ch.tasks, ch.attempts)
         for mission_id, fields in ch.missions.items():
             if fields.get("state") in TERMINAL:
+                self.early_stops.forget(mission_id)
                 self.notifier.note(
                     "mission_end",
                     mission_id,
@@ -236,6 +238,7 @@ class Coordinator:
         for mrow in missions:
             spec = msgspec.json.decode(mrow["spec"], type=specs.MissionSpec)
             mission = self._track(mrow["mission_id"], mrow["name"], spec, bool(mrow["sweep"]), mrow["state"])
+            mission.collected = mrow["collected_at"] is not None
             self.sched.add_mission(mission, by_mission.get(mission.mission_id, []))
             if mission.mission_id in self.early_stops.rules and mission.state == "running":
                 metric = self.early_stops.metric(mission.mission_id)
@@ -245,11 +248,10 @@ class Coordinator:
             log.info("loaded", missions=len(missions), tasks=len(rows))
 
     def _track(self, mission_id: str, name: str, spec: specs.MissionSpec, sweep: bool, state: str) -> Mission:
-        """What the coordinator keeps of a mission it runs: its gates, or as a sweep its spec and its
+        """What the coordinator keeps of a mission it runs: its gates, or as a running sweep its
         early-stop rule."""
         if sweep:
-            self.specs[mission_id] = spec
-            if spec.sweep is not None and spec.sweep.early_stop is not None:
+            if spec.sweep is not None and spec.sweep.early_stop is not None and state == "running":
                 self.early_stops.add(mission_id, spec.sweep.early_stop)
         elif spec.gates is not None:
             self.gates[mission_id] = spec.gates
@@ -265,13 +267,16 @@ class Coordinator:
                     self.effects.put_nowait(
                         _Publish(bus.task_subject(task.worker), m.encode(a), f"{a.task_id}:{a.attempt}")
                     )
-            ch = Changes()
-            for mid, (_, rule) in self.early_stops.rules.items():
-                for trial, reason in rule.stopped.items():  # condemned before a restart, maybe not stopped
-                    self.sched.stop_trial(mid, trial, reason, ch)
-            if not ch.empty():
-                await self.persist(ch)
             judging = [mid for mid, ms in self.sched.missions.items() if ms.state == "judging"]
+            ch, audit = Changes(), []
+            for mid, (_, rule) in list(self.early_stops.rules.items()):
+                for trial, why in rule.stopped.items():  # condemned before a restart, maybe not stopped
+                    if self.sched.stop_trial(mid, trial, why, ch):
+                        audit.append(audit_row(mid, "stop", f"{mid}/t{trial}", STATS_ENGINE, why))
+                        log.info("trial_stopped", mission=mid, trial=trial, reason=why, after_restart=True)
+            if not ch.empty():
+                self.sched.place(ch)
+                await self.persist(ch, audit=audit)  # a sweep that ends here is judged by persist
         for mid in judging:
             assert self._tg is not None
             self._tg.start_soon(self.judge_mission, mid)
@@ -477,7 +482,10 @@ class Coordinator:
         try:
             scores = await self.read(self.store.sweep_scores, mission_id)
             stopped = sweeps.stopped_trials(self.sched, mission_id)
-            spec = self.specs[mission_id]
+            row = await self.read(
+                self.store.query, "SELECT spec FROM missions WHERE mission_id = ?", [mission_id]
+            )
+            spec = msgspec.json.decode(row[0]["spec"], type=specs.MissionSpec)
             rows, fields = await anyio.to_thread.run_sync(sweeps.rank, mission_id, spec, scores, stopped)
             return fields, rows
         except Exception as e:  # a ranking bug must not take the coordinator down
@@ -756,30 +764,47 @@ class Coordinator:
             self.store.query,
             "SELECT mission_id, name, state, submitted_at, finished_at, collected_at FROM missions",
         )
-        chosen = gc.choose(rows, req.keep_last, req.older_than_s, time.time())
-        earlier = [r["mission_id"] for r in rows if r["collected_at"] is not None]
-        async with self.lock:  # no task starts or ends between the plan and the store's deletes
+        async with self.lock:  # no task starts, ends or retries between the plan and the store's deletes
+            missions = self.sched.missions
+
+            def ended(mid: str) -> bool:  # as the scheduler has it now, not as the rows were read
+                return mid in missions and missions[mid].state in gc.ENDED and not missions[mid].collected
+
+            chosen = [
+                r
+                for r in gc.choose(rows, req.keep_last, req.older_than_s, time.time())
+                if ended(r["mission_id"])
+            ]
             plan = gc.plan(self.sched, [r["mission_id"] for r in chosen])
             obs = await self.js.object_store(artifacts.BUCKET)
-            found, object_bytes = await gc.drop_objects(obs, plan.drop, req.dry_run)
+            found, object_bytes, errors = await gc.drop_objects(obs, plan.drop, req.dry_run)
             if not req.dry_run and chosen:
-                now = time.time()
+                for mid in plan.missions:
+                    missions[mid].collected = True
                 ch = Changes()
-                ch.missions.update({mid: {"collected_at": now} for mid in plan.missions})
+                ch.missions.update({mid: {"collected_at": time.time()} for mid in plan.missions})
                 detail = json.dumps({"artifacts": found, "bytes": object_bytes})
                 await self.persist(
                     ch, audit=[audit_row(mid, "gc", mid, actor, detail) for mid in plan.missions]
                 )
-        # Homes: also the missions collected before, for a worker that was away then.
+        earlier = [r["mission_id"] for r in sorted(rows, key=lambda r: r["collected_at"] or 0.0, reverse=True)
+                   if r["collected_at"] is not None][: gc.RESEND]  # fmt: skip
         order = m.GcOrder(missions=plan.missions + earlier, artifacts=sorted(plan.drop), dry_run=req.dry_run)
         homes = [await anyio.to_thread.run_sync(self._gc_own_home, order)]
-        unreachable = []
-        for worker in sorted(w for w in self.sched.workers if self.sched.alive(w)):
+        unreachable: list[str] = []
+
+        async def ask(worker: str) -> None:
             try:
-                reply = await self.nc.request(bus.cmd_subject(worker), msgspec.json.encode(order), timeout=60)
+                reply = await self.nc.request(
+                    bus.cmd_subject(worker), msgspec.json.encode(order), timeout=120
+                )
                 homes.append(msgspec.json.decode(reply.data, type=m.GcDone))
             except (nats.errors.Error, msgspec.DecodeError, msgspec.ValidationError) as e:
                 unreachable.append(f"{worker}: {e!r}")
+
+        async with anyio.create_task_group() as tg:  # every home at once: each may take a while
+            for worker in sorted(w for w in self.sched.workers if self.sched.alive(w)):
+                tg.start_soon(ask, worker)
         seen: dict[str, m.GcDone] = {}
         for done in homes:  # two workers on one home measure the same folders: count that home once
             if done.where not in seen or _gc_total(done) > _gc_total(seen[done.where]):
@@ -795,7 +820,8 @@ class Coordinator:
                 for r in chosen
             ],
             "earlier_runs_bytes": sum(runs_bytes.get(mid, 0) for mid in earlier),
-            "artifacts": {"removed": found, "bytes": object_bytes, "kept_needed": sorted(plan.needed)},
+            "artifacts": {"removed": found, "bytes": object_bytes, "kept_needed": sorted(plan.needed),
+                          "errors": errors},
             "homes": [msgspec.to_builtins(d) for d in seen.values()],
             "unreachable": unreachable,
             "freed_bytes": freed,
@@ -817,8 +843,11 @@ class Coordinator:
         if mission_id not in self.sched.missions:
             raise _Refused("not_found", f"no mission {mission_id!r}")
         home = self.cfg.home_path
-        folders = [home / "runs" / mission_id, *(home / "hosts").glob(f"*/runs/{mission_id}")]
-        runs = sum([await anyio.to_thread.run_sync(retention.usage, f) for f in folders])
+        measured, runs = self.disk_seen.get(mission_id, (0.0, 0))
+        if time.monotonic() - measured > DISK_TTL_S:  # the page asks on every commit: walk at most this often
+            folders = [home / "runs" / mission_id, *(home / "hosts").glob(f"*/runs/{mission_id}")]
+            runs = sum([await anyio.to_thread.run_sync(retention.usage, f) for f in folders])
+            self.disk_seen[mission_id] = (time.monotonic(), runs)
         refs = {r.sha256: r.bytes for t in self.sched.mission_tasks(mission_id)
                 for r in scheduler_outputs(t).values() if r.sha256}  # fmt: skip
         found = await self.read(
@@ -862,10 +891,9 @@ class Coordinator:
         tasks cancelled because of them; the mission runs again and is judged again at its end."""
         mission = self._ended(data, "retry")
         mission_id = mission.mission_id
-        query = "SELECT collected_at FROM missions WHERE mission_id = ?"
-        if (await self.read(self.store.query, query, [mission_id]))[0]["collected_at"] is not None:
-            raise _Refused("refused", f"mission {mission_id}'s files were removed by gc: submit it again")
         async with self.lock:
+            if mission.collected:  # checked under the lock: a gc cannot slip in between
+                raise _Refused("refused", f"mission {mission_id}'s files were removed by gc: submit it again")
             if mission.state not in ("succeeded", "failed"):
                 raise _Refused("refused", f"mission {mission_id} is {mission.state} again")
             ch = Changes()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -22,6 +23,7 @@ from fleet.artifacts import Manifest
 from fleetd.scheduler import TERMINAL, Scheduler, outputs_of
 
 ENDED = ("succeeded", "failed", "cancelled")
+RESEND = 1000  # missions collected before whose folders each home is told again (a worker away then)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -81,23 +83,26 @@ def plan(sched: Scheduler, chosen: list[str]) -> Plan:
     return Plan(missions=list(chosen), drop=drop, needed=needed & set(mine))
 
 
-async def drop_objects(obs: ObjectStore, drop: dict[str, int], dry_run: bool) -> tuple[int, int]:
-    """Remove each artifact's parts, then its manifest (a manifest means every part is there: it goes
-    last). Returns (artifacts found, their bytes); one already gone counts for nothing."""
+async def drop_objects(obs: ObjectStore, drop: dict[str, int], dry_run: bool) -> tuple[int, int, list[str]]:
+    """Remove each artifact's manifest, then its parts: without its manifest an artifact is absent
+    (a fetch fails, a publish uploads it again, finding any part still here), so a delete cut short
+    never leaves a manifest whose parts are gone. Returns (artifacts found, their bytes, errors)."""
     found = size = 0
+    errors: list[str] = []
     for sha, nbytes in sorted(drop.items()):
         try:
+            if dry_run:
+                await obs.get_info(sha)
+                found, size = found + 1, size + nbytes
+                continue
             manifest = msgspec.json.decode((await obs.get(sha)).data or b"", type=Manifest)
-        except (ObjectNotFoundError, NotFoundError):
-            continue
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            manifest = Manifest(sha256=sha, bytes=nbytes, folder=False, parts=[])  # its parts stay
-        found, size = found + 1, size + nbytes
-        if dry_run:
-            continue
-        for i in range(len(manifest.parts)):
-            with contextlib.suppress(ObjectNotFoundError, NotFoundError):
-                await obs.delete(f"{sha}.{i:05d}")
-        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
             await obs.delete(sha)
-    return found, size
+            found, size = found + 1, size + nbytes
+            for i in range(len(manifest.parts)):
+                with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+                    await obs.delete(f"{sha}.{i:05d}")
+        except (ObjectNotFoundError, NotFoundError):
+            continue  # gone already
+        except (msgspec.DecodeError, msgspec.ValidationError, nats.errors.Error, OSError) as e:
+            errors.append(f"artifact {sha}: {e!r}")  # the next gc tries it again
+    return found, size, errors

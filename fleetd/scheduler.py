@@ -4,7 +4,8 @@ Pure and synchronous: it owns the in-memory view of missions, tasks and workers 
 `Changes` (rows to write, assignments to publish, dead letters, commands). The coordinator applies
 them: DuckDB first, then the bus, so a crash between the two is repaired at restart from the tables.
 
-Every task is in exactly one state: pending, assigned, running, succeeded, failed, cancelled.
+Every task is in exactly one state: pending, assigned, running, succeeded, failed, cancelled, or
+stopped (a sweep's trial the median rule ended early).
 A pending task always carries a machine-readable reason.
 """
 
@@ -67,6 +68,7 @@ class Mission:
     state: str = "running"  # running, judging, succeeded, failed, cancelled
     has_gates: bool = False
     sweep: bool = False  # ranked at its end (`stats.sweep`), never gated
+    collected: bool = False  # `fleetctl gc` removed its files: it cannot run again
     task_ids: list[str] = field(default_factory=list)
 
 

@@ -21,6 +21,13 @@ class EarlyStops:
 
     def __init__(self) -> None:
         self.rules: dict[str, tuple[str, MedianStop]] = {}  # mission -> (metric, rule)
+        self.attempts: dict[str, int] = {}  # task -> the attempt its curve is from
+
+    def forget(self, mission_id: str) -> None:
+        """The sweep has ended: its curves go."""
+        if self.rules.pop(mission_id, None) is not None:
+            prefix = f"{mission_id}/"
+            self.attempts = {t: a for t, a in self.attempts.items() if not t.startswith(prefix)}
 
     def add(self, mission_id: str, rule: specs.EarlyStop) -> None:
         self.rules[mission_id] = (
@@ -37,13 +44,17 @@ class EarlyStops:
                 continue
             metric, rule = self.rules[ev.mission_id]
             series, task = ev.series.get(metric), sched.tasks.get(ev.task_id)
-            if series is None or task is None or task.trial is None or ev.attempt != task.attempt:
+            if series is None or task is None or task.trial is None or task.mission_id != ev.mission_id:
                 continue
-            group = "-".join(str(x) for x in (task.stage, task.arm, task.seed) if x is not None)
+            if ev.attempt != task.attempt:
+                continue  # a stale attempt's late points
+            group = _group(task)
+            if self.attempts.setdefault(task.task_id, ev.attempt) != ev.attempt:  # a retry starts over
+                rule.reset(group, task.trial)
+                self.attempts[task.task_id] = ev.attempt
             for step, value in zip(series.steps, series.values, strict=True):
                 reason = rule.observe(group, task.trial, step, value)
-                if reason is not None:
-                    sched.stop_trial(task.mission_id, task.trial, reason, ch)
+                if reason is not None and sched.stop_trial(task.mission_id, task.trial, reason, ch):
                     stops.append((task.mission_id, task.trial, reason))
         return stops
 
@@ -56,8 +67,13 @@ class EarlyStops:
         for p in points:
             task = sched.tasks.get(p["task_id"])
             if task is not None and task.trial is not None:
-                group = "-".join(str(x) for x in (task.stage, task.arm, task.seed) if x is not None)
-                rule.observe(group, task.trial, int(p["step"]), float(p["value"]))
+                self.attempts[task.task_id] = task.attempt
+                rule.observe(_group(task), task.trial, int(p["step"]), float(p["value"]))
+
+
+def _group(task: specs.Task) -> str:
+    """The tasks a task's curve is compared with: the same stage, arm and seed in the other trials."""
+    return "-".join(str(x) for x in (task.stage, task.arm, task.seed) if x is not None)
 
 
 def stopped_trials(sched: Scheduler, mission_id: str) -> dict[int, str]:

@@ -235,6 +235,30 @@ def load(path: Path, overrides: dict[str, Any] | None = None) -> MissionSpec:
     return spec
 
 
+def load_overrides(path: Path | None) -> dict[str, Any]:
+    """An overrides file (`fleetctl submit --overrides`): `"dotted.key" = value` lines, as `fleetctl
+    sweep --write` writes them; nested tables are read as dotted keys too."""
+    if path is None:
+        return {}
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise SpecError(str(path), "file", str(e)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(str(path), "toml", str(e)) from None
+
+    def flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in table.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    return flat(raw)
+
+
 def run_subset(raw: dict[str, Any], declared: list[str]) -> None:
     """`--set 'arms=[...]'` runs other arms than the file declares: a gate naming a declared arm that is
     no longer run is dropped (nothing could judge it). A gate naming an arm the file never declared
@@ -382,8 +406,13 @@ def _check_sweep(spec: MissionSpec, sw: Sweep, fail: Any) -> None:
         fail("sweep.trials", "a grid's trials are its combinations; trials is for method = 'random'")
     if sw.method == "random" and (sw.trials is None or sw.trials < 1):
         fail("sweep.trials", "a random sweep needs trials >= 1")
-    if len(trials(sw)) > SWEEP_MAX_TRIALS:
-        fail("sweep", f"{len(trials(sw))} trials; at most {SWEEP_MAX_TRIALS}")
+    count = (
+        (sw.trials or 0)
+        if sw.method == "random"
+        else math.prod(len(v) if isinstance(v, list) else 1 for v in sw.params.values())
+    )
+    if count > SWEEP_MAX_TRIALS:  # counted, not drawn: a huge sweep is refused before it costs anything
+        fail("sweep", f"{count} trials; at most {SWEEP_MAX_TRIALS}")
     if not sw.seeds or len(set(sw.seeds)) != len(sw.seeds):
         fail("sweep.seeds", "seeds must be a non-empty list without repeats")
     mission_seeds = set(spec.seeds).union(*(p.seeds or [] for p in spec.profiles.values()))
@@ -456,7 +485,7 @@ def expand(spec: MissionSpec, profile: str | None, mission_id: str, sweep: bool 
     runs after one that does, runs once per trial too (`-t<i>` in its tasks' names), with the trial's
     values in its params.
     """
-    _, prof = profile_of(spec, profile)
+    profile, prof = profile_of(spec, profile)
     dims: dict[str, list[Any]] = {"arm": prof.arms or spec.arms, "seed": prof.seeds or spec.seeds}
     runs: list[dict[str, Any]] = [{}]
     swept: set[str] = set()
@@ -468,6 +497,9 @@ def expand(spec: MissionSpec, profile: str | None, mission_id: str, sweep: bool 
         for st in spec.stages:
             if set(spec.sweep.params) & {*st.params, *prof.params} or swept & set(st.after):
                 swept.add(st.name)
+        if not swept:
+            keys = sorted(spec.sweep.params)
+            raise SpecError(spec.name, "sweep.params", f"no stage of profile {profile!r} sets any of {keys}")
     tasks: list[Task] = []
     by_stage: dict[str, list[Task]] = {}
     for st in spec.stages:

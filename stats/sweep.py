@@ -8,6 +8,7 @@ measured, and the winner earns a verdict only when it runs again, gated, on fres
 
 from __future__ import annotations
 
+import bisect
 import statistics
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -95,34 +96,72 @@ def best(ranks: list[TrialRank]) -> TrialRank | None:
     return next((r for r in ranks if r.rank is not None and not r.stopped), None)
 
 
+class _Curve:
+    """One task's points by step, with running sums and best-so-far values kept for lookups by step."""
+
+    def __init__(self, goal: Goal) -> None:
+        self.better = max if goal == "max" else min
+        self.points: dict[int, float] = {}
+        self.steps: list[int] = []
+        self.sums: list[float] = []  # sums[i]: the values of steps[: i + 1]
+        self.best: list[float] = []  # best[i]: the best of them
+
+    def add(self, step: int, value: float) -> None:
+        fresh = step not in self.points
+        self.points[step] = value
+        if fresh and (not self.steps or step > self.steps[-1]):  # in order, as curves arrive: O(1)
+            self._append(step, value)
+            return
+        self.steps, self.sums, self.best = [], [], []  # out of order or again: rebuild
+        for st in sorted(self.points):
+            self._append(st, self.points[st])
+
+    def _append(self, step: int, value: float) -> None:
+        self.steps.append(step)
+        self.sums.append((self.sums[-1] if self.sums else 0.0) + value)
+        self.best.append(self.better(self.best[-1], value) if self.best else value)
+
+    def upto(self, step: int) -> int:
+        return bisect.bisect_right(self.steps, step)
+
+    def mean_to(self, step: int) -> float:
+        i = self.upto(step)
+        return self.sums[i - 1] / i
+
+    def best_to(self, step: int) -> float:
+        return self.best[self.upto(step) - 1]
+
+
 class MedianStop:
     """The median stopping rule (Golovin et al., Google Vizier, 2017), per group of comparable tasks
     (the same stage, arm and seed in each trial).
 
     At step s >= `after_steps`, a trial is stopped when its best value so far is worse than the
     median of the other trials' running means up to s, counting only trials that have reached s,
-    and only once `min_trials` of them have. Points may arrive in any order and more than once.
+    and only once `min_trials` of them have. Points may arrive in any order and more than once (the
+    last value of a step counts). Each point costs O(trials · log steps).
     """
 
     def __init__(self, goal: Goal = "min", after_steps: int = 1, min_trials: int = 2) -> None:
         if min_trials < 1:
             raise ValueError(f"min_trials must be at least 1, got {min_trials}")
         self.goal, self.after_steps, self.min_trials = goal, after_steps, min_trials
-        self.curves: dict[str, dict[int, dict[int, float]]] = {}  # group -> trial -> step -> value
+        self.curves: dict[str, dict[int, _Curve]] = {}  # group -> trial -> its curve
         self.stopped: dict[int, str] = {}
+
+    def reset(self, group: str, trial: int) -> None:
+        """Forget a task's curve: its new attempt starts again."""
+        self.curves.get(group, {}).pop(trial, None)
 
     def observe(self, group: str, trial: int, step: int, value: float) -> str | None:
         """Record one point; the reason to stop `trial` now, or None."""
         curves = self.curves.setdefault(group, {})
-        curves.setdefault(trial, {})[step] = value
+        curves.setdefault(trial, _Curve(self.goal)).add(step, value)
         if trial in self.stopped or step < self.after_steps:
             return None
-        mine = [v for s, v in curves[trial].items() if s <= step]
-        best_so_far = max(mine) if self.goal == "max" else min(mine)
+        best_so_far = curves[trial].best_to(step)
         others = [
-            float(np.mean([v for s, v in curve.items() if s <= step]))
-            for other, curve in curves.items()
-            if other != trial and curve and max(curve) >= step
+            c.mean_to(step) for t, c in curves.items() if t != trial and c.steps and c.steps[-1] >= step
         ]
         if len(others) < self.min_trials:
             return None

@@ -114,7 +114,7 @@ def recent_tasks(query: Query, limit: int = 20) -> list[dict[str, Any]]:
     """The tasks that finished last, newest first."""
     return query(
         "SELECT task_id, mission_id, name, stage, kind, arm, seed, state, attempt, worker, error, "
-        "finished_at FROM tasks WHERE state IN ('succeeded', 'failed', 'cancelled') "
+        "finished_at FROM tasks WHERE state IN ('succeeded', 'failed', 'cancelled', 'stopped') "
         "ORDER BY finished_at DESC NULLS LAST LIMIT ?",
         [limit],
     )

@@ -76,10 +76,19 @@ def test_a_home_s_share_is_measured_then_removed_read_only_copies_too(tmp_path: 
     assert done == dry
     assert not (home / "runs" / "m1").exists() and not (cache / sha).exists()
     assert (home / "runs" / "m2" / "t" / "keep.bin").exists()
-    with pytest.raises(ValueError, match="not a mission id"):
-        retention.collect_home(home, cache, [".."], [], dry_run=True)
-    with pytest.raises(ValueError, match="SHA-256"):
-        retention.collect_home(home, cache, [], ["../x"], dry_run=True)
+    # A link inside a read-only folder: the link goes, its target outside the home keeps its mode.
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the fleet's")
+    outside.chmod(0o600)
+    linked = home / "runs" / "m3" / "t"
+    linked.mkdir(parents=True)
+    (linked / "link").symlink_to(outside)
+    linked.chmod(0o555)
+    (home / "runs" / "m4").symlink_to(tmp_path)  # a run folder that leads out of the home
+    bad = retention.collect_home(home, cache, ["..", "m4", "m3"], ["../x"], dry_run=False)
+    assert not (home / "runs" / "m3").exists() and outside.read_text() == "not the fleet's"
+    assert outside.stat().st_mode & 0o777 == 0o600 and (home / "runs" / "m4").is_symlink()
+    assert "'..' is not a mission id" in bad.error and "runs/m4" in bad.error and "SHA-256" in bad.error
 
 
 KEEP = """
@@ -217,3 +226,32 @@ def test_gc_beside_a_running_mission_keeps_what_it_needs(fleet: Fleet, tmp_path:
     assert table.returncode == 0 and "would free 0 B" in table.stdout, table.stdout + table.stderr
     nothing = _gc(fleet)
     assert nothing.returncode == 2 and "--keep-last N, --older-than D" in nothing.stderr
+
+
+def _task(mission: str, name: str, state: str, out: str | None = None, deps: tuple[str, ...] = ()) -> Any:
+    from schemas.missions import Task
+
+    result = {"outputs": {"base": {"sha256": out, "bytes": 100, "path": "/x"}}} if out else None
+    return Task(task_id=f"{mission}/{name}", mission_id=mission, name=name, stage=name, kind="noop",
+                params={}, deps=[f"{mission}/{d}" for d in deps], vram_gb=0, gpu_class=None, timeout_s=10,
+                max_attempts=1, max_infra_attempts=1, state=state, result=result)  # fmt: skip
+
+
+def test_the_plan_drops_only_what_no_kept_mission_references_and_no_waiting_task_needs() -> None:
+    from fleetd.gc import plan
+    from fleetd.scheduler import Mission, Scheduler
+
+    s1, s2, s3, s4 = ("1" * 64, "2" * 64, "3" * 64, "4" * 64)
+    sched = Scheduler()
+    # x: ended, its output s1 alone. y: a task of it still waits on s2 (as after a retry). z shares s3
+    # with w, which is kept. Collecting x, y and z drops s1 only, and names s2 as needed.
+    sched.add_mission(Mission("x", "x", "succeeded"), [_task("x", "a", "succeeded", s1)])
+    sched.add_mission(Mission("y", "y", "succeeded"), [_task("y", "a", "succeeded", s2),
+                                                       _task("y", "b", "pending", deps=("a",))])  # fmt: skip
+    sched.add_mission(Mission("z", "z", "failed"), [_task("z", "a", "succeeded", s3)])
+    sched.add_mission(
+        Mission("w", "w", "running"), [_task("w", "a", "succeeded", s3), _task("w", "b", "running", s4)]
+    )
+    got = plan(sched, ["x", "y", "z"])
+    assert got.drop == {s1: 100} and got.needed == {s2}
+    assert plan(sched, ["w"]).drop == {s4: 100}  # s3 is z's too (z not collected here)

@@ -151,3 +151,34 @@ def test_tasks_are_the_schema_struct_and_the_bookkeeping_stays_in_the_scheduler(
         "seed": None, "trial": None, "state": "pending", "pending_reason": "waiting_for_deps", "attempt": 1,
         "worker": None, "error": None, "vram_gb": 0,
     }  # fmt: skip
+
+
+def test_a_stopped_trial_stops_its_dependents_and_the_mission_still_succeeds() -> None:
+    import msgspec
+
+    a0, a1 = task("train-t0"), task("train-t1")
+    e0, e1 = task("eval-t0", deps=(a0.task_id,)), task("eval-t1", deps=(a1.task_id,))
+    for t, trial in ((a0, 0), (a1, 1), (e0, 0), (e1, 1)):
+        t.trial = trial
+    after = task("after-t1", deps=(e1.task_id,))  # no trial of its own: stopped as a dependent
+    s = Scheduler(SchedulerConfig(lease_s=5, assign_grace_s=5))
+    s.add_mission(Mission("mi", "m", sweep=True), [a0, a1, e0, e1, after])
+    beat(s, "g1", 80)
+    beat(s, "g2", 80)
+    ch = Changes()
+    s.place(ch)
+    assert {a0.state, a1.state} == {"assigned"}
+    ch = Changes()
+    assert s.stop_trial("mi", 1, "stopped at step 3", ch) == ["mi/train-t1", "mi/eval-t1"]
+    assert ch.cancel == [(a1.worker, a1.task_id, 1)]  # the running task is cancelled on its worker
+    assert (a1.state, e1.state, e1.error) == ("stopped", "stopped", "stopped at step 3")
+    assert (after.state, after.error) == ("stopped", "dependency mi/eval-t1 stopped")
+    s.on_event(msgspec.convert({"mission_id": "mi", "task_id": a0.task_id, "attempt": 1, "seq": 0,
+                                "worker": a0.worker, "ts": 0.0, "duration_s": 0.1, "result": {}},
+                               m.Finished), Changes())  # fmt: skip
+    s.place(Changes())
+    ch = Changes()
+    s.on_event(event(m.Finished, e0, worker=e0.worker or "g1", duration_s=0.1, result={}), ch)
+    assert s.missions["mi"].state == "judging" and ch.judge == ["mi"]  # a sweep is ranked, not failed
+    s.finish_mission(s.missions["mi"], ch)
+    assert s.missions["mi"].state == "succeeded"

@@ -127,6 +127,39 @@ def test_the_winner_s_overrides_set_its_values_on_the_plain_mission(tmp_path: Pa
     assert [t.params["lr"] for t in specs.expand(again, "smoke", "m") if t.stage == "train"] == [0.3, 0.3]
 
 
+def test_a_sweep_that_varies_nothing_or_too_much_is_refused(tmp_path: Path) -> None:
+    only_fast = PIPELINE.replace("params = { lr = [0.1, 0.2, 0.3], effect = [0.0, 0.5] }",
+                                 "params = { depth = [1, 2] }")  # fmt: skip
+    only_fast = only_fast.replace(
+        "[profiles.smoke]", "[profiles.deep]\nparams = { depth = 1 }\n[profiles.smoke]"
+    )
+    spec = _spec(tmp_path, only_fast)  # a key only the deep profile sets: the smoke profile varies nothing
+    # A profile's param is every stage's: each runs per trial (2 trials x (1 prep + 2 train + 2 eval)).
+    assert len(specs.expand(spec, "deep", "m", sweep=True)) == 2 * (1 + 2 + 2)
+    with pytest.raises(specs.SpecError, match="no stage of profile 'smoke' sets any of"):
+        specs.expand(spec, "smoke", "m", sweep=True)
+    huge = PIPELINE.replace("params = { lr = [0.1, 0.2, 0.3], effect = [0.0, 0.5] }",
+                            'method = "random"\ntrials = 1000000000\nparams = { lr = [0.1] }')  # fmt: skip
+    with pytest.raises(specs.SpecError, match="1000000000 trials; at most 1000"):
+        _spec(tmp_path, huge)  # counted, never drawn
+
+
+def test_the_winner_is_the_best_trial_that_ran_to_its_end() -> None:
+    from fleetd.sweeps import winner
+
+    spec = '{"name": "s", "stages": [{"name": "x", "kind": "k", "params": {"lr": 1}}]}'
+    row = {"name": "s", "profile": "smoke", "spec": spec, "overrides": '{"stages.x.params.depth": 2}'}
+    trials = [
+        {"trial": 3, "rank": 1, "stopped": "stopped at step 9", "params": '{"lr": 0.3}'},
+        {"trial": 1, "rank": 2, "stopped": None, "params": '{"lr": 0.1}'},
+        {"trial": 2, "rank": None, "stopped": None, "params": '{"lr": 0.2}'},
+    ]
+    best = winner(row, trials)
+    assert best is not None and best["trial"] == 1
+    assert best["overrides"] == {"stages.x.params.depth": 2, "stages.x.params.lr": 0.1}
+    assert winner(row, trials[:1] + trials[2:]) is None
+
+
 def _ctl(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fleetcli.fleetctl", "--home", str(fleet.home), "--nats", fleet.url, *args],
@@ -215,6 +248,12 @@ name = "score"
 kind = "selftest.score"
 foreach = ["arm", "seed"]
 params = { seconds = 3.0, n_examples = 200, effect = 0.1 }
+[[stages]]
+name = "report"
+kind = "selftest.sleep"
+foreach = ["arm", "seed"]
+after = ["score"]
+params = { seconds = 0.1 }
 [sweep]
 seeds = [5]
 metric = "score"
@@ -236,10 +275,13 @@ def test_the_median_rule_stops_the_poor_trials_of_a_running_sweep(fleet: Fleet, 
     fleet.start_with_workers("w0")
     sweep_id = str(call(fleet, "submit", m.SubmitRequest(mission="stopper", sweep=True))["mission_id"])
     assert wait_mission(fleet, sweep_id, timeout=120)["missions"][0]["state"] == "succeeded"
-    rows = sql(fleet, f"SELECT trial, state, error FROM tasks WHERE mission_id = '{sweep_id}'")
-    states = {r["trial"]: (r["state"], r["error"]) for r in rows}
-    assert [states[t][0] for t in range(4)] == ["succeeded", "succeeded", "stopped", "stopped"]
-    assert all("stopped at step 2 of score-b-5" in states[t][1] for t in (2, 3))
+    rows = sql(fleet, f"SELECT name, state, error FROM tasks WHERE mission_id = '{sweep_id}' ORDER BY name")
+    states = {r["name"]: (r["state"], r["error"]) for r in rows}
+    assert {n: st for n, (st, _) in states.items()} == {
+        **{f"{stage}-b-s5-t{t}": "succeeded" for stage in ("score", "report") for t in (0, 1)},
+        **{f"{stage}-b-s5-t{t}": "stopped" for stage in ("score", "report") for t in (2, 3)},
+    }  # the stopped trials' later stage never ran: stopped with them, and the sweep succeeded
+    assert all("stopped at step 2 of score-b-5" in states[f"score-b-s5-t{t}"][1] for t in (2, 3))
     out = call(fleet, "sweep", m.IdRequest(id=sweep_id))
     assert out["best"]["trial"] in (0, 1) and out["best"]["params"]["effect"] == 0.3
     stopped = {t["trial"]: t for t in out["trials"] if t["stopped"]}

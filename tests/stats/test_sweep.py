@@ -56,7 +56,10 @@ def test_min_goal_no_baseline_and_trials_without_scores_come_last() -> None:
     assert [(r.trial, r.rank) for r in ranks] == [(1, 1), (0, 2), (2, None)]
     assert ranks[0].estimate == pytest.approx(scores[(scores.trial == 1) & (scores.arm == "b")].value.mean())
     assert ranks[2].stopped == "stopped at step 3" and "no score scores" in ranks[2].note
-    stopped_winner = rank_trials(scores, [{}, {}], metric="score", arm="b", stopped={1: "stopped"})
+    stopped_winner = rank_trials(
+        scores, [{}, {}], metric="score", arm="b", goal="min", stopped={1: "stopped"}
+    )
+    assert stopped_winner[0].trial == 1 and stopped_winner[0].stopped  # it ranks first, but was stopped:
     assert best(stopped_winner) is not None and best(stopped_winner).trial == 0  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="trial"):
         rank_trials(scores.drop(columns="trial"), [{}], metric="score")
@@ -90,6 +93,7 @@ def test_the_median_rule_stops_exactly_where_its_definition_says(goal: str) -> N
         # 5 trials, interleaved: each step of each trial in a random order, levels far apart or not.
         level = rng.normal(0, 1, 5)
         order = [(t, s) for s in range(10) for t in range(5)]
+        order += [order[i] for i in rng.integers(0, len(order), 10)]  # some steps sent again: the last counts
         rng.shuffle(order)
         order.sort(key=lambda ts: ts[1] + rng.uniform(0, 3))  # roughly in step order, trials out of step
         for t, s in order:
@@ -112,5 +116,8 @@ def test_groups_are_compared_apart_and_ties_do_not_stop() -> None:
     assert rule.observe("score-b", 1, 0, 0.1) is None  # another group: still alone in its own
     assert rule.observe("score-a", 1, 0, 0.5) is None  # equal to the median is not worse
     assert rule.observe("score-a", 2, 0, 0.4) is not None
+    rule.reset("score-a", 2)  # trial 2's task runs again: its earlier curve no longer counts
+    assert rule.observe("score-a", 3, 0, 0.45) is not None  # median of 0.5 and 0.5
+    assert rule.curves["score-a"].keys() == {0, 1, 3}
     with pytest.raises(ValueError, match="min_trials"):
         MedianStop(min_trials=0)
