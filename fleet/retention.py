@@ -21,14 +21,15 @@ _MISSION = re.compile(f"^{NAME}$")
 
 
 def usage(path: Path) -> int:
-    """Bytes of the files under `path` (links not followed; 0 when it does not exist)."""
+    """Apparent bytes under `path`, folders' own entries included, as `du -sb` counts them (links not
+    followed; 0 when it does not exist)."""
     if not path.exists() and not path.is_symlink():
         return 0
     if not path.is_dir() or path.is_symlink():
         return path.lstat().st_size
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
+    total = path.lstat().st_size
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
             try:
                 total += (Path(root) / name).lstat().st_size
             except FileNotFoundError:  # a task's temporary file, gone since the walk listed it

@@ -54,7 +54,10 @@ def test_the_policy_keeps_the_newest_runs_of_each_name_and_never_a_running_one()
 
 
 def _files(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """`du -sb`: coreutils' apparent size, the measure gc reports."""
+    return int(
+        subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+    )
 
 
 def test_a_home_s_share_is_measured_then_removed_read_only_copies_too(tmp_path: Path) -> None:
@@ -69,9 +72,10 @@ def test_a_home_s_share_is_measured_then_removed_read_only_copies_too(tmp_path: 
     (content / "w.bin").write_bytes(b"z" * 700)
     (content / "w.bin").chmod(0o444)
     content.chmod(0o555)  # a read-only folder inside a fetched copy
-    before = _files(home / "runs" / "m1")
+    before, copy = _files(home / "runs" / "m1"), _files(cache / sha)
+    assert before > 5000 and copy > 700  # the files and their folders' entries
     dry = retention.collect_home(home, cache, ["m1", "gone"], [sha], dry_run=True)
-    assert dry.runs == {"m1": before} and dry.cache == 700 and (home / "runs" / "m1").exists()
+    assert dry.runs == {"m1": before} and dry.cache == copy and (home / "runs" / "m1").exists()
     done = retention.collect_home(home, cache, ["m1", "gone"], [sha], dry_run=False)
     assert done == dry
     assert not (home / "runs" / "m1").exists() and not (cache / sha).exists()
