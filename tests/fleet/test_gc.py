@@ -176,7 +176,7 @@ def test_gc_beside_a_running_mission_keeps_what_it_needs(fleet: Fleet, tmp_path:
     fleet.start_with_workers("w0")  # one worker: the running mission's `use` waits behind `hold`
     old = str(call(fleet, "submit", m.SubmitRequest(mission="keep"))["mission_id"])
     assert wait_mission(fleet, old, timeout=120)["missions"][0]["verdict"] == "promote"
-    changed = {"stages.extra.params.seed": 10, "stages.hold.params.seconds": 20.0}
+    changed = {"stages.extra.params.seed": 10, "stages.hold.params.seconds": 15.0}
     running = str(call(fleet, "submit", m.SubmitRequest(mission="keep", overrides=changed))["mission_id"])
 
     def held() -> bool:

@@ -18,7 +18,7 @@ import pytest
 from fleet.client import FleetError
 from schemas import messages as m
 from schemas import missions as specs
-from tests.fleet.conftest import REPO, Fleet, call, mission_dir, sql, wait_mission
+from tests.fleet.conftest import REPO, Fleet, call, mission_dir, sql, status, wait_for, wait_mission
 
 
 def _spec(tmp_path: Path, text: str, name: str = "swept") -> specs.MissionSpec:
@@ -247,7 +247,7 @@ timeout_s = 60
 name = "score"
 kind = "selftest.score"
 foreach = ["arm", "seed"]
-params = { seconds = 3.0, n_examples = 200, effect = 0.1 }
+params = { seconds = 2.0, n_examples = 200, effect = 0.1 }
 [[stages]]
 name = "report"
 kind = "selftest.sleep"
@@ -270,10 +270,20 @@ min_trials = 2
 @pytest.mark.slow
 def test_the_median_rule_stops_the_poor_trials_of_a_running_sweep(fleet: Fleet, tmp_path: Path) -> None:
     # One worker runs the trials in order: t0 and t1 (effect 0.3) finish before t2 and t3 (effect 0)
-    # start, so each of those meets two better curves at step 2 and is stopped there.
+    # start, so each of those meets two better curves at step 2 and is stopped there. fleetd is
+    # killed while t1 runs: at restart the rule is rebuilt from the stored curves (t0's whole, t1's
+    # so far); without that replay t2 would meet t1's curve alone and run to its end.
     fleet.env["FLEET_MISSIONS_DIR"] = str(mission_dir(tmp_path, "stopper", STOPPER))
     fleet.start_with_workers("w0")
     sweep_id = str(call(fleet, "submit", m.SubmitRequest(mission="stopper", sweep=True))["mission_id"])
+
+    def t1_running() -> bool:
+        states = {t["name"]: t["state"] for t in status(fleet, sweep_id)["tasks"]}
+        return states["score-b-s5-t0"] == "succeeded" and states["score-b-s5-t1"] == "running"
+
+    wait_for(t1_running, 60, "trial 0 done and trial 1 running")
+    fleet.kill9(fleet.fleetd)
+    fleet.start_fleetd()
     assert wait_mission(fleet, sweep_id, timeout=120)["missions"][0]["state"] == "succeeded"
     rows = sql(fleet, f"SELECT name, state, error FROM tasks WHERE mission_id = '{sweep_id}' ORDER BY name")
     states = {r["name"]: (r["state"], r["error"]) for r in rows}
