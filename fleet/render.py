@@ -83,6 +83,7 @@ def gc_table(out: dict[str, Any]) -> Group:
              f"{len(a['kept_needed'])} kept for pending or running tasks"),
         Text(f"homes: {', '.join(h['where'] for h in out['homes'])}"),
         *(Text(f"{h['where']}: {h['error']}", style="red") for h in out["homes"] if h["error"]),
+        *(Text(f"left for the next gc: {e}", style="red") for e in a.get("errors", [])),
         *(Text(f"no answer from {w}: its runs stay until the next gc", style="yellow")
           for w in out["unreachable"]),
     ]  # fmt: skip

@@ -405,7 +405,8 @@ async def gc(client: FleetClient, args: argparse.Namespace, console: Console) ->
         _json(out)
         return 0
     console.print(render.gc_table(out))
-    return 1 if out["unreachable"] else 0
+    partial = out["unreachable"] or out["artifacts"]["errors"] or any(h["error"] for h in out["homes"])
+    return 1 if partial else 0  # something is left for the next gc
 
 
 async def rejudge(client: FleetClient, args: argparse.Namespace, console: Console) -> int:
