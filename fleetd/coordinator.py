@@ -776,6 +776,13 @@ class Coordinator:
                 if ended(r["mission_id"])
             ]
             plan = gc.plan(self.sched, [r["mission_id"] for r in chosen])
+            # Homes are told the missions collected before too, and what only those reference: a
+            # worker away at an earlier gc frees its share now.
+            before = sorted(
+                (r for r in rows if r["collected_at"] is not None), key=lambda r: -r["collected_at"]
+            )
+            earlier = [r["mission_id"] for r in before][: gc.RESEND]
+            homes_plan = gc.plan(self.sched, plan.missions + earlier)
             obs = await self.js.object_store(artifacts.BUCKET)
             found, object_bytes, errors = await gc.drop_objects(obs, plan.drop, req.dry_run)
             if not req.dry_run and chosen:
@@ -787,9 +794,9 @@ class Coordinator:
                 await self.persist(
                     ch, audit=[audit_row(mid, "gc", mid, actor, detail) for mid in plan.missions]
                 )
-        earlier = [r["mission_id"] for r in sorted(rows, key=lambda r: r["collected_at"] or 0.0, reverse=True)
-                   if r["collected_at"] is not None][: gc.RESEND]  # fmt: skip
-        order = m.GcOrder(missions=plan.missions + earlier, artifacts=sorted(plan.drop), dry_run=req.dry_run)
+        order = m.GcOrder(
+            missions=homes_plan.missions, artifacts=sorted(homes_plan.drop), dry_run=req.dry_run
+        )
         homes = [await anyio.to_thread.run_sync(self._gc_own_home, order)]
         unreachable: list[str] = []
 

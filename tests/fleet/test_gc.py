@@ -216,8 +216,22 @@ def test_gc_beside_a_running_mission_keeps_what_it_needs(fleet: Fleet, tmp_path:
 
     # The running mission's pending task gets what it needs and the mission ends well.
     assert wait_mission(fleet, running, timeout=120)["missions"][0]["verdict"] == "promote"
-    again = _gc(fleet, "--keep-last", "1", "--json")  # the new run is its name's newest: kept
-    assert again.returncode == 0 and json.loads(again.stdout)["freed_bytes"] == 0, again.stdout
+    # A worker away at that gc left the old run's folder and a copy of its dropped artifact: the next
+    # gc, which collects nothing new (the new run is its name's newest), frees them.
+    left = fleet.home / "runs" / old / "extra" / "attempt-1"
+    left.mkdir(parents=True)
+    (left / "ckpt.bin").write_bytes(b"c" * 3000)
+    stale = artifacts.cache_dir(fleet.home) / extra["sha256"] / "content"
+    stale.mkdir(parents=True)
+    (stale / "weights.bin").write_bytes(b"w" * 2000)
+    runs_left, copy_left = _files(old_runs), _files(stale.parent)
+    again = _gc(fleet, "--keep-last", "1", "--json")
+    assert again.returncode == 0, again.stderr
+    later = json.loads(again.stdout)
+    assert later["missions"] == [] and later["earlier_runs_bytes"] == runs_left
+    assert later["freed_bytes"] == runs_left + copy_left
+    assert not old_runs.exists() and not stale.parent.exists()
+    assert cached.exists()  # still referenced by the kept run
     web, token = fleet.web_url(), {"Authorization": f"Bearer {fleet.web_token()}"}
     disks = {}
     for mid in (old, running):
