@@ -32,6 +32,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 
 from fleet import artifacts, bus, creds, registry, retention
@@ -40,8 +41,7 @@ from fleet.creds import Actor
 from fleet.view import Commit
 from fleetd import compare, gc, judge, sweeps
 from fleetd.notify import Notifier
-from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig
-from fleetd.scheduler import outputs_of as scheduler_outputs
+from fleetd.scheduler import TERMINAL, Changes, Mission, Scheduler, SchedulerConfig, outputs_in
 from fleetd.services import Services, watch_factory
 from fleetd.store import SqlRefused, Store, audit_row, task_from_row, task_row
 from fleetd.telemetry import FleetMetrics
@@ -349,6 +349,8 @@ class Coordinator:
             ch = Changes()
             for ev in new:
                 if isinstance(ev, m.LIFECYCLE):
+                    if isinstance(ev, m.Finished) and (missing := await self._missing_outputs(ev)):
+                        ev = _lost(ev, missing)  # the row keeps what the worker said; the state retries
                     self.sched.on_event(ev, ch)  # type: ignore[arg-type]
                     _log_lifecycle(ev)
             stops = self.early_stops.observe(new, self.sched, ch)
@@ -361,6 +363,27 @@ class Coordinator:
             log.info("trial_stopped", mission=mid, trial=trial, reason=why)
         for msg in msgs:
             await msg.ack()
+
+    async def _missing_outputs(self, ev: m.Finished) -> list[str]:
+        """A finishing task's artifacts the object store no longer has. A worker skips the upload of
+        content the store already holds; a gc that removed that content before this event was
+        recorded would leave later tasks an input that is gone, so the task runs again instead."""
+        task = self.sched.tasks.get(ev.task_id)
+        if task is None or task.attempt != ev.attempt or task.state in TERMINAL:
+            return []
+        shas = sorted({r.sha256 for r in outputs_in(ev.result).values() if r.sha256})
+        if not shas:
+            return []
+        obs = await self.js.object_store(artifacts.BUCKET)
+        missing = []
+        for sha in shas:
+            try:
+                await obs.get_info(sha)
+            except (ObjectNotFoundError, NotFoundError):
+                missing.append(sha)
+            except nats.errors.Error as e:  # the store does not answer: trust the worker, as before
+                log.warning("output_check_failed", task=ev.task_id, sha=sha, error=repr(e))
+        return missing
 
     async def dead_letter(self, msg: Msg, reason: str) -> None:
         """Log, keep the raw bytes on FLEET_DLQ and in dead_letters (the caller acks): never a crash."""
@@ -856,7 +879,7 @@ class Coordinator:
             runs = sum([await anyio.to_thread.run_sync(retention.usage, f) for f in folders])
             self.disk_seen[mission_id] = (time.monotonic(), runs)
         refs = {r.sha256: r.bytes for t in self.sched.mission_tasks(mission_id)
-                for r in scheduler_outputs(t).values() if r.sha256}  # fmt: skip
+                for r in outputs_in(t.result).values() if r.sha256}  # fmt: skip
         found = await self.read(
             self.store.query, "SELECT collected_at FROM missions WHERE mission_id = ?", [mission_id]
         )
@@ -1056,6 +1079,13 @@ def check_params(tasks: list[specs.Task], file: str) -> None:
             registry.resolve(ref)(t.params)
         except (ValueError, TypeError, KeyError) as e:  # a knob of the wrong type, a config without a key
             raise specs.SpecError(file, f"stages.{t.stage} ({t.name})", f"{type(e).__name__}: {e}") from None
+
+
+def _lost(ev: m.Finished, missing: list[str]) -> m.Failed:
+    """A Finished whose outputs were removed meanwhile, as the infrastructure failure it is."""
+    error = f"its outputs {', '.join(s[:12] for s in missing)} were removed from the object store (gc)"
+    fields = {f: getattr(ev, f) for f in ("mission_id", "task_id", "attempt", "seq", "worker", "ts")}
+    return m.Failed(**fields, reason="infra", error=error, duration_s=ev.duration_s)
 
 
 def _gc_total(done: m.GcDone) -> int:

@@ -53,7 +53,11 @@ def assignment(task: Task, inputs: dict[str, ArtifactRef] | None = None) -> Assi
 def outputs_of(task: Task) -> dict[str, ArtifactRef]:
     """The artifacts a finished task left (its result's `outputs`, as its worker rewrote them); a
     malformed entry is left out, and the task that needs it fails there with the name it lacks."""
-    found = (task.result or {}).get("outputs")
+    return outputs_in(task.result)
+
+
+def outputs_in(result: dict[str, Any] | None) -> dict[str, ArtifactRef]:
+    found = (result or {}).get("outputs")
     out: dict[str, ArtifactRef] = {}
     for name, ref in (found if isinstance(found, dict) else {}).items():
         with contextlib.suppress(msgspec.ValidationError):

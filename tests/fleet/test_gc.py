@@ -273,3 +273,86 @@ def test_the_plan_drops_only_what_no_kept_mission_references_and_no_waiting_task
     got = plan(sched, ["x", "y", "z"])
     assert got.drop == {s1: 100} and got.needed == {s2}
     assert plan(sched, ["w"]).drop == {s4: 100}  # s3 is z's too (z not collected here)
+
+
+RACE = """
+name = "race"
+seeds = [1]
+[defaults]
+timeout_s = 60
+[[stages]]
+name = "make"
+kind = "selftest.make"
+params = { seed = 3, bytes = 40000, seconds = 0.1 }
+[[stages]]
+name = "use"
+kind = "selftest.use"
+after = ["make"]
+params = { made_seed = 3, bytes = 40000, seconds = 0.1 }
+"""
+
+
+def _remove_object(fleet: Fleet, sha: str) -> None:
+    """What gc does to an artifact: its manifest, then its parts."""
+    import msgspec
+
+    async def go() -> None:
+        seed = creds.seed_path(fleet.home, "coordinator")
+        nc = await bus.connect(fleet.url, "test", seed, tls.find_ca(fleet.home))
+        try:
+            obs = await nc.jetstream().object_store(artifacts.BUCKET)
+            manifest = msgspec.json.decode((await obs.get(sha)).data or b"", type=artifacts.Manifest)
+            await obs.delete(sha)
+            for i in range(len(manifest.parts)):
+                await obs.delete(f"{sha}.{i:05d}")
+        finally:
+            await nc.close()
+
+    anyio.run(go)
+
+
+@pytest.mark.slow
+def test_an_output_removed_while_its_task_finished_is_made_again(fleet: Fleet, tmp_path: Path) -> None:
+    # The race gc could lose: a task makes bytes the store already holds (its worker skips the upload),
+    # and the store's copy is removed before the coordinator records the task's end. fleetd is
+    # stopped over that window; on waking it finds the output gone and runs the task again, so the
+    # task after it gets its input. Without the check `make` succeeds and `use` fails: its input is gone.
+    import os
+    import signal
+
+    fleet.env["FLEET_MISSIONS_DIR"] = str(mission_dir(tmp_path, "race", RACE))
+    # Leases as in production: the pause must not make the task's worker look lost.
+    fleet.env.update(FLEET_SCHEDULER_LEASE_S="30", FLEET_SCHEDULER_ASSIGN_GRACE_S="30")
+    fleet.start_with_workers("w0")
+    first = str(call(fleet, "submit", m.SubmitRequest(mission="race"))["mission_id"])
+    assert wait_mission(fleet, first, timeout=60)["missions"][0]["state"] == "succeeded"
+    sha = _outputs(fleet, first)["make"]["sha256"]
+    slow_make = m.SubmitRequest(mission="race", overrides={"stages.make.params.seconds": 3.0})
+    second = str(call(fleet, "submit", slow_make)["mission_id"])
+    wait_for(
+        lambda: {t["name"]: t["state"] for t in status(fleet, second)["tasks"]}["make"] == "running",
+        30,
+        "make",
+    )
+    os.kill(fleet.fleetd.pid, signal.SIGSTOP)
+    try:
+        log = fleet.home / "worker-w0.out"
+        ended = f'"task": "{second}/make", "attempt": 1'
+        wait_for(
+            lambda: any(ended in ln and "task_end" in ln for ln in log.read_text().splitlines()),
+            30,
+            "make's end",
+        )
+        _remove_object(fleet, sha)
+        retention.remove(artifacts.cache_dir(fleet.home) / sha)  # and the host's copy, as gc's order does
+    finally:
+        os.kill(fleet.fleetd.pid, signal.SIGCONT)
+    assert wait_mission(fleet, second, timeout=60)["missions"][0]["state"] == "succeeded"
+    rows = sql(
+        fleet,
+        f"SELECT attempt, reason, error FROM task_attempts WHERE task_id = '{second}/make' ORDER BY attempt",
+    )
+    assert [r["reason"] for r in rows] == ["infra", None] and "removed from the object store" in rows[0][
+        "error"
+    ]
+    assert _objects(fleet, [sha]) == {sha: True}  # the second attempt uploaded it again
