@@ -22,22 +22,16 @@ def _fmt(x: Any, spec: str = "+.4f") -> str:
     return "" if x is None else format(x, spec)
 
 
+def _plain_table(title: str) -> Table:
+    """A table without edges, its title on the left: numbers with sentences below it."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+
+
 def sweep_table(out: dict[str, Any]) -> Group:
     """A sweep's trials best first: rank, the trial's values, the estimate and its interval, and why
     a trial was stopped or has no rank below the table."""
     sw = out["sweep"]
-    what = (
-        sw["metric"]
-        + (f" of {sw['arm']}" if sw["arm"] else "")
-        + (f" − {sw['baseline']}" if sw["baseline"] else "")
-    )
-    t = Table(
-        title=f"{out['mission_id']}: sweep ranked by {what} ({sw['goal']}), never gated",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        show_edge=False,
-    )
+    t = _plain_table(f"{out['mission_id']}: sweep ranked by {sw['ranked_by']} ({sw['goal']}), never gated")
     keys = list(out["trials"][0]["params"]) if out["trials"] else []
     for col in ("rank", "trial", *keys, "n", "estimate", "interval", "note"):
         t.add_column(col, justify="left" if col == "note" else "right", no_wrap=col != "note")
@@ -71,7 +65,7 @@ def gc_table(out: dict[str, Any]) -> Group:
     """What `fleetctl gc` removed (or, dry, would remove): each mission's run folders, the object
     store's artifacts, the homes that answered, and the total."""
     verb = "would free" if out["dry_run"] else "freed"
-    t = Table(title=f"gc: {len(out['missions'])} missions", title_justify="left", box=box.SIMPLE_HEAD)
+    t = _plain_table(f"gc: {len(out['missions'])} missions")
     for col in ("mission", "state", "ended", "run folders"):
         t.add_column(col, justify="right" if col == "run folders" else "left")
     for r in out["missions"]:
@@ -97,13 +91,7 @@ def decisions_table(mission: dict[str, Any], decisions: list[dict[str, Any]]) ->
     """One row per gate with its numbers, then each gate's reason on its own line below.
 
     The reasons are sentences; in a table column they fold into a thin strip at 80 columns."""
-    t = Table(
-        title=f"{mission['mission_id']}: verdict {mission.get('verdict') or '-'}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        show_edge=False,
-    )
+    t = _plain_table(f"{mission['mission_id']}: verdict {mission.get('verdict') or '-'}")
     t.add_column("gate", overflow="fold", ratio=1)
     for col in ("estimate", "interval", "p_adj"):
         t.add_column(col, justify="right", no_wrap=True)

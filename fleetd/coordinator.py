@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from fleet import artifacts, bus, creds, registry, retention
 from fleet.config import FleetConfig
@@ -90,6 +91,7 @@ class Coordinator:
         self.effects: asyncio.Queue[_Publish | _Purge | _Command] = asyncio.Queue()
         self.gates: dict[str, dict[str, Any]] = {}  # each mission's raw gates table (judge.gate_spec)
         self.early_stops = sweeps.EarlyStops()
+        self._obs: ObjectStore | None = None
         self.disk_seen: dict[str, tuple[float, int]] = {}  # mission -> (monotonic time, bytes measured)
         self.caught_up = anyio.Event()
         # When each mission last showed a sign of progress (an event of its tasks, or its submission;
@@ -364,6 +366,12 @@ class Coordinator:
         for msg in msgs:
             await msg.ack()
 
+    async def bucket(self) -> ObjectStore:
+        """The artifacts' object store, looked up once (the recorder asks on every output)."""
+        if self._obs is None:
+            self._obs = await self.js.object_store(artifacts.BUCKET)
+        return self._obs
+
     async def _missing_outputs(self, ev: m.Finished) -> list[str]:
         """A finishing task's artifacts the object store no longer has. A worker skips the upload of
         content the store already holds; a gc that removed that content before this event was
@@ -374,7 +382,7 @@ class Coordinator:
         shas = sorted({r.sha256 for r in outputs_in(ev.result).values() if r.sha256})
         if not shas:
             return []
-        obs = await self.js.object_store(artifacts.BUCKET)
+        obs = await self.bucket()
         missing = []
         for sha in shas:
             try:
@@ -769,14 +777,16 @@ class Coordinator:
             "FROM sweep_trials WHERE mission_id = ? ORDER BY rank NULLS LAST, trial",
             [req.id],
         )
-        sw = msgspec.json.decode(row["spec"], type=specs.MissionSpec).sweep
+        spec = msgspec.json.decode(row["spec"], type=specs.MissionSpec)
+        sw = spec.sweep
         assert sw is not None
         return {
             **{k: row[k] for k in ("mission_id", "name", "profile", "state", "reason")},
-            "sweep": {"metric": sw.metric, "arm": sw.arm, "baseline": sw.baseline, "goal": sw.goal},
+            "sweep": {"metric": sw.metric, "arm": sw.arm, "baseline": sw.baseline, "goal": sw.goal,
+                      "ranked_by": sweeps.ranked_by(sw)},
             "trials": [{**t, "params": json.loads(t["params"])} for t in trials],
-            "best": sweeps.winner(row, trials),
-        }
+            "best": sweeps.winner(spec, row, trials),
+        }  # fmt: skip
 
     async def ctl_gc(self, data: bytes, actor: Actor) -> dict[str, Any]:
         """Remove the files of ended missions beyond the policy (`fleetd.gc`): their artifacts from
@@ -806,7 +816,7 @@ class Coordinator:
             )
             earlier = [r["mission_id"] for r in before][: gc.RESEND]
             homes_plan = gc.plan(self.sched, plan.missions + earlier)
-            obs = await self.js.object_store(artifacts.BUCKET)
+            obs = await self.bucket()
             found, object_bytes, errors = await gc.drop_objects(obs, plan.drop, req.dry_run)
             if not req.dry_run and chosen:
                 for mid in plan.missions:

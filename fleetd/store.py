@@ -491,13 +491,17 @@ class Store:
     def scores_frame(self, mission_id: str) -> Any:
         """The mission's per-example scores in stats.table's columns, for the gates: each task's
         current attempt only, so a task that scored, failed and ran again (a retry) counts once."""
+        return self._frame(
+            "SELECT s.example_id, s.arm, s.seed, s.metric, s.value FROM example_scores s "
+            f"{_CURRENT_ATTEMPT} WHERE s.mission_id = ?",
+            [mission_id],
+        )
+
+    def _frame(self, sql: str, params: list[Any]) -> Any:
+        """A query's rows as a pandas DataFrame, on a cursor of its own (a reader thread's)."""
         cur = self.con.cursor()
         try:
-            return cur.execute(
-                "SELECT s.example_id, s.arm, s.seed, s.metric, s.value FROM example_scores s "
-                f"{_CURRENT_ATTEMPT} WHERE s.mission_id = ?",
-                [mission_id],
-            ).df()
+            return cur.execute(sql, params).df()
         finally:
             cur.close()
 
@@ -511,15 +515,11 @@ class Store:
 
     def sweep_scores(self, mission_id: str) -> Any:
         """A sweep's per-example scores with each task's trial (`stats.sweep.rank_trials`' columns)."""
-        cur = self.con.cursor()
-        try:
-            return cur.execute(
-                "SELECT s.example_id, s.arm, s.seed, s.metric, s.value, t.trial FROM example_scores s "
-                f"{_CURRENT_ATTEMPT} WHERE s.mission_id = ? AND t.trial IS NOT NULL",
-                [mission_id],
-            ).df()
-        finally:
-            cur.close()
+        return self._frame(
+            "SELECT s.example_id, s.arm, s.seed, s.metric, s.value, t.trial FROM example_scores s "
+            f"{_CURRENT_ATTEMPT} WHERE s.mission_id = ? AND t.trial IS NOT NULL",
+            [mission_id],
+        )
 
     def report(self, mission_id: str, max_series: int = 24, max_points: int = 200) -> dict[str, Any] | None:
         """What `fleetctl report` shows of one mission, read from the tables (None: no such mission).

@@ -7,7 +7,6 @@ import json
 import time
 from typing import Any
 
-import msgspec
 import pandas as pd
 
 from fleetd.scheduler import Changes, Scheduler
@@ -123,11 +122,16 @@ def rank(
     return rows, {"verdict": None, "reason": _reason(sw, best(ranks), len(ranks))}
 
 
+def ranked_by(sw: specs.Sweep) -> str:
+    """What the trials are ranked by, in words: `score of b − a`."""
+    what = sw.metric if sw.arm is None else f"{sw.metric} of {sw.arm}"
+    return what + (f" − {sw.baseline}" if sw.baseline else "")
+
+
 def _reason(sw: specs.Sweep, winner: TrialRank | None, n: int) -> str:
     if winner is None:
         return f"sweep of {n} trials: no trial has {sw.metric} scores to rank"
-    what = sw.metric if sw.arm is None else f"{sw.metric} of {sw.arm}"
-    what += f" − {sw.baseline}" if sw.baseline else ""
+    what = ranked_by(sw)
     values = ", ".join(f"{k}={v}" for k, v in winner.params.items())
     return (
         f"sweep of {n} trials, never gated: best is trial {winner.trial} ({values}), {what} "
@@ -135,14 +139,15 @@ def _reason(sw: specs.Sweep, winner: TrialRank | None, n: int) -> str:
     )
 
 
-def winner(row: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+def winner(
+    spec: specs.MissionSpec, row: dict[str, Any], trials: list[dict[str, Any]]
+) -> dict[str, Any] | None:
     """The best-ranked trial that ran to its end, with the overrides that run it as a gated mission
     (the sweep's own overrides, then the winner's values) and the command to do so."""
     ranked = [t for t in trials if t["rank"] is not None and not t["stopped"]]
     if not ranked:
         return None
     top = min(ranked, key=lambda t: t["rank"])
-    spec = msgspec.json.decode(row["spec"], type=specs.MissionSpec)
     params = json.loads(top["params"])
     overrides = {
         **json.loads(row["overrides"] or "{}"),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from fleet import artifacts, bus, creds, retention, tls
@@ -95,16 +96,20 @@ def test_a_home_s_share_is_measured_then_removed_read_only_copies_too(tmp_path: 
     assert "'..' is not a mission id" in bad.error and "runs/m4" in bad.error and "SHA-256" in bad.error
 
 
-KEEP = """
-name = "keep"
-arms = ["a", "b"]
-seeds = [1]
-[defaults]
-timeout_s = 60
+MAKE = """
 [[stages]]
 name = "make"
 kind = "selftest.make"
 params = { seed = 3, bytes = 40000, seconds = 0.1 }
+"""
+USE = """
+[[stages]]
+name = "use"
+kind = "selftest.use"
+after = ["make"]
+params = { made_seed = 3, bytes = 40000, seconds = 0.1 }
+"""
+EXTRA_AND_HOLD = """
 [[stages]]
 name = "extra"
 kind = "selftest.make"
@@ -113,11 +118,8 @@ params = { seed = 9, bytes = 80000, seconds = 0.1 }
 name = "hold"
 kind = "selftest.sleep"
 params = { seconds = 0.1 }
-[[stages]]
-name = "use"
-kind = "selftest.use"
-after = ["make"]
-params = { made_seed = 3, bytes = 40000, seconds = 0.1 }
+"""
+SCORED = """
 [[stages]]
 name = "score"
 kind = "selftest.score"
@@ -132,28 +134,43 @@ metric = "score"
 variant = "b"
 baseline = "a"
 """
+HEADER = """
+seeds = [1]
+[defaults]
+timeout_s = 60
+"""
+# `use` is after `hold` in submission order: on one worker it waits behind it.
+KEEP = 'name = "keep"\narms = ["a", "b"]' + HEADER + MAKE + EXTRA_AND_HOLD + USE + SCORED
 
 
-def _objects(fleet: Fleet, shas: list[str]) -> dict[str, bool]:
-    """Which of these artifacts the object store holds (read with the coordinator's credential)."""
+def _with_store(fleet: Fleet, fn: Any) -> Any:
+    """`fn(object_store)` on the artifacts' bucket, with the coordinator's credential."""
 
-    async def go() -> dict[str, bool]:
+    async def go() -> Any:
         seed = creds.seed_path(fleet.home, "coordinator")
         nc = await bus.connect(fleet.url, "test", seed, tls.find_ca(fleet.home))
         try:
-            obs = await nc.jetstream().object_store(artifacts.BUCKET)
-            found = {}
-            for sha in shas:
-                try:
-                    await obs.get_info(sha)
-                    found[sha] = True
-                except Exception:
-                    found[sha] = False
-            return found
+            return await fn(await nc.jetstream().object_store(artifacts.BUCKET))
         finally:
             await nc.close()
 
     return anyio.run(go)
+
+
+def _objects(fleet: Fleet, shas: list[str]) -> dict[str, bool]:
+    """Which of these artifacts the object store holds."""
+
+    async def held(obs: Any) -> dict[str, bool]:
+        found = {}
+        for sha in shas:
+            try:
+                await obs.get_info(sha)
+                found[sha] = True
+            except Exception:
+                found[sha] = False
+        return found
+
+    return _with_store(fleet, held)
 
 
 def _gc(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
@@ -275,40 +292,19 @@ def test_the_plan_drops_only_what_no_kept_mission_references_and_no_waiting_task
     assert plan(sched, ["w"]).drop == {s4: 100}  # s3 is z's too (z not collected here)
 
 
-RACE = """
-name = "race"
-seeds = [1]
-[defaults]
-timeout_s = 60
-[[stages]]
-name = "make"
-kind = "selftest.make"
-params = { seed = 3, bytes = 40000, seconds = 0.1 }
-[[stages]]
-name = "use"
-kind = "selftest.use"
-after = ["make"]
-params = { made_seed = 3, bytes = 40000, seconds = 0.1 }
-"""
+RACE = 'name = "race"' + HEADER + MAKE + USE
 
 
 def _remove_object(fleet: Fleet, sha: str) -> None:
     """What gc does to an artifact: its manifest, then its parts."""
-    import msgspec
 
-    async def go() -> None:
-        seed = creds.seed_path(fleet.home, "coordinator")
-        nc = await bus.connect(fleet.url, "test", seed, tls.find_ca(fleet.home))
-        try:
-            obs = await nc.jetstream().object_store(artifacts.BUCKET)
-            manifest = msgspec.json.decode((await obs.get(sha)).data or b"", type=artifacts.Manifest)
-            await obs.delete(sha)
-            for i in range(len(manifest.parts)):
-                await obs.delete(f"{sha}.{i:05d}")
-        finally:
-            await nc.close()
+    async def remove(obs: Any) -> None:
+        manifest = msgspec.json.decode((await obs.get(sha)).data or b"", type=artifacts.Manifest)
+        await obs.delete(sha)
+        for i in range(len(manifest.parts)):
+            await obs.delete(f"{sha}.{i:05d}")
 
-    anyio.run(go)
+    _with_store(fleet, remove)
 
 
 @pytest.mark.slow

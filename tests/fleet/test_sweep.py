@@ -10,8 +10,8 @@ import sys
 import tomllib
 import urllib.request
 from pathlib import Path
-from typing import Any
 
+import msgspec
 import pandas as pd
 import pytest
 
@@ -80,14 +80,8 @@ def test_random_draws_are_seeded_and_stay_in_their_ranges(tmp_path: Path) -> Non
     assert all(1e-4 <= d["lr"] <= 1e-1 and d["effect"] in (0.0, 0.5) for d in draws)
     below = sum(d["lr"] < 1e-2 for d in draws)  # log-uniform: two decades of three below 1e-2
     assert 25 <= below <= 42
-    other = msgspec_replace(sw, seed=5)
+    other = msgspec.structs.replace(sw, seed=5)
     assert specs.trials(other) != draws
-
-
-def msgspec_replace(sw: specs.Sweep, **fields: Any) -> specs.Sweep:
-    import msgspec
-
-    return msgspec.structs.replace(sw, **fields)
 
 
 @pytest.mark.parametrize(
@@ -154,10 +148,11 @@ def test_the_winner_is_the_best_trial_that_ran_to_its_end() -> None:
         {"trial": 1, "rank": 2, "stopped": None, "params": '{"lr": 0.1}'},
         {"trial": 2, "rank": None, "stopped": None, "params": '{"lr": 0.2}'},
     ]
-    best = winner(row, trials)
+    decoded = msgspec.json.decode(spec, type=specs.MissionSpec)
+    best = winner(decoded, row, trials)
     assert best is not None and best["trial"] == 1
     assert best["overrides"] == {"stages.x.params.depth": 2, "stages.x.params.lr": 0.1}
-    assert winner(row, trials[:1] + trials[2:]) is None
+    assert winner(decoded, row, trials[:1] + trials[2:]) is None
 
 
 def _ctl(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
